@@ -1,0 +1,16 @@
+//! Compiles our own definitions of containerd's gRPC APIs (see `proto/`) with
+//! protox, a pure-Rust protobuf compiler, so building needs no `protoc` binary.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["proto/containerd/services/snapshots/v1/snapshots.proto"];
+    for f in files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    println!("cargo:rerun-if-changed=proto");
+    let fds = protox::compile(files, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

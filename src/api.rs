@@ -1,0 +1,20 @@
+//! Generated gRPC types and stubs for the containerd APIs we serve and call.
+//! The module tree mirrors the protobuf packages so cross-package references
+//! in the generated code resolve.
+#![allow(clippy::all, missing_docs)]
+
+pub mod containerd {
+    pub mod types {
+        tonic::include_proto!("containerd.types");
+    }
+    pub mod services {
+        pub mod snapshots {
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.snapshots.v1");
+            }
+        }
+    }
+}
+
+pub use containerd::services::snapshots::v1 as snapshots;
+pub use containerd::types::Mount;

@@ -1,0 +1,154 @@
+//! Running the daemon: socket ownership, serving, readiness and shutdown.
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::api::snapshots::snapshots_server::SnapshotsServer;
+use crate::config::Config;
+use crate::service::SnapshotService;
+use crate::snapshots::{MountOptions, Snapshotter};
+
+/// How long in-flight calls may run after a stop signal before we exit anyway.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("another nix-snapshotter is already serving {}", .0.display())]
+    SocketInUse(PathBuf),
+    #[error("cannot {what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open state in {}: {source}", root.display())]
+    State {
+        root: PathBuf,
+        #[source]
+        source: crate::error::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let path = path.to_path_buf();
+    move |source| DaemonError::Io { what, path, source }
+}
+
+/// Binds `address`, replacing a stale socket file but refusing to take over
+/// one that a live daemon still answers on.
+pub fn bind(address: &Path) -> Result<UnixListener, DaemonError> {
+    if let Some(dir) = address.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err("create socket directory", dir))?;
+    }
+    if address.exists() {
+        if std::os::unix::net::UnixStream::connect(address).is_ok() {
+            return Err(DaemonError::SocketInUse(address.to_path_buf()));
+        }
+        tracing::info!(address = %address.display(), "removing stale socket");
+        std::fs::remove_file(address).map_err(io_err("remove stale socket", address))?;
+    }
+    let listener = UnixListener::bind(address).map_err(io_err("listen on", address))?;
+    // Only root (or the rootless user) may talk to the snapshotter.
+    std::fs::set_permissions(address, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err("chmod socket", address))?;
+    Ok(listener)
+}
+
+/// Serves until SIGTERM or SIGINT, then drains and removes the socket.
+pub async fn run(cfg: Config) -> Result<(), DaemonError> {
+    tracing::info!(root = %cfg.root.display(), "starting nix-snapshotter");
+    let root = cfg.root.clone();
+    let sn = tokio::task::spawn_blocking(move || Snapshotter::open(&root, MountOptions::detect()))
+        .await
+        .map_err(|e| DaemonError::State {
+            root: cfg.root.clone(),
+            source: crate::error::Error::Database(e.to_string()),
+        })?
+        .map_err(|source| DaemonError::State {
+            root: cfg.root.clone(),
+            source,
+        })?;
+    let sn = Arc::new(sn);
+
+    let listener = bind(&cfg.address)?;
+    let mut term = signal(SignalKind::terminate()).map_err(io_err("install SIGTERM handler for", &cfg.address))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io_err("install SIGINT handler for", &cfg.address))?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        let _ = stop_rx.await;
+    };
+
+    let server = tonic::transport::Server::builder()
+        .add_service(SnapshotsServer::new(SnapshotService::new(sn.clone())))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
+    let mut server = tokio::spawn(server);
+
+    tracing::info!(address = %cfg.address.display(), "serving");
+    notify("READY=1");
+
+    let early = tokio::select! {
+        _ = term.recv() => { tracing::info!("got SIGTERM"); None }
+        _ = int.recv() => { tracing::info!("got SIGINT"); None }
+        res = &mut server => Some(res),
+    };
+    notify("STOPPING=1");
+    let result = match early {
+        Some(res) => res.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "server task failed");
+            Ok(())
+        }),
+        None => {
+            let _ = stop_tx.send(());
+            match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
+                Ok(res) => res.unwrap_or(Ok(())),
+                Err(_) => {
+                    tracing::warn!("in-flight calls did not finish in {DRAIN_TIMEOUT:?}; stopping anyway");
+                    server.abort();
+                    Ok(())
+                }
+            }
+        }
+    };
+    if let Err(e) = std::fs::remove_file(&cfg.address) {
+        tracing::warn!(address = %cfg.address.display(), error = %e, "cannot remove socket");
+    }
+    drop(sn); // closes the database once the last call released it
+    tracing::info!("stopped");
+    result.map_err(DaemonError::from)
+}
+
+/// Sends a systemd notification when `$NOTIFY_SOCKET` is set (Type=notify units).
+fn notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = (|| -> std::io::Result<()> {
+        let sock = std::os::unix::net::UnixDatagram::unbound()?;
+        let bytes = path.as_encoded_bytes();
+        if let Some(name) = bytes.strip_prefix(b"@") {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            sock.send_to_addr(state.as_bytes(), &addr)?;
+        } else {
+            sock.send_to(state.as_bytes(), &path)?;
+        }
+        Ok(())
+    })();
+    match sent {
+        Ok(()) => tracing::debug!(state, "notified systemd"),
+        Err(e) => tracing::warn!(state, error = %e, "cannot notify systemd"),
+    }
+}

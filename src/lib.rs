@@ -1,0 +1,13 @@
+//! nix-snapshotter: a containerd remote snapshotter for Nix store paths.
+//!
+//! - [`snapshots`]: the overlayfs snapshotter core (metadata + directories).
+//! - [`service`]: containerd's Snapshots gRPC service over that core.
+//! - [`daemon`]: socket, signals, readiness.
+//! - [`config`]: the TOML configuration.
+
+pub mod api;
+pub mod config;
+pub mod daemon;
+pub mod error;
+pub mod service;
+pub mod snapshots;

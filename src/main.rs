@@ -1,0 +1,102 @@
+//! The `nix-snapshotter` command: with no subcommand, runs the daemon.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use nix_snapshotter::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "nix-snapshotter",
+    version,
+    about = "containerd snapshotter that runs containers straight from Nix store paths"
+)]
+struct Cli {
+    /// Configuration file (TOML). A missing default file is fine.
+    #[arg(short, long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Unix socket to serve on (overrides `address`).
+    #[arg(short, long, global = true, value_name = "SOCK")]
+    address: Option<PathBuf>,
+    /// State directory (overrides `root`).
+    #[arg(long, global = true, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Log level.
+    #[arg(short = 'l', long, global = true, value_enum, default_value_t = LogLevel::Info)]
+    log_level: LogLevel,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the effective configuration (defaults < file < flags) as TOML.
+    Config,
+}
+
+/// The Go project's (logrus) levels; fatal and panic log as error.
+#[derive(Clone, Copy, ValueEnum)]
+enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+    Fatal,
+    Panic,
+}
+
+fn init_logging(level: LogLevel) {
+    let level = match level {
+        LogLevel::Trace => tracing::Level::TRACE,
+        LogLevel::Debug => tracing::Level::DEBUG,
+        LogLevel::Info => tracing::Level::INFO,
+        LogLevel::Warn => tracing::Level::WARN,
+        LogLevel::Error | LogLevel::Fatal | LogLevel::Panic => tracing::Level::ERROR,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_level);
+    let mut cfg = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    if let Some(a) = cli.address {
+        cfg.address = a;
+    }
+    if let Some(r) = cli.root {
+        cfg.root = r;
+    }
+    match cli.command {
+        Some(Command::Config) => match toml::to_string(&cfg) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        None => {
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => return fail(&e),
+            };
+            match rt.block_on(nix_snapshotter::daemon::run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
+    }
+}
+
+fn fail(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("nix-snapshotter: {e}");
+    ExitCode::FAILURE
+}

@@ -1,0 +1,324 @@
+//! The metadata database: one redb file under the daemon's root.
+//!
+//! redb is a pure-Rust, copy-on-write B-tree store whose commits are atomic
+//! and durable (checksummed, fsynced), so a kill -9 at any moment leaves
+//! either the old or the new state, never a torn one, and it needs no C
+//! library. Every call that changes metadata is one write transaction; a
+//! failed check aborts it, so bad requests leave the database untouched.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::time::SystemTime;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use super::{Info, Kind, Usage};
+use crate::error::{Error, Result};
+
+/// snapshot key -> JSON-encoded [`Record`].
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+/// "<parent>\0<child>" -> child id: lets Remove refuse a parent in O(log n).
+/// Keys never contain NUL (see `validate_key`), so the separator is unambiguous.
+const CHILDREN: TableDefinition<&str, u64> = TableDefinition::new("children");
+/// Counters: "next_id".
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// What we store per snapshot; the key is the table key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    /// Names the snapshot's directory, `<root>/snapshots/<id>`. Stable across Commit.
+    pub id: u64,
+    pub kind: Kind,
+    /// Empty when the snapshot has no parent.
+    pub parent: String,
+    pub created: SystemTime,
+    pub updated: SystemTime,
+    pub labels: BTreeMap<String, String>,
+    /// Disk usage, measured once at Commit (only meaningful when committed).
+    pub usage: Usage,
+}
+
+impl Record {
+    pub fn info(&self, name: &str) -> Info {
+        Info {
+            name: name.to_string(),
+            parent: self.parent.clone(),
+            kind: self.kind,
+            created: self.created,
+            updated: self.updated,
+            labels: self.labels.clone(),
+        }
+    }
+}
+
+fn child_link(parent: &str, child: &str) -> String {
+    format!("{parent}\0{child}")
+}
+
+pub struct MetaStore {
+    db: Database,
+}
+
+impl MetaStore {
+    pub fn open(path: &Path) -> Result<Self> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        txn.open_table(SNAPSHOTS)?;
+        txn.open_table(CHILDREN)?;
+        txn.open_table(META)?;
+        txn.commit()?;
+        Ok(MetaStore { db })
+    }
+
+    pub fn get(&self, key: &str) -> Result<Option<Record>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SNAPSHOTS)?;
+        let value = table.get(key)?;
+        value.map(|v| decode(v.value())).transpose()
+    }
+
+    /// Returns the record of `key` and the ids of its ancestors, nearest first.
+    pub fn get_with_parents(&self, key: &str) -> Result<Option<(Record, Vec<u64>)>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SNAPSHOTS)?;
+        let Some(rec) = table.get(key)?.map(|v| decode(v.value())).transpose()? else {
+            return Ok(None);
+        };
+        let ids = parent_ids(&table, &rec.parent)?;
+        Ok(Some((rec, ids)))
+    }
+
+    /// Inserts a new active or view snapshot. `publish` runs inside the
+    /// transaction after every check passed, with the new record and its
+    /// ancestors' ids; the transaction commits only if it succeeds, so the
+    /// directory and the record appear together or not at all.
+    pub fn create<T>(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+        publish: impl FnOnce(&Record, &[u64]) -> Result<T>,
+    ) -> Result<T> {
+        let txn = self.db.begin_write()?;
+        let out = {
+            let mut snaps = txn.open_table(SNAPSHOTS)?;
+            if snaps.get(key)?.is_some() {
+                return Err(Error::AlreadyExists(format!("snapshot {key:?} already exists")));
+            }
+            let parents = if parent.is_empty() {
+                Vec::new()
+            } else {
+                let p = snaps
+                    .get(parent)?
+                    .map(|v| decode(v.value()))
+                    .transpose()?
+                    .ok_or_else(|| {
+                        Error::NotFound(format!("parent {parent:?} of snapshot {key:?} does not exist"))
+                    })?;
+                if p.kind != Kind::Committed {
+                    return Err(Error::InvalidArgument(format!(
+                        "parent {parent:?} of snapshot {key:?} is not a committed snapshot"
+                    )));
+                }
+                let mut ids = vec![p.id];
+                ids.extend(parent_ids(&snaps, &p.parent)?);
+                ids
+            };
+            let id = next_id(&txn)?;
+            let now = SystemTime::now();
+            let rec = Record {
+                id,
+                kind,
+                parent: parent.to_string(),
+                created: now,
+                updated: now,
+                labels,
+                usage: Usage::default(),
+            };
+            snaps.insert(key, encode(&rec)?.as_slice())?;
+            if !parent.is_empty() {
+                txn.open_table(CHILDREN)?.insert(child_link(parent, key).as_str(), id)?;
+            }
+            publish(&rec, &parents)?
+        };
+        txn.commit()?;
+        Ok(out)
+    }
+
+    /// Turns active snapshot `key` (whose id must still be `id`) into
+    /// committed snapshot `name`, keeping its id and so its directory.
+    pub fn commit_active(
+        &self,
+        key: &str,
+        name: &str,
+        id: u64,
+        labels: BTreeMap<String, String>,
+        usage: Usage,
+    ) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut snaps = txn.open_table(SNAPSHOTS)?;
+            if snaps.get(name)?.is_some() {
+                return Err(Error::AlreadyExists(format!(
+                    "cannot commit {key:?}: snapshot {name:?} already exists"
+                )));
+            }
+            let mut rec = match snaps.get(key)? {
+                Some(v) => decode(v.value())?,
+                None => return Err(Error::NotFound(format!("active snapshot {key:?} does not exist"))),
+            };
+            if rec.kind != Kind::Active {
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot {key:?} is not active (it is {})",
+                    rec.kind
+                )));
+            }
+            if rec.id != id {
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot {key:?} was replaced while it was being committed"
+                )));
+            }
+            snaps.remove(key)?;
+            let now = SystemTime::now();
+            rec.kind = Kind::Committed;
+            rec.created = now;
+            rec.updated = now;
+            rec.labels = labels; // replaced, not inherited, as containerd does
+            rec.usage = usage;
+            snaps.insert(name, encode(&rec)?.as_slice())?;
+            if !rec.parent.is_empty() {
+                let mut children = txn.open_table(CHILDREN)?;
+                children.remove(child_link(&rec.parent, key).as_str())?;
+                children.insert(child_link(&rec.parent, name).as_str(), rec.id)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Deletes `key`'s record; refuses while it has children.
+    pub fn remove(&self, key: &str) -> Result<Record> {
+        let txn = self.db.begin_write()?;
+        let rec = {
+            let mut snaps = txn.open_table(SNAPSHOTS)?;
+            let rec = match snaps.get(key)? {
+                Some(v) => decode(v.value())?,
+                None => return Err(Error::NotFound(format!("snapshot {key:?} does not exist"))),
+            };
+            let mut children = txn.open_table(CHILDREN)?;
+            let prefix = child_link(key, "");
+            let end = format!("{key}\u{1}");
+            let first_child = children
+                .range(prefix.as_str()..end.as_str())?
+                .next()
+                .transpose()?
+                .map(|(k, _)| k.value()[prefix.len()..].to_string());
+            if let Some(child) = first_child {
+                return Err(Error::FailedPrecondition(format!(
+                    "cannot remove snapshot {key:?}: snapshot {child:?} is its child"
+                )));
+            }
+            snaps.remove(key)?;
+            if !rec.parent.is_empty() {
+                children.remove(child_link(&rec.parent, key).as_str())?;
+            }
+            rec
+        };
+        txn.commit()?;
+        Ok(rec)
+    }
+
+    /// Applies a label update (containerd's field-path rules) and returns the new info.
+    pub fn update_labels(
+        &self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+        paths: &[String],
+    ) -> Result<Info> {
+        let txn = self.db.begin_write()?;
+        let info = {
+            let mut snaps = txn.open_table(SNAPSHOTS)?;
+            let mut rec = match snaps.get(name)? {
+                Some(v) => decode(v.value())?,
+                None => return Err(Error::NotFound(format!("snapshot {name:?} does not exist"))),
+            };
+            if paths.is_empty() {
+                rec.labels = labels.clone();
+            }
+            for path in paths {
+                if let Some(label) = path.strip_prefix("labels.") {
+                    match labels.get(label) {
+                        Some(v) => rec.labels.insert(label.to_string(), v.clone()),
+                        None => rec.labels.remove(label),
+                    };
+                } else if path == "labels" {
+                    rec.labels = labels.clone();
+                } else {
+                    return Err(Error::InvalidArgument(format!(
+                        "cannot update field {path:?} of snapshot {name:?}: only labels are mutable"
+                    )));
+                }
+            }
+            // containerd stores no empty label values: setting "" deletes.
+            rec.labels.retain(|_, v| !v.is_empty());
+            rec.updated = SystemTime::now();
+            snaps.insert(name, encode(&rec)?.as_slice())?;
+            rec.info(name)
+        };
+        txn.commit()?;
+        Ok(info)
+    }
+
+    /// Calls `f` for every snapshot, in key order, inside one read snapshot.
+    pub fn walk(&self, mut f: impl FnMut(&str, &Record) -> Result<()>) -> Result<()> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SNAPSHOTS)?;
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            f(k.value(), &decode(v.value())?)?;
+        }
+        Ok(())
+    }
+
+    /// The ids of all snapshots: everything else under `snapshots/` is garbage.
+    pub fn ids(&self) -> Result<HashSet<u64>> {
+        let mut ids = HashSet::new();
+        self.walk(|_, rec| {
+            ids.insert(rec.id);
+            Ok(())
+        })?;
+        Ok(ids)
+    }
+}
+
+fn next_id(txn: &WriteTransaction) -> Result<u64> {
+    let mut meta = txn.open_table(META)?;
+    let id = meta.get("next_id")?.map(|v| v.value()).unwrap_or(1);
+    meta.insert("next_id", id + 1)?;
+    Ok(id)
+}
+
+fn parent_ids(table: &impl ReadableTable<&'static str, &'static [u8]>, first: &str) -> Result<Vec<u64>> {
+    let mut ids = Vec::new();
+    let mut name = first.to_string();
+    while !name.is_empty() {
+        let rec = table
+            .get(name.as_str())?
+            .map(|v| decode(v.value()))
+            .transpose()?
+            .ok_or_else(|| Error::Database(format!("ancestor {name:?} is missing")))?;
+        ids.push(rec.id);
+        name = rec.parent;
+    }
+    Ok(ids)
+}
+
+fn encode(rec: &Record) -> Result<Vec<u8>> {
+    Ok(serde_json::to_vec(rec)?)
+}
+
+fn decode(bytes: &[u8]) -> Result<Record> {
+    Ok(serde_json::from_slice(bytes)?)
+}

@@ -1,0 +1,405 @@
+//! The snapshotter core: containerd's overlayfs snapshotter semantics, with
+//! metadata in [`db::MetaStore`] and trees under `<root>/snapshots/<id>/{fs,work}`.
+//!
+//! This layer is synchronous (filesystem and database calls block); the gRPC
+//! service runs it on tokio's blocking pool.
+
+mod db;
+pub mod filter;
+mod usage;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::Mount;
+use crate::error::{Error, Result};
+use db::MetaStore;
+pub use usage::disk_usage;
+
+/// Maximum size of one label's key plus value, as containerd enforces.
+const MAX_LABEL_SIZE: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    View,
+    Active,
+    Committed,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::View => "view",
+            Kind::Active => "active",
+            Kind::Committed => "committed",
+        })
+    }
+}
+
+/// What Stat, Update and List report about a snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Info {
+    pub name: String,
+    /// Empty when there is no parent.
+    pub parent: String,
+    pub kind: Kind,
+    pub created: SystemTime,
+    pub updated: SystemTime,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Disk usage as containerd counts it: allocated bytes and distinct inodes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub size: i64,
+    pub inodes: i64,
+}
+
+/// Overlay options that depend on the kernel and on where we run.
+#[derive(Debug, Clone, Copy)]
+pub struct MountOptions {
+    /// `index=off`: the kernel has the overlay index feature; turning it off
+    /// lets one lower directory serve several overlays (as containerd does).
+    pub index_off: bool,
+    /// `userxattr`: needed for overlay inside a user namespace (rootless).
+    pub userxattr: bool,
+}
+
+impl MountOptions {
+    /// Detects the options the way containerd's overlayfs snapshotter does.
+    pub fn detect() -> Self {
+        MountOptions {
+            index_off: Path::new("/sys/module/overlay/parameters/index").exists(),
+            userxattr: in_user_namespace() && kernel_at_least(5, 11),
+        }
+    }
+}
+
+/// True when this process runs in a user namespace other than the initial one.
+fn in_user_namespace() -> bool {
+    match fs::read_to_string("/proc/self/uid_map") {
+        Ok(map) => {
+            let fields: Vec<&str> = map.split_whitespace().collect();
+            fields != ["0", "0", "4294967295"]
+        }
+        Err(_) => false,
+    }
+}
+
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let maj: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let min: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (maj, min) >= (major, minor)
+}
+
+/// Rejects keys that containerd would never send and that could confuse
+/// anything that treats keys as text: empty, NUL bytes, or `.`/`..` segments.
+pub fn validate_key(what: &str, key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::InvalidArgument(format!("{what} must not be empty")));
+    }
+    if key.contains('\0') {
+        return Err(Error::InvalidArgument(format!("{what} {key:?} contains a NUL byte")));
+    }
+    if key.split('/').any(|seg| seg == ".." || seg == ".") {
+        return Err(Error::InvalidArgument(format!(
+            "{what} {key:?} contains a \".\" or \"..\" path segment"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks label sizes as containerd does.
+fn check_labels(key: &str, labels: &HashMap<String, String>) -> Result<()> {
+    match labels.iter().find(|(k, v)| k.len() + v.len() > MAX_LABEL_SIZE) {
+        Some((k, _)) => Err(Error::InvalidArgument(format!(
+            "label {k:?} of snapshot {key:?}: key and value exceed {MAX_LABEL_SIZE} bytes"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Checks label sizes and drops empty values (containerd stores none).
+fn clean_labels(key: &str, labels: HashMap<String, String>) -> Result<BTreeMap<String, String>> {
+    check_labels(key, &labels)?;
+    Ok(labels.into_iter().filter(|(_, v)| !v.is_empty()).collect())
+}
+
+pub struct Snapshotter {
+    root: PathBuf,
+    db: MetaStore,
+    opts: MountOptions,
+    /// Creates and removes hold it shared; Cleanup holds it exclusively, so
+    /// it never deletes a directory that an in-flight Prepare is publishing.
+    dirs: RwLock<()>,
+}
+
+impl Snapshotter {
+    /// Opens (or creates) the state under `root` and removes leftovers of
+    /// calls that a crash interrupted.
+    pub fn open(root: &Path, opts: MountOptions) -> Result<Self> {
+        for dir in [root.to_path_buf(), root.join("snapshots")] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(Error::io("cannot create", &dir))?;
+        }
+        let db = MetaStore::open(&root.join("metadata.redb"))?;
+        let sn = Snapshotter {
+            root: root.to_path_buf(),
+            db,
+            opts,
+            dirs: RwLock::new(()),
+        };
+        let removed = sn.cleanup()?;
+        if removed > 0 {
+            tracing::info!(removed, "removed directories left behind by an interrupted run");
+        }
+        Ok(sn)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    fn upper(&self, id: u64) -> PathBuf {
+        self.snapshots_dir().join(id.to_string()).join("fs")
+    }
+
+    fn work(&self, id: u64) -> PathBuf {
+        self.snapshots_dir().join(id.to_string()).join("work")
+    }
+
+    pub fn prepare(&self, key: &str, parent: &str, labels: HashMap<String, String>) -> Result<Vec<Mount>> {
+        self.create(Kind::Active, key, parent, labels)
+    }
+
+    pub fn view(&self, key: &str, parent: &str, labels: HashMap<String, String>) -> Result<Vec<Mount>> {
+        self.create(Kind::View, key, parent, labels)
+    }
+
+    fn create(&self, kind: Kind, key: &str, parent: &str, labels: HashMap<String, String>) -> Result<Vec<Mount>> {
+        validate_key("snapshot key", key)?;
+        if !parent.is_empty() {
+            validate_key("parent", parent)?;
+        }
+        let labels = clean_labels(key, labels)?;
+        let _guard = self.dirs.read().map_err(|_| Error::Database("lock poisoned".into()))?;
+
+        // Build the directory under a temporary name first; it becomes
+        // `snapshots/<id>` only inside the transaction that records it.
+        let tmp = tempdir_in(&self.snapshots_dir())?;
+        let mut published = None;
+        let result = self.db.create(kind, key, parent, labels, |rec, parents| {
+            let fs_dir = tmp.join("fs");
+            mkdir(&fs_dir, 0o755)?;
+            if kind == Kind::Active {
+                mkdir(&tmp.join("work"), 0o711)?;
+            }
+            if let Some(&pid) = parents.first() {
+                // The new upper starts owned like the parent's root, so a
+                // layer's root ownership survives into its children.
+                let meta = fs::metadata(self.upper(pid)).map_err(Error::io("cannot stat parent", self.upper(pid)))?;
+                std::os::unix::fs::lchown(&fs_dir, Some(meta.uid()), Some(meta.gid()))
+                    .map_err(Error::io("cannot chown", &fs_dir))?;
+            }
+            let dest = self.snapshots_dir().join(rec.id.to_string());
+            if dest.exists() {
+                // A crash between rename and commit left a directory for an
+                // id the database never recorded: it is garbage.
+                fs::remove_dir_all(&dest).map_err(Error::io("cannot remove stale", &dest))?;
+            }
+            fs::rename(&tmp, &dest).map_err(Error::io("cannot publish", &dest))?;
+            published = Some(dest);
+            Ok(self.mounts_for(kind, rec.id, parents))
+        });
+        if result.is_err() {
+            // Nothing was recorded: remove what we built, wherever it is now.
+            for dir in std::iter::once(tmp).chain(published) {
+                let _ = fs::remove_dir_all(dir);
+            }
+        }
+        result
+    }
+
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let (rec, parents) = self
+            .db
+            .get_with_parents(key)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))?;
+        if rec.kind == Kind::Committed {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} is committed: only active snapshots and views have mounts"
+            )));
+        }
+        Ok(self.mounts_for(rec.kind, rec.id, &parents))
+    }
+
+    /// containerd's overlayfs rules: a bind mount when there is no parent
+    /// (or a view of exactly one), otherwise an overlay.
+    fn mounts_for(&self, kind: Kind, id: u64, parents: &[u64]) -> Vec<Mount> {
+        let bind = |path: PathBuf, ro: bool| Mount {
+            r#type: "bind".into(),
+            source: path.display().to_string(),
+            target: String::new(),
+            options: vec![if ro { "ro" } else { "rw" }.into(), "rbind".into()],
+        };
+        if parents.is_empty() {
+            return vec![bind(self.upper(id), kind == Kind::View)];
+        }
+        let mut options = Vec::new();
+        if self.opts.index_off {
+            options.push("index=off".to_string());
+        }
+        if self.opts.userxattr {
+            options.push("userxattr".to_string());
+        }
+        if kind == Kind::Active {
+            options.push(format!("workdir={}", self.work(id).display()));
+            options.push(format!("upperdir={}", self.upper(id).display()));
+        } else if parents.len() == 1 {
+            return vec![bind(self.upper(parents[0]), true)];
+        }
+        let lowers: Vec<String> = parents.iter().map(|p| self.upper(*p).display().to_string()).collect();
+        options.push(format!("lowerdir={}", lowers.join(":")));
+        vec![Mount {
+            r#type: "overlay".into(),
+            source: "overlay".into(),
+            target: String::new(),
+            options,
+        }]
+    }
+
+    pub fn commit(&self, name: &str, key: &str, labels: HashMap<String, String>) -> Result<()> {
+        validate_key("snapshot name", name)?;
+        validate_key("snapshot key", key)?;
+        let labels = clean_labels(name, labels)?;
+        let rec = self
+            .db
+            .get(key)?
+            .ok_or_else(|| Error::NotFound(format!("active snapshot {key:?} does not exist")))?;
+        if rec.kind != Kind::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} is not active (it is {})",
+                rec.kind
+            )));
+        }
+        // Measured outside the write transaction so a large layer does not
+        // stall every other call; commit_active re-checks the id.
+        let usage = disk_usage(&self.upper(rec.id))?;
+        self.db.commit_active(key, name, rec.id, labels, usage)
+    }
+
+    pub fn remove(&self, key: &str) -> Result<()> {
+        let _guard = self.dirs.read().map_err(|_| Error::Database("lock poisoned".into()))?;
+        let rec = self.db.remove(key)?;
+        // The record is gone, so the directory is already garbage: a failure
+        // here only delays its removal to the next Cleanup.
+        let dir = self.snapshots_dir().join(rec.id.to_string());
+        if let Err(e) = fs::remove_dir_all(&dir) {
+            tracing::warn!(path = %dir.display(), error = %e, "cannot remove snapshot directory; Cleanup will retry");
+        }
+        Ok(())
+    }
+
+    pub fn stat(&self, key: &str) -> Result<Info> {
+        self.db
+            .get(key)?
+            .map(|r| r.info(key))
+            .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))
+    }
+
+    pub fn update(&self, name: &str, labels: HashMap<String, String>, paths: &[String]) -> Result<Info> {
+        check_labels(name, &labels)?;
+        self.db.update_labels(name, &labels.into_iter().collect(), paths)
+    }
+
+    pub fn usage(&self, key: &str) -> Result<Usage> {
+        let rec = self
+            .db
+            .get(key)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))?;
+        match rec.kind {
+            Kind::Active => disk_usage(&self.upper(rec.id)),
+            _ => Ok(rec.usage),
+        }
+    }
+
+    pub fn list(&self, filters: &[String]) -> Result<Vec<Info>> {
+        let filter = filter::Filter::parse_any(filters)?;
+        let mut out = Vec::new();
+        self.db.walk(|key, rec| {
+            let info = rec.info(key);
+            if filter.matches(&info) {
+                out.push(info);
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Removes every directory under `snapshots/` that no record names.
+    /// Returns how many were removed.
+    pub fn cleanup(&self) -> Result<usize> {
+        let _guard = self.dirs.write().map_err(|_| Error::Database("lock poisoned".into()))?;
+        let ids = self.db.ids()?;
+        let dir = self.snapshots_dir();
+        let mut removed = 0;
+        for entry in fs::read_dir(&dir).map_err(Error::io("cannot list", &dir))? {
+            let entry = entry.map_err(Error::io("cannot list", &dir))?;
+            let name = entry.file_name();
+            let keep = name.to_str().and_then(|n| n.parse::<u64>().ok()).is_some_and(|id| ids.contains(&id));
+            if !keep {
+                let path = entry.path();
+                tracing::debug!(path = %path.display(), "removing unreferenced snapshot directory");
+                fs::remove_dir_all(&path).map_err(Error::io("cannot remove", &path))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn mkdir(path: &Path, mode: u32) -> Result<()> {
+    fs::DirBuilder::new()
+        .mode(mode)
+        .create(path)
+        .map_err(Error::io("cannot create", path))?;
+    // The umask may have narrowed the mode; containerd's layout needs it exact.
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(Error::io("cannot chmod", path))
+}
+
+/// Creates a fresh `new-<random>` directory; never a name a record could use.
+fn tempdir_in(dir: &Path) -> Result<PathBuf> {
+    use std::hash::{BuildHasher, Hasher};
+    for _ in 0..16 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos());
+        let path = dir.join(format!("new-{:016x}", h.finish()));
+        match fs::DirBuilder::new().mode(0o700).create(&path) {
+            Ok(()) => return Ok(path),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(Error::io("cannot create", path)(e)),
+        }
+    }
+    Err(Error::Io {
+        context: "cannot find a free temporary name in",
+        path: dir.to_path_buf(),
+        source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+    })
+}
