@@ -8,8 +8,10 @@ use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::StreamExt;
 
 use crate::api::snapshots::snapshots_server::SnapshotsServer;
+use crate::authority::AuthorityFix;
 use crate::config::Config;
 use crate::service::SnapshotService;
 use crate::snapshots::{MountOptions, Snapshotter};
@@ -84,8 +86,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let sn = Arc::new(sn);
 
     let listener = bind(&cfg.address)?;
-    let mut term = signal(SignalKind::terminate()).map_err(io_err("install SIGTERM handler for", &cfg.address))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(io_err("install SIGINT handler for", &cfg.address))?;
+    let mut term = signal(SignalKind::terminate())
+        .map_err(io_err("install SIGTERM handler for", &cfg.address))?;
+    let mut int = signal(SignalKind::interrupt())
+        .map_err(io_err("install SIGINT handler for", &cfg.address))?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         let _ = stop_rx.await;
@@ -93,7 +97,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
 
     let server = tonic::transport::Server::builder()
         .add_service(SnapshotsServer::new(SnapshotService::new(sn.clone())))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityFix::new)),
+            shutdown,
+        );
     let mut server = tokio::spawn(server);
 
     tracing::info!(address = %cfg.address.display(), "serving");
@@ -115,7 +122,9 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
                 Ok(res) => res.unwrap_or(Ok(())),
                 Err(_) => {
-                    tracing::warn!("in-flight calls did not finish in {DRAIN_TIMEOUT:?}; stopping anyway");
+                    tracing::warn!(
+                        "in-flight calls did not finish in {DRAIN_TIMEOUT:?}; stopping anyway"
+                    );
                     server.abort();
                     Ok(())
                 }

@@ -2,10 +2,12 @@
 //!
 //! - [`snapshots`]: the overlayfs snapshotter core (metadata + directories).
 //! - [`service`]: containerd's Snapshots gRPC service over that core.
+//! - [`authority`]: lets clients that send a socket path as `:authority` in.
 //! - [`daemon`]: socket, signals, readiness.
 //! - [`config`]: the TOML configuration.
 
 pub mod api;
+pub mod authority;
 pub mod config;
 pub mod daemon;
 pub mod error;

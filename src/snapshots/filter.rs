@@ -54,7 +54,11 @@ impl Filter {
     }
 
     pub fn matches(&self, info: &Info) -> bool {
-        self.any.is_empty() || self.any.iter().any(|all| all.iter().all(|s| s.matches(info)))
+        self.any.is_empty()
+            || self
+                .any
+                .iter()
+                .any(|all| all.iter().all(|s| s.matches(info)))
     }
 }
 
@@ -103,7 +107,12 @@ impl Parser<'_> {
             match self.next() {
                 None => return Ok(selectors),
                 Some(',') => continue,
-                Some(c) => return Err(format!("expected ',' at offset {}, found {c:?}", self.pos - 1)),
+                Some(c) => {
+                    return Err(format!(
+                        "expected ',' at offset {}, found {c:?}",
+                        self.pos - 1
+                    ))
+                }
             }
         }
     }
@@ -123,10 +132,15 @@ impl Parser<'_> {
                 match c {
                     '=' => Op::Eq(value),
                     '!' => Op::Ne(value),
-                    _ => Op::Matches(Regex::new(&value).map_err(|e| format!("bad regular expression {value:?}: {e}"))?),
+                    _ => Op::Matches(
+                        Regex::new(&value)
+                            .map_err(|e| format!("bad regular expression {value:?}: {e}"))?,
+                    ),
                 }
             }
-            (Some('=' | '!' | '~'), _) => return Err(format!("bad operator at offset {}", self.pos)),
+            (Some('=' | '!' | '~'), _) => {
+                return Err(format!("bad operator at offset {}", self.pos))
+            }
             _ => Op::Present,
         };
         Ok(Selector { path, op })
@@ -136,10 +150,13 @@ impl Parser<'_> {
         self.skip_ws();
         match self.peek() {
             Some('"') => self.quoted('"'),
-            Some(c) if c.is_ascii_alphanumeric() || c == '_' => {
-                Ok(self.take_while(|c| c.is_ascii_alphanumeric() || c == '_').to_string())
-            }
-            other => Err(format!("expected a field name at offset {}, found {other:?}", self.pos)),
+            Some(c) if c.is_ascii_alphanumeric() || c == '_' => Ok(self
+                .take_while(|c| c.is_ascii_alphanumeric() || c == '_')
+                .to_string()),
+            other => Err(format!(
+                "expected a field name at offset {}, found {other:?}",
+                self.pos
+            )),
         }
     }
 
@@ -164,7 +181,9 @@ impl Parser<'_> {
         self.pos += 1;
         let mut out = String::new();
         loop {
-            let c = self.next().ok_or_else(|| format!("unterminated quote starting at offset {start}"))?;
+            let c = self
+                .next()
+                .ok_or_else(|| format!("unterminated quote starting at offset {start}"))?;
             if c == quote {
                 return Ok(out);
             }
@@ -172,7 +191,9 @@ impl Parser<'_> {
                 out.push(c);
                 continue;
             }
-            let e = self.next().ok_or_else(|| format!("unterminated escape at offset {}", self.pos))?;
+            let e = self
+                .next()
+                .ok_or_else(|| format!("unterminated escape at offset {}", self.pos))?;
             let simple = match e {
                 'a' => Some('\x07'),
                 'b' => Some('\x08'),
@@ -256,7 +277,10 @@ mod tests {
             kind,
             created: SystemTime::UNIX_EPOCH,
             updated: SystemTime::UNIX_EPOCH,
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
         }
     }
 
@@ -267,10 +291,26 @@ mod tests {
 
     #[test]
     fn containerd_walk_cases() {
-        let a = info("a-wl", "p-wl", Kind::Active, &[("l", "2"), ("containerd.io/gc.root", "check-walk")]);
-        let p = info("p", "", Kind::Committed, &[("containerd.io/gc.root", "check-walk")]);
-        assert!(matches(&[r#"labels."containerd.io/gc.root"==check-walk"#], &a));
-        assert!(matches(&[r#"kind==active,labels."containerd.io/gc.root"==check-walk"#], &a));
+        let a = info(
+            "a-wl",
+            "p-wl",
+            Kind::Active,
+            &[("l", "2"), ("containerd.io/gc.root", "check-walk")],
+        );
+        let p = info(
+            "p",
+            "",
+            Kind::Committed,
+            &[("containerd.io/gc.root", "check-walk")],
+        );
+        assert!(matches(
+            &[r#"labels."containerd.io/gc.root"==check-walk"#],
+            &a
+        ));
+        assert!(matches(
+            &[r#"kind==active,labels."containerd.io/gc.root"==check-walk"#],
+            &a
+        ));
         assert!(!matches(&["kind==view"], &a));
         assert!(matches(&["name==p", "name==a-wl"], &a));
         assert!(matches(&["name==a-wl,labels.l"], &a));

@@ -108,7 +108,9 @@ pub fn validate_key(what: &str, key: &str) -> Result<()> {
         return Err(Error::InvalidArgument(format!("{what} must not be empty")));
     }
     if key.contains('\0') {
-        return Err(Error::InvalidArgument(format!("{what} {key:?} contains a NUL byte")));
+        return Err(Error::InvalidArgument(format!(
+            "{what} {key:?} contains a NUL byte"
+        )));
     }
     if key.split('/').any(|seg| seg == ".." || seg == ".") {
         return Err(Error::InvalidArgument(format!(
@@ -120,7 +122,10 @@ pub fn validate_key(what: &str, key: &str) -> Result<()> {
 
 /// Checks label sizes as containerd does.
 fn check_labels(key: &str, labels: &HashMap<String, String>) -> Result<()> {
-    match labels.iter().find(|(k, v)| k.len() + v.len() > MAX_LABEL_SIZE) {
+    match labels
+        .iter()
+        .find(|(k, v)| k.len() + v.len() > MAX_LABEL_SIZE)
+    {
         Some((k, _)) => Err(Error::InvalidArgument(format!(
             "label {k:?} of snapshot {key:?}: key and value exceed {MAX_LABEL_SIZE} bytes"
         ))),
@@ -163,7 +168,10 @@ impl Snapshotter {
         };
         let removed = sn.cleanup()?;
         if removed > 0 {
-            tracing::info!(removed, "removed directories left behind by an interrupted run");
+            tracing::info!(
+                removed,
+                "removed directories left behind by an interrupted run"
+            );
         }
         Ok(sn)
     }
@@ -184,21 +192,40 @@ impl Snapshotter {
         self.snapshots_dir().join(id.to_string()).join("work")
     }
 
-    pub fn prepare(&self, key: &str, parent: &str, labels: HashMap<String, String>) -> Result<Vec<Mount>> {
+    pub fn prepare(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>> {
         self.create(Kind::Active, key, parent, labels)
     }
 
-    pub fn view(&self, key: &str, parent: &str, labels: HashMap<String, String>) -> Result<Vec<Mount>> {
+    pub fn view(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>> {
         self.create(Kind::View, key, parent, labels)
     }
 
-    fn create(&self, kind: Kind, key: &str, parent: &str, labels: HashMap<String, String>) -> Result<Vec<Mount>> {
+    fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>> {
         validate_key("snapshot key", key)?;
         if !parent.is_empty() {
             validate_key("parent", parent)?;
         }
         let labels = clean_labels(key, labels)?;
-        let _guard = self.dirs.read().map_err(|_| Error::Database("lock poisoned".into()))?;
+        let _guard = self
+            .dirs
+            .read()
+            .map_err(|_| Error::Database("lock poisoned".into()))?;
 
         // Build the directory under a temporary name first; it becomes
         // `snapshots/<id>` only inside the transaction that records it.
@@ -213,7 +240,8 @@ impl Snapshotter {
             if let Some(&pid) = parents.first() {
                 // The new upper starts owned like the parent's root, so a
                 // layer's root ownership survives into its children.
-                let meta = fs::metadata(self.upper(pid)).map_err(Error::io("cannot stat parent", self.upper(pid)))?;
+                let meta = fs::metadata(self.upper(pid))
+                    .map_err(Error::io("cannot stat parent", self.upper(pid)))?;
                 std::os::unix::fs::lchown(&fs_dir, Some(meta.uid()), Some(meta.gid()))
                     .map_err(Error::io("cannot chown", &fs_dir))?;
             }
@@ -274,7 +302,10 @@ impl Snapshotter {
         } else if parents.len() == 1 {
             return vec![bind(self.upper(parents[0]), true)];
         }
-        let lowers: Vec<String> = parents.iter().map(|p| self.upper(*p).display().to_string()).collect();
+        let lowers: Vec<String> = parents
+            .iter()
+            .map(|p| self.upper(*p).display().to_string())
+            .collect();
         options.push(format!("lowerdir={}", lowers.join(":")));
         vec![Mount {
             r#type: "overlay".into(),
@@ -305,7 +336,10 @@ impl Snapshotter {
     }
 
     pub fn remove(&self, key: &str) -> Result<()> {
-        let _guard = self.dirs.read().map_err(|_| Error::Database("lock poisoned".into()))?;
+        let _guard = self
+            .dirs
+            .read()
+            .map_err(|_| Error::Database("lock poisoned".into()))?;
         let rec = self.db.remove(key)?;
         // The record is gone, so the directory is already garbage: a failure
         // here only delays its removal to the next Cleanup.
@@ -323,9 +357,15 @@ impl Snapshotter {
             .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))
     }
 
-    pub fn update(&self, name: &str, labels: HashMap<String, String>, paths: &[String]) -> Result<Info> {
+    pub fn update(
+        &self,
+        name: &str,
+        labels: HashMap<String, String>,
+        paths: &[String],
+    ) -> Result<Info> {
         check_labels(name, &labels)?;
-        self.db.update_labels(name, &labels.into_iter().collect(), paths)
+        self.db
+            .update_labels(name, &labels.into_iter().collect(), paths)
     }
 
     pub fn usage(&self, key: &str) -> Result<Usage> {
@@ -355,14 +395,20 @@ impl Snapshotter {
     /// Removes every directory under `snapshots/` that no record names.
     /// Returns how many were removed.
     pub fn cleanup(&self) -> Result<usize> {
-        let _guard = self.dirs.write().map_err(|_| Error::Database("lock poisoned".into()))?;
+        let _guard = self
+            .dirs
+            .write()
+            .map_err(|_| Error::Database("lock poisoned".into()))?;
         let ids = self.db.ids()?;
         let dir = self.snapshots_dir();
         let mut removed = 0;
         for entry in fs::read_dir(&dir).map_err(Error::io("cannot list", &dir))? {
             let entry = entry.map_err(Error::io("cannot list", &dir))?;
             let name = entry.file_name();
-            let keep = name.to_str().and_then(|n| n.parse::<u64>().ok()).is_some_and(|id| ids.contains(&id));
+            let keep = name
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|id| ids.contains(&id));
             if !keep {
                 let path = entry.path();
                 tracing::debug!(path = %path.display(), "removing unreferenced snapshot directory");
@@ -381,7 +427,8 @@ fn mkdir(path: &Path, mode: u32) -> Result<()> {
         .map_err(Error::io("cannot create", path))?;
     // The umask may have narrowed the mode; containerd's layout needs it exact.
     use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(Error::io("cannot chmod", path))
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(Error::io("cannot chmod", path))
 }
 
 /// Creates a fresh `new-<random>` directory; never a name a record could use.
@@ -389,7 +436,12 @@ fn tempdir_in(dir: &Path) -> Result<PathBuf> {
     use std::hash::{BuildHasher, Hasher};
     for _ in 0..16 {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos());
+        h.write_u128(
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        );
         let path = dir.join(format!("new-{:016x}", h.finish()));
         match fs::DirBuilder::new().mode(0o700).create(&path) {
             Ok(()) => return Ok(path),
