@@ -77,8 +77,7 @@ impl<S> AuthorityFix<S> {
                 return Ok(());
             }
             // Not HTTP/2 with prior knowledge: pass through, h2 will refuse it.
-            self.output
-                .extend_from_slice(&self.input.split_to(PREFACE.len()));
+            self.output.extend_from_slice(&self.input.split_to(PREFACE.len()));
             self.preface_done = true;
         }
         while self.input.len() >= FRAME_HEADER {
@@ -89,9 +88,7 @@ impl<S> AuthorityFix<S> {
             }
             let kind = self.input[3];
             let flags = self.input[4];
-            let stream =
-                u32::from_be_bytes([self.input[5], self.input[6], self.input[7], self.input[8]])
-                    & 0x7fff_ffff;
+            let stream = u32::from_be_bytes([self.input[5], self.input[6], self.input[7], self.input[8]]) & 0x7fff_ffff;
             let frame = self.input.split_to(FRAME_HEADER + len);
             let payload = &frame[FRAME_HEADER..];
             match kind {
@@ -112,11 +109,7 @@ impl<S> AuthorityFix<S> {
                     continue;
                 }
             }
-            if self
-                .block
-                .as_ref()
-                .is_some_and(|(_, _, b)| b.len() > MAX_BLOCK)
-            {
+            if self.block.as_ref().is_some_and(|(_, _, b)| b.len() > MAX_BLOCK) {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "HTTP/2 header block too large",
@@ -132,12 +125,10 @@ impl<S> AuthorityFix<S> {
     }
 
     fn emit_block(&mut self, stream: u32, end_stream: u8, block: &[u8]) -> io::Result<()> {
-        let mut headers = self.decoder.decode(block).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("bad HTTP/2 header block: {e}"),
-            )
-        })?;
+        let mut headers = self
+            .decoder
+            .decode(block)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad HTTP/2 header block: {e}")))?;
         for (name, value) in &mut headers {
             if name == b":authority" && http::uri::Authority::try_from(value.as_slice()).is_err() {
                 *value = b"localhost".to_vec();
@@ -158,8 +149,7 @@ impl<S> AuthorityFix<S> {
                 flags |= END_HEADERS;
             }
             self.output.put_uint(chunk.len() as u64, 3);
-            self.output
-                .put_u8(if first { HEADERS } else { CONTINUATION });
+            self.output.put_u8(if first { HEADERS } else { CONTINUATION });
             self.output.put_u8(flags);
             self.output.put_u32(stream);
             self.output.extend_from_slice(chunk);
@@ -186,11 +176,7 @@ fn headers_fragment(flags: u8, payload: &[u8]) -> io::Result<&[u8]> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
             if !this.output.is_empty() {
@@ -222,11 +208,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -302,10 +284,7 @@ mod tests {
             vec![
                 (&b":method"[..], &b"POST"[..]),
                 (b":scheme", b"http"),
-                (
-                    b":path",
-                    b"/containerd.services.snapshots.v1.Snapshots/Stat",
-                ),
+                (b":path", b"/containerd.services.snapshots.v1.Snapshots/Stat"),
                 (b":authority", auth),
                 (b"content-type", b"application/grpc"),
             ]
@@ -327,20 +306,11 @@ mod tests {
         let out = pass(input).await;
         let blocks = decode_headers(&out);
         assert_eq!(blocks.len(), 3);
-        let auth = |b: &Vec<(Vec<u8>, Vec<u8>)>| {
-            b.iter()
-                .find(|(n, _)| n == b":authority")
-                .unwrap()
-                .1
-                .clone()
-        };
+        let auth = |b: &Vec<(Vec<u8>, Vec<u8>)>| b.iter().find(|(n, _)| n == b":authority").unwrap().1.clone();
         assert_eq!(auth(&blocks[0]), b"localhost");
         assert_eq!(auth(&blocks[1]), b"localhost");
         assert_eq!(auth(&blocks[2]), b"localhost:1234");
-        assert_eq!(
-            blocks[0][2].1,
-            b"/containerd.services.snapshots.v1.Snapshots/Stat"
-        );
+        assert_eq!(blocks[0][2].1, b"/containerd.services.snapshots.v1.Snapshots/Stat");
         // END_STREAM of the first HEADERS frame survives the rewrite.
         assert_eq!(out[PREFACE.len() + 9 + 4] & END_STREAM, END_STREAM);
         assert!(out.windows(4).any(|w| w == b"data"));
@@ -349,12 +319,7 @@ mod tests {
     #[tokio::test]
     async fn garbage_block_is_an_error_not_a_panic() {
         let mut input = PREFACE.to_vec();
-        input.extend(frame(
-            HEADERS,
-            END_HEADERS,
-            1,
-            &[0xff, 0xff, 0xff, 0xff, 0xff],
-        ));
+        input.extend(frame(HEADERS, END_HEADERS, 1, &[0xff, 0xff, 0xff, 0xff, 0xff]));
         let mut fix = AuthorityFix::new(&input[..]);
         let mut out = Vec::new();
         assert!(fix.read_to_end(&mut out).await.is_err());

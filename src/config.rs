@@ -75,9 +75,7 @@ impl Config {
                 path: path.to_path_buf(),
                 message,
             }),
-            Err(e) if explicit.is_none() && e.kind() == std::io::ErrorKind::NotFound => {
-                Ok(Config::default())
-            }
+            Err(e) if explicit.is_none() && e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
             Err(source) => Err(ConfigError::Read {
                 path: path.to_path_buf(),
                 source,
@@ -120,9 +118,7 @@ mod tests {
     #[test]
     fn malformed_is_rejected() {
         assert!(Config::parse("address = ").is_err());
-        assert!(Config::parse("address = 3")
-            .unwrap_err()
-            .contains("address"));
+        assert!(Config::parse("address = 3").unwrap_err().contains("address"));
     }
 
     #[test]

@@ -86,10 +86,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let sn = Arc::new(sn);
 
     let listener = bind(&cfg.address)?;
-    let mut term = signal(SignalKind::terminate())
-        .map_err(io_err("install SIGTERM handler for", &cfg.address))?;
-    let mut int = signal(SignalKind::interrupt())
-        .map_err(io_err("install SIGINT handler for", &cfg.address))?;
+    let mut term = signal(SignalKind::terminate()).map_err(io_err("install SIGTERM handler for", &cfg.address))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io_err("install SIGINT handler for", &cfg.address))?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         let _ = stop_rx.await;
@@ -122,9 +120,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
                 Ok(res) => res.unwrap_or(Ok(())),
                 Err(_) => {
-                    tracing::warn!(
-                        "in-flight calls did not finish in {DRAIN_TIMEOUT:?}; stopping anyway"
-                    );
+                    tracing::warn!("in-flight calls did not finish in {DRAIN_TIMEOUT:?}; stopping anyway");
                     server.abort();
                     Ok(())
                 }

@@ -38,11 +38,7 @@ impl Error {
     /// Wraps an io::Error with what we were doing and to which path.
     pub fn io(context: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Error {
         let path = path.into();
-        move |source| Error::Io {
-            context,
-            path,
-            source,
-        }
+        move |source| Error::Io { context, path, source }
     }
 }
 

@@ -13,3 +13,4 @@ pub mod daemon;
 pub mod error;
 pub mod service;
 pub mod snapshots;
+pub mod uds;

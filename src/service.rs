@@ -42,9 +42,7 @@ impl SnapshotService {
 }
 
 fn timestamp(t: SystemTime) -> prost_types::Timestamp {
-    let d = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO);
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO);
     prost_types::Timestamp {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,
@@ -80,32 +78,21 @@ impl Snapshots for SnapshotService {
         Ok(Response::new(pb::PrepareSnapshotResponse { mounts }))
     }
 
-    async fn view(
-        &self,
-        req: Request<pb::ViewSnapshotRequest>,
-    ) -> Result<Response<pb::ViewSnapshotResponse>, Status> {
+    async fn view(&self, req: Request<pb::ViewSnapshotRequest>) -> Result<Response<pb::ViewSnapshotResponse>, Status> {
         let r = req.into_inner();
         tracing::debug!(key = %r.key, parent = %r.parent, "view");
-        let mounts = self
-            .run("view", move |sn| sn.view(&r.key, &r.parent, r.labels))
-            .await?;
+        let mounts = self.run("view", move |sn| sn.view(&r.key, &r.parent, r.labels)).await?;
         Ok(Response::new(pb::ViewSnapshotResponse { mounts }))
     }
 
-    async fn mounts(
-        &self,
-        req: Request<pb::MountsRequest>,
-    ) -> Result<Response<pb::MountsResponse>, Status> {
+    async fn mounts(&self, req: Request<pb::MountsRequest>) -> Result<Response<pb::MountsResponse>, Status> {
         let r = req.into_inner();
         tracing::debug!(key = %r.key, "mounts");
         let mounts = self.run("mounts", move |sn| sn.mounts(&r.key)).await?;
         Ok(Response::new(pb::MountsResponse { mounts }))
     }
 
-    async fn commit(
-        &self,
-        req: Request<pb::CommitSnapshotRequest>,
-    ) -> Result<Response<()>, Status> {
+    async fn commit(&self, req: Request<pb::CommitSnapshotRequest>) -> Result<Response<()>, Status> {
         let r = req.into_inner();
         tracing::debug!(key = %r.key, name = %r.name, "commit");
         self.run("commit", move |sn| sn.commit(&r.name, &r.key, r.labels))
@@ -113,20 +100,14 @@ impl Snapshots for SnapshotService {
         Ok(Response::new(()))
     }
 
-    async fn remove(
-        &self,
-        req: Request<pb::RemoveSnapshotRequest>,
-    ) -> Result<Response<()>, Status> {
+    async fn remove(&self, req: Request<pb::RemoveSnapshotRequest>) -> Result<Response<()>, Status> {
         let r = req.into_inner();
         tracing::debug!(key = %r.key, "remove");
         self.run("remove", move |sn| sn.remove(&r.key)).await?;
         Ok(Response::new(()))
     }
 
-    async fn stat(
-        &self,
-        req: Request<pb::StatSnapshotRequest>,
-    ) -> Result<Response<pb::StatSnapshotResponse>, Status> {
+    async fn stat(&self, req: Request<pb::StatSnapshotRequest>) -> Result<Response<pb::StatSnapshotResponse>, Status> {
         let r = req.into_inner();
         let info = self.run("stat", move |sn| sn.stat(&r.key)).await?;
         Ok(Response::new(pb::StatSnapshotResponse {
@@ -145,9 +126,7 @@ impl Snapshots for SnapshotService {
         let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
         tracing::debug!(name = %info.name, ?paths, "update");
         let info = self
-            .run("update", move |sn| {
-                sn.update(&info.name, info.labels, &paths)
-            })
+            .run("update", move |sn| sn.update(&info.name, info.labels, &paths))
             .await?;
         Ok(Response::new(pb::UpdateSnapshotResponse {
             info: Some(to_pb(info)),
@@ -156,10 +135,7 @@ impl Snapshots for SnapshotService {
 
     type ListStream = ReceiverStream<Result<pb::ListSnapshotsResponse, Status>>;
 
-    async fn list(
-        &self,
-        req: Request<pb::ListSnapshotsRequest>,
-    ) -> Result<Response<Self::ListStream>, Status> {
+    async fn list(&self, req: Request<pb::ListSnapshotsRequest>) -> Result<Response<Self::ListStream>, Status> {
         let r = req.into_inner();
         let infos = self.run("list", move |sn| sn.list(&r.filters)).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -167,11 +143,7 @@ impl Snapshots for SnapshotService {
             let mut infos = infos.into_iter().map(to_pb).peekable();
             while infos.peek().is_some() {
                 let info: Vec<_> = infos.by_ref().take(LIST_BATCH).collect();
-                if tx
-                    .send(Ok(pb::ListSnapshotsResponse { info }))
-                    .await
-                    .is_err()
-                {
+                if tx.send(Ok(pb::ListSnapshotsResponse { info })).await.is_err() {
                     break; // client went away
                 }
             }
@@ -179,10 +151,7 @@ impl Snapshots for SnapshotService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn usage(
-        &self,
-        req: Request<pb::UsageRequest>,
-    ) -> Result<Response<pb::UsageResponse>, Status> {
+    async fn usage(&self, req: Request<pb::UsageRequest>) -> Result<Response<pb::UsageResponse>, Status> {
         let r = req.into_inner();
         let u = self.run("usage", move |sn| sn.usage(&r.key)).await?;
         Ok(Response::new(pb::UsageResponse {

@@ -105,9 +105,7 @@ impl MetaStore {
         let out = {
             let mut snaps = txn.open_table(SNAPSHOTS)?;
             if snaps.get(key)?.is_some() {
-                return Err(Error::AlreadyExists(format!(
-                    "snapshot {key:?} already exists"
-                )));
+                return Err(Error::AlreadyExists(format!("snapshot {key:?} already exists")));
             }
             let parents = if parent.is_empty() {
                 Vec::new()
@@ -116,11 +114,7 @@ impl MetaStore {
                     .get(parent)?
                     .map(|v| decode(v.value()))
                     .transpose()?
-                    .ok_or_else(|| {
-                        Error::NotFound(format!(
-                            "parent {parent:?} of snapshot {key:?} does not exist"
-                        ))
-                    })?;
+                    .ok_or_else(|| Error::NotFound(format!("parent {parent:?} of snapshot {key:?} does not exist")))?;
                 if p.kind != Kind::Committed {
                     return Err(Error::InvalidArgument(format!(
                         "parent {parent:?} of snapshot {key:?} is not a committed snapshot"
@@ -143,8 +137,7 @@ impl MetaStore {
             };
             snaps.insert(key, encode(&rec)?.as_slice())?;
             if !parent.is_empty() {
-                txn.open_table(CHILDREN)?
-                    .insert(child_link(parent, key).as_str(), id)?;
+                txn.open_table(CHILDREN)?.insert(child_link(parent, key).as_str(), id)?;
             }
             publish(&rec, &parents)?
         };
@@ -172,11 +165,7 @@ impl MetaStore {
             }
             let mut rec = match snaps.get(key)? {
                 Some(v) => decode(v.value())?,
-                None => {
-                    return Err(Error::NotFound(format!(
-                        "active snapshot {key:?} does not exist"
-                    )))
-                }
+                None => return Err(Error::NotFound(format!("active snapshot {key:?} does not exist"))),
             };
             if rec.kind != Kind::Active {
                 return Err(Error::FailedPrecondition(format!(
@@ -240,12 +229,7 @@ impl MetaStore {
     }
 
     /// Applies a label update (containerd's field-path rules) and returns the new info.
-    pub fn update_labels(
-        &self,
-        name: &str,
-        labels: &BTreeMap<String, String>,
-        paths: &[String],
-    ) -> Result<Info> {
+    pub fn update_labels(&self, name: &str, labels: &BTreeMap<String, String>, paths: &[String]) -> Result<Info> {
         let txn = self.db.begin_write()?;
         let info = {
             let mut snaps = txn.open_table(SNAPSHOTS)?;
@@ -309,10 +293,7 @@ fn next_id(txn: &WriteTransaction) -> Result<u64> {
     Ok(id)
 }
 
-fn parent_ids(
-    table: &impl ReadableTable<&'static str, &'static [u8]>,
-    first: &str,
-) -> Result<Vec<u64>> {
+fn parent_ids(table: &impl ReadableTable<&'static str, &'static [u8]>, first: &str) -> Result<Vec<u64>> {
     let mut ids = Vec::new();
     let mut name = first.to_string();
     while !name.is_empty() {

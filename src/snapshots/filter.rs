@@ -54,11 +54,7 @@ impl Filter {
     }
 
     pub fn matches(&self, info: &Info) -> bool {
-        self.any.is_empty()
-            || self
-                .any
-                .iter()
-                .any(|all| all.iter().all(|s| s.matches(info)))
+        self.any.is_empty() || self.any.iter().any(|all| all.iter().all(|s| s.matches(info)))
     }
 }
 
@@ -107,12 +103,7 @@ impl Parser<'_> {
             match self.next() {
                 None => return Ok(selectors),
                 Some(',') => continue,
-                Some(c) => {
-                    return Err(format!(
-                        "expected ',' at offset {}, found {c:?}",
-                        self.pos - 1
-                    ))
-                }
+                Some(c) => return Err(format!("expected ',' at offset {}, found {c:?}", self.pos - 1)),
             }
         }
     }
@@ -132,15 +123,10 @@ impl Parser<'_> {
                 match c {
                     '=' => Op::Eq(value),
                     '!' => Op::Ne(value),
-                    _ => Op::Matches(
-                        Regex::new(&value)
-                            .map_err(|e| format!("bad regular expression {value:?}: {e}"))?,
-                    ),
+                    _ => Op::Matches(Regex::new(&value).map_err(|e| format!("bad regular expression {value:?}: {e}"))?),
                 }
             }
-            (Some('=' | '!' | '~'), _) => {
-                return Err(format!("bad operator at offset {}", self.pos))
-            }
+            (Some('=' | '!' | '~'), _) => return Err(format!("bad operator at offset {}", self.pos)),
             _ => Op::Present,
         };
         Ok(Selector { path, op })
@@ -150,13 +136,10 @@ impl Parser<'_> {
         self.skip_ws();
         match self.peek() {
             Some('"') => self.quoted('"'),
-            Some(c) if c.is_ascii_alphanumeric() || c == '_' => Ok(self
-                .take_while(|c| c.is_ascii_alphanumeric() || c == '_')
-                .to_string()),
-            other => Err(format!(
-                "expected a field name at offset {}, found {other:?}",
-                self.pos
-            )),
+            Some(c) if c.is_ascii_alphanumeric() || c == '_' => {
+                Ok(self.take_while(|c| c.is_ascii_alphanumeric() || c == '_').to_string())
+            }
+            other => Err(format!("expected a field name at offset {}, found {other:?}", self.pos)),
         }
     }
 
@@ -297,16 +280,8 @@ mod tests {
             Kind::Active,
             &[("l", "2"), ("containerd.io/gc.root", "check-walk")],
         );
-        let p = info(
-            "p",
-            "",
-            Kind::Committed,
-            &[("containerd.io/gc.root", "check-walk")],
-        );
-        assert!(matches(
-            &[r#"labels."containerd.io/gc.root"==check-walk"#],
-            &a
-        ));
+        let p = info("p", "", Kind::Committed, &[("containerd.io/gc.root", "check-walk")]);
+        assert!(matches(&[r#"labels."containerd.io/gc.root"==check-walk"#], &a));
         assert!(matches(
             &[r#"kind==active,labels."containerd.io/gc.root"==check-walk"#],
             &a

@@ -11,6 +11,7 @@ mod usage;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs;
+use std::io::ErrorKind;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
@@ -108,9 +109,7 @@ pub fn validate_key(what: &str, key: &str) -> Result<()> {
         return Err(Error::InvalidArgument(format!("{what} must not be empty")));
     }
     if key.contains('\0') {
-        return Err(Error::InvalidArgument(format!(
-            "{what} {key:?} contains a NUL byte"
-        )));
+        return Err(Error::InvalidArgument(format!("{what} {key:?} contains a NUL byte")));
     }
     if key.split('/').any(|seg| seg == ".." || seg == ".") {
         return Err(Error::InvalidArgument(format!(
@@ -122,10 +121,7 @@ pub fn validate_key(what: &str, key: &str) -> Result<()> {
 
 /// Checks label sizes as containerd does.
 fn check_labels(key: &str, labels: &HashMap<String, String>) -> Result<()> {
-    match labels
-        .iter()
-        .find(|(k, v)| k.len() + v.len() > MAX_LABEL_SIZE)
-    {
+    match labels.iter().find(|(k, v)| k.len() + v.len() > MAX_LABEL_SIZE) {
         Some((k, _)) => Err(Error::InvalidArgument(format!(
             "label {k:?} of snapshot {key:?}: key and value exceed {MAX_LABEL_SIZE} bytes"
         ))),
@@ -146,6 +142,8 @@ pub struct Snapshotter {
     /// Creates and removes hold it shared; Cleanup holds it exclusively, so
     /// it never deletes a directory that an in-flight Prepare is publishing.
     dirs: RwLock<()>,
+    /// Read once: mkdir only needs a chmod when the umask narrows its mode.
+    umask: u32,
 }
 
 impl Snapshotter {
@@ -165,13 +163,11 @@ impl Snapshotter {
             db,
             opts,
             dirs: RwLock::new(()),
+            umask: current_umask(),
         };
         let removed = sn.cleanup()?;
         if removed > 0 {
-            tracing::info!(
-                removed,
-                "removed directories left behind by an interrupted run"
-            );
+            tracing::info!(removed, "removed directories left behind by an interrupted run");
         }
         Ok(sn)
     }
@@ -192,40 +188,21 @@ impl Snapshotter {
         self.snapshots_dir().join(id.to_string()).join("work")
     }
 
-    pub fn prepare(
-        &self,
-        key: &str,
-        parent: &str,
-        labels: HashMap<String, String>,
-    ) -> Result<Vec<Mount>> {
+    pub fn prepare(&self, key: &str, parent: &str, labels: HashMap<String, String>) -> Result<Vec<Mount>> {
         self.create(Kind::Active, key, parent, labels)
     }
 
-    pub fn view(
-        &self,
-        key: &str,
-        parent: &str,
-        labels: HashMap<String, String>,
-    ) -> Result<Vec<Mount>> {
+    pub fn view(&self, key: &str, parent: &str, labels: HashMap<String, String>) -> Result<Vec<Mount>> {
         self.create(Kind::View, key, parent, labels)
     }
 
-    fn create(
-        &self,
-        kind: Kind,
-        key: &str,
-        parent: &str,
-        labels: HashMap<String, String>,
-    ) -> Result<Vec<Mount>> {
+    fn create(&self, kind: Kind, key: &str, parent: &str, labels: HashMap<String, String>) -> Result<Vec<Mount>> {
         validate_key("snapshot key", key)?;
         if !parent.is_empty() {
             validate_key("parent", parent)?;
         }
         let labels = clean_labels(key, labels)?;
-        let _guard = self
-            .dirs
-            .read()
-            .map_err(|_| Error::Database("lock poisoned".into()))?;
+        let _guard = self.dirs.read().map_err(|_| Error::Database("lock poisoned".into()))?;
 
         // Build the directory under a temporary name first; it becomes
         // `snapshots/<id>` only inside the transaction that records it.
@@ -233,25 +210,27 @@ impl Snapshotter {
         let mut published = None;
         let result = self.db.create(kind, key, parent, labels, |rec, parents| {
             let fs_dir = tmp.join("fs");
-            mkdir(&fs_dir, 0o755)?;
+            mkdir(&fs_dir, 0o755, self.umask)?;
             if kind == Kind::Active {
-                mkdir(&tmp.join("work"), 0o711)?;
+                mkdir(&tmp.join("work"), 0o711, self.umask)?;
             }
             if let Some(&pid) = parents.first() {
                 // The new upper starts owned like the parent's root, so a
                 // layer's root ownership survives into its children.
-                let meta = fs::metadata(self.upper(pid))
-                    .map_err(Error::io("cannot stat parent", self.upper(pid)))?;
+                let meta = fs::metadata(self.upper(pid)).map_err(Error::io("cannot stat parent", self.upper(pid)))?;
                 std::os::unix::fs::lchown(&fs_dir, Some(meta.uid()), Some(meta.gid()))
                     .map_err(Error::io("cannot chown", &fs_dir))?;
             }
             let dest = self.snapshots_dir().join(rec.id.to_string());
-            if dest.exists() {
+            if let Err(e) = fs::rename(&tmp, &dest) {
+                if !matches!(e.kind(), ErrorKind::DirectoryNotEmpty | ErrorKind::AlreadyExists) {
+                    return Err(Error::io("cannot publish", &dest)(e));
+                }
                 // A crash between rename and commit left a directory for an
                 // id the database never recorded: it is garbage.
                 fs::remove_dir_all(&dest).map_err(Error::io("cannot remove stale", &dest))?;
+                fs::rename(&tmp, &dest).map_err(Error::io("cannot publish", &dest))?;
             }
-            fs::rename(&tmp, &dest).map_err(Error::io("cannot publish", &dest))?;
             published = Some(dest);
             Ok(self.mounts_for(kind, rec.id, parents))
         });
@@ -302,10 +281,7 @@ impl Snapshotter {
         } else if parents.len() == 1 {
             return vec![bind(self.upper(parents[0]), true)];
         }
-        let lowers: Vec<String> = parents
-            .iter()
-            .map(|p| self.upper(*p).display().to_string())
-            .collect();
+        let lowers: Vec<String> = parents.iter().map(|p| self.upper(*p).display().to_string()).collect();
         options.push(format!("lowerdir={}", lowers.join(":")));
         vec![Mount {
             r#type: "overlay".into(),
@@ -336,10 +312,7 @@ impl Snapshotter {
     }
 
     pub fn remove(&self, key: &str) -> Result<()> {
-        let _guard = self
-            .dirs
-            .read()
-            .map_err(|_| Error::Database("lock poisoned".into()))?;
+        let _guard = self.dirs.read().map_err(|_| Error::Database("lock poisoned".into()))?;
         let rec = self.db.remove(key)?;
         // The record is gone, so the directory is already garbage: a failure
         // here only delays its removal to the next Cleanup.
@@ -357,15 +330,9 @@ impl Snapshotter {
             .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))
     }
 
-    pub fn update(
-        &self,
-        name: &str,
-        labels: HashMap<String, String>,
-        paths: &[String],
-    ) -> Result<Info> {
+    pub fn update(&self, name: &str, labels: HashMap<String, String>, paths: &[String]) -> Result<Info> {
         check_labels(name, &labels)?;
-        self.db
-            .update_labels(name, &labels.into_iter().collect(), paths)
+        self.db.update_labels(name, &labels.into_iter().collect(), paths)
     }
 
     pub fn usage(&self, key: &str) -> Result<Usage> {
@@ -395,10 +362,7 @@ impl Snapshotter {
     /// Removes every directory under `snapshots/` that no record names.
     /// Returns how many were removed.
     pub fn cleanup(&self) -> Result<usize> {
-        let _guard = self
-            .dirs
-            .write()
-            .map_err(|_| Error::Database("lock poisoned".into()))?;
+        let _guard = self.dirs.write().map_err(|_| Error::Database("lock poisoned".into()))?;
         let ids = self.db.ids()?;
         let dir = self.snapshots_dir();
         let mut removed = 0;
@@ -420,15 +384,30 @@ impl Snapshotter {
     }
 }
 
-fn mkdir(path: &Path, mode: u32) -> Result<()> {
+fn mkdir(path: &Path, mode: u32, umask: u32) -> Result<()> {
     fs::DirBuilder::new()
         .mode(mode)
         .create(path)
         .map_err(Error::io("cannot create", path))?;
-    // The umask may have narrowed the mode; containerd's layout needs it exact.
+    if mode & umask == 0 {
+        return Ok(());
+    }
+    // The umask narrowed the mode; the layout needs it exact (a container's
+    // non-root user must be able to traverse the upper directory).
     use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .map_err(Error::io("cannot chmod", path))
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(Error::io("cannot chmod", path))
+}
+
+/// The process umask, read without changing it; assume the worst if unknown.
+fn current_umask() -> u32 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o777)
 }
 
 /// Creates a fresh `new-<random>` directory; never a name a record could use.

@@ -1,0 +1,327 @@
+//! Shared helpers for the integration tests: our daemon and a private
+//! containerd as child processes that are stopped, unmounted and removed on
+//! Drop, also when a test fails.
+#![allow(dead_code)]
+
+pub mod image;
+
+use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use nix_snapshotter::api::snapshots::snapshots_client::SnapshotsClient;
+use tonic::transport::Channel;
+
+pub const DAEMON: &str = env!("CARGO_BIN_EXE_nix-snapshotter");
+
+/// A name unique to this test process and call, for containerd namespaces,
+/// container ids and the like (runc state is shared host-wide).
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A per-test directory under /tmp (short, for socket paths) that unmounts
+/// anything left below it and removes itself on Drop.
+pub struct TempRoot {
+    pub path: PathBuf,
+}
+
+impl TempRoot {
+    pub fn new(name: &str) -> TempRoot {
+        let path = PathBuf::from(format!("/tmp/nst-{}", unique(name)));
+        std::fs::create_dir_all(&path).unwrap();
+        TempRoot { path }
+    }
+
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.path.join(p)
+    }
+}
+
+impl Drop for TempRoot {
+    fn drop(&mut self) {
+        kill_processes_mentioning(&self.path);
+        unmount_below(&self.path);
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// SIGKILLs every process whose command line mentions `dir` (containerd
+/// shims, stray daemons).
+pub fn kill_processes_mentioning(dir: &Path) {
+    let needle = dir.to_string_lossy().into_owned();
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let mut cmdline = String::new();
+        if let Ok(mut f) = std::fs::File::open(format!("/proc/{pid}/cmdline")) {
+            let mut raw = Vec::new();
+            let _ = f.read_to_end(&mut raw);
+            cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        }
+        if cmdline.contains(&needle) {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(pid as i32).unwrap(),
+                rustix::process::Signal::KILL,
+            );
+        }
+    }
+}
+
+/// Lazily unmounts every mount point at or below `dir`, deepest first.
+pub fn unmount_below(dir: &Path) {
+    let prefix = dir.to_string_lossy().into_owned();
+    for _ in 0..3 {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut points: Vec<String> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .map(|p| p.replace("\\040", " "))
+            .filter(|p| p == &prefix || p.starts_with(&format!("{prefix}/")))
+            .collect();
+        if points.is_empty() {
+            return;
+        }
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for p in points {
+            let _ = rustix::mount::unmount(p.as_str(), rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+}
+
+/// Waits until a Unix socket accepts connections.
+pub fn wait_for_socket(path: &Path, timeout: Duration, child: &mut Child, log: &Path) {
+    let start = Instant::now();
+    loop {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "process exited ({status}) before listening on {}:\n{}",
+                path.display(),
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "nothing listening on {} after {timeout:?}:\n{}",
+            path.display(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Sends SIGTERM, waits up to `grace`, then SIGKILLs. Returns the status.
+pub fn stop_child(child: &mut Child, grace: Duration) -> Option<std::process::ExitStatus> {
+    if let Ok(Some(s)) = child.try_wait() {
+        return Some(s);
+    }
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    let start = Instant::now();
+    while start.elapsed() < grace {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// Our daemon as a child process.
+pub struct Daemon {
+    pub child: Child,
+    pub root: PathBuf,
+    pub address: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(root: &Path, address: &Path) -> Daemon {
+        Self::start_with(root, address, &[], &[])
+    }
+
+    pub fn start_with(root: &Path, address: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let log = root.with_extension("log");
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut child = Command::new(DAEMON)
+            .args(["--log-level", "debug", "--config", "/dev/null"])
+            .arg("--root")
+            .arg(root)
+            .arg("--address")
+            .arg(address)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .unwrap();
+        wait_for_socket(address, Duration::from_secs(20), &mut child, &log);
+        Daemon {
+            child,
+            root: root.to_path_buf(),
+            address: address.to_path_buf(),
+            log,
+        }
+    }
+
+    /// SIGTERM; panics unless the daemon exits cleanly within 5 s.
+    pub fn stop(&mut self) {
+        let status = stop_child(&mut self.child, Duration::from_secs(5));
+        match status {
+            Some(s) if s.success() => {}
+            other => panic!("daemon did not stop cleanly: {other:?}\n{}", self.log_text()),
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn client(&self) -> SnapshotsClient<Channel> {
+        SnapshotsClient::new(nix_snapshotter::uds::connect(&self.address).await.unwrap())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, Duration::from_secs(5));
+    }
+}
+
+pub fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// A private containerd (Debian's package) with our daemon as proxy plugin `nix`.
+pub struct Containerd {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub address: PathBuf,
+    pub namespace: String,
+    pub log: PathBuf,
+}
+
+impl Containerd {
+    pub fn start(dir: &Path, nix_socket: &Path) -> Containerd {
+        assert!(
+            have("containerd") && have("ctr") && have("runc"),
+            "containerd, ctr and runc must be installed (see .ci/run)"
+        );
+        std::fs::create_dir_all(dir).unwrap();
+        let address = dir.join("containerd.sock");
+        let config = dir.join("containerd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "{address}"
+
+[proxy_plugins.nix]
+  type = "snapshot"
+  address = "{nix}"
+"#,
+                root = dir.join("root").display(),
+                state = dir.join("state").display(),
+                address = address.display(),
+                nix = nix_socket.display(),
+            ),
+        )
+        .unwrap();
+        let log = dir.join("containerd.log");
+        let logf = std::fs::File::create(&log).unwrap();
+        let mut child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .unwrap();
+        wait_for_socket(&address, Duration::from_secs(30), &mut child, &log);
+        Containerd {
+            child,
+            dir: dir.to_path_buf(),
+            address,
+            namespace: unique("ns"),
+            log,
+        }
+    }
+
+    /// Runs `ctr` against this containerd in this test's namespace.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&self.address)
+            .args(["--namespace", &self.namespace])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Like [`ctr`](Self::ctr) but panics with both outputs unless it succeeds.
+    pub fn ctr_ok(&self, args: &[&str]) -> String {
+        let out = self.ctr(args);
+        assert!(
+            out.status.success(),
+            "ctr {args:?} failed ({:?}):\nstdout: {}\nstderr: {}\ncontainerd log tail:\n{}",
+            out.status.code().or(out.status.signal()),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), 30)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, Duration::from_secs(10));
+        kill_processes_mentioning(&self.dir);
+        unmount_below(&self.dir);
+        // runc keeps per-namespace state host-wide; ours is unique to this test.
+        for base in ["/run/containerd/runc", "/run/containerd/io.containerd.runtime.v2.task"] {
+            let _ = std::fs::remove_dir_all(Path::new(base).join(&self.namespace));
+        }
+    }
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

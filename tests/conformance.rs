@@ -1,0 +1,72 @@
+//! containerd's own snapshotter conformance suite (snapshots/testsuite from
+//! Debian's containerd 1.6 sources), built with Debian's Go in GOPATH mode
+//! and run against our daemon through containerd's proxy client.
+//! The suite mounts what the daemon returns, so this needs root.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const GOCODE: &str = "/usr/share/gocode";
+
+#[test]
+fn containerd_snapshotter_conformance() {
+    assert!(
+        common::have("go")
+            && Path::new(GOCODE)
+                .join("src/github.com/containerd/containerd/snapshots/testsuite")
+                .is_dir(),
+        "needs golang-go and golang-github-containerd-containerd-dev (installed by .ci/run)"
+    );
+    let tmp = common::TempRoot::new("conf");
+    let gopath = tmp.join("gopath");
+    let pkg = gopath.join("src/conformance");
+    std::fs::create_dir_all(&pkg).unwrap();
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    std::fs::copy(
+        manifest.join("tests/conformance/conformance_test.go"),
+        pkg.join("conformance_test.go"),
+    )
+    .unwrap();
+    // Keep Go's build cache between runs: the suite's dependencies are large.
+    let gocache = manifest.join("target/go-cache");
+
+    let bin = tmp.join("conformance.test");
+    let build = Command::new("go")
+        .args(["test", "-c", "-o"])
+        .arg(&bin)
+        .arg(".")
+        .current_dir(&pkg)
+        .env("GO111MODULE", "off")
+        .env("GOPATH", format!("{}:{GOCODE}", gopath.display()))
+        .env("GOCACHE", &gocache)
+        .output()
+        .unwrap();
+    assert!(
+        build.status.success(),
+        "building the suite failed:\n{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+
+    let run = Command::new(&bin)
+        .args(["-test.v", "-test.root", "-test.timeout", "20m"])
+        .env("NIX_SNAPSHOTTER_BIN", common::DAEMON)
+        .current_dir(tmp.path.as_path())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&run.stdout);
+    println!("{out}");
+    let passed = out
+        .lines()
+        .filter(|l| l.trim_start().starts_with("--- PASS: TestContainerdSnapshotterSuite/"))
+        .count();
+    let failed: Vec<&str> = out.lines().filter(|l| l.contains("--- FAIL")).collect();
+    assert!(
+        run.status.success() && failed.is_empty(),
+        "conformance failures: {failed:#?}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    // The 1.6 suite has 21 cases; Rename skips itself on overlay-like snapshotters.
+    assert!(passed >= 20, "only {passed} cases passed");
+}
