@@ -11,6 +11,7 @@ pub mod authority;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod nixfmt;
 pub mod service;
 pub mod snapshots;
 pub mod uds;
