@@ -21,7 +21,112 @@ pub struct Config {
     pub root: PathBuf,
     /// Program that builds store paths no cache has (the Go project's key).
     pub external_builder: String,
+
+    /// Binary caches to fetch store paths from, in order (nix.conf `substituters`).
+    /// `?priority=N` overrides a cache's own priority; `?trusted=1` accepts its
+    /// paths without a trusted signature.
+    pub substituters: Vec<String>,
+    /// Keys whose signatures make a path trusted, `name:base64` (nix.conf `trusted-public-keys`).
+    pub trusted_public_keys: Vec<String>,
+    /// Require a valid signature by a trusted key (nix.conf `require-sigs`).
+    pub require_sigs: bool,
+    /// The node's own Nix store, used instead of downloading when it has a
+    /// path; empty turns it off.
+    pub host_store: PathBuf,
+    /// netrc file with credentials for private caches; empty for none.
+    pub netrc_file: PathBuf,
     pub image_service: ImageServiceConfig,
+    pub store: StoreConfig,
+    pub fetch: FetchConfig,
+}
+
+/// The local store under `<root>/store`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Bound on the local store's disk usage ("20GiB", "512MiB", bytes);
+    /// least recently used paths are evicted first. "0" means unbounded.
+    pub max_size: ByteSize,
+}
+
+/// Network behaviour of cache fetches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FetchConfig {
+    /// Seconds to wait for a TCP/TLS connection (nix.conf `connect-timeout`).
+    pub connect_timeout: f64,
+    /// Seconds without any data before a transfer is abandoned and retried.
+    pub stall_timeout: f64,
+    /// Tries per request, the first included (nix.conf `download-attempts`).
+    pub attempts: u32,
+    /// Downloads and narinfo requests in flight at once (nix.conf `http-connections`).
+    pub max_parallel: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            max_size: ByteSize(20 << 30),
+        }
+    }
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            connect_timeout: 5.0,
+            stall_timeout: 30.0,
+            attempts: 5,
+            max_parallel: 16,
+        }
+    }
+}
+
+/// A byte count written as a number or with a unit (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Result<ByteSize, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: f64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "K" | "KiB" => 1 << 10,
+            "M" | "MiB" => 1 << 20,
+            "G" | "GiB" => 1 << 30,
+            "T" | "TiB" => 1 << 40,
+            "KB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            u => return Err(format!("invalid size {s:?}: unknown unit {u:?}")),
+        };
+        Ok(ByteSize((n * mult as f64) as u64))
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}B", self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,6 +145,13 @@ impl Default for Config {
             root: DEFAULT_ROOT.into(),
             external_builder: String::new(),
             image_service: ImageServiceConfig::default(),
+            substituters: vec!["https://cache.nixos.org".into()],
+            trusted_public_keys: vec!["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=".into()],
+            require_sigs: true,
+            host_store: "/nix/store".into(),
+            netrc_file: PathBuf::new(),
+            store: StoreConfig::default(),
+            fetch: FetchConfig::default(),
         }
     }
 }
@@ -119,6 +231,28 @@ mod tests {
     fn malformed_is_rejected() {
         assert!(Config::parse("address = ").is_err());
         assert!(Config::parse("address = 3").unwrap_err().contains("address"));
+    }
+
+    #[test]
+    fn cache_keys() {
+        let c = Config::parse(
+            "substituters = [\"file:///tmp/c\"]\ntrusted_public_keys = []\nrequire_sigs = false\nhost_store = \"\"\n[store]\nmax_size = \"1.5GiB\"\n[fetch]\nattempts = 2\nstall_timeout = 0.5\n",
+        )
+        .unwrap();
+        assert_eq!(c.substituters, vec!["file:///tmp/c"]);
+        assert!(!c.require_sigs);
+        assert_eq!(c.host_store, Path::new(""));
+        assert_eq!(c.store.max_size, ByteSize(3 << 29));
+        assert_eq!(c.fetch.attempts, 2);
+        assert_eq!(c.fetch.stall_timeout, 0.5);
+        assert_eq!(Config::default().substituters, vec!["https://cache.nixos.org"]);
+        assert!(Config::parse("[store]\nmax_size = \"lots\"")
+            .unwrap_err()
+            .contains("lots"));
+        assert!(Config::parse("[fetch]\ntimeout = 3").unwrap_err().contains("timeout"));
+        assert_eq!(ByteSize::parse("512MiB").unwrap(), ByteSize(512 << 20));
+        assert_eq!(ByteSize::parse("0").unwrap(), ByteSize(0));
+        assert_eq!(ByteSize::parse("2GB").unwrap(), ByteSize(2_000_000_000));
     }
 
     #[test]

@@ -73,16 +73,19 @@ pub fn bind(address: &Path) -> Result<UnixListener, DaemonError> {
 pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     tracing::info!(root = %cfg.root.display(), "starting nix-snapshotter");
     let root = cfg.root.clone();
-    let sn = tokio::task::spawn_blocking(move || Snapshotter::open(&root, MountOptions::detect()))
-        .await
-        .map_err(|e| DaemonError::State {
-            root: cfg.root.clone(),
-            source: crate::error::Error::Database(e.to_string()),
-        })?
-        .map_err(|source| DaemonError::State {
-            root: cfg.root.clone(),
-            source,
-        })?;
+    let sn = tokio::task::spawn_blocking(move || -> crate::error::Result<Snapshotter> {
+        let db = crate::db::open_root(&root)?;
+        Snapshotter::open(&root, db, MountOptions::detect())
+    })
+    .await
+    .map_err(|e| DaemonError::State {
+        root: cfg.root.clone(),
+        source: crate::error::Error::Database(e.to_string()),
+    })?
+    .map_err(|source| DaemonError::State {
+        root: cfg.root.clone(),
+        source,
+    })?;
     let sn = Arc::new(sn);
 
     let listener = bind(&cfg.address)?;

@@ -8,10 +8,14 @@
 
 pub mod api;
 pub mod authority;
+pub mod cache;
+pub mod commands;
 pub mod config;
 pub mod daemon;
+pub mod db;
 pub mod error;
 pub mod nixfmt;
 pub mod service;
 pub mod snapshots;
+pub mod store;
 pub mod uds;

@@ -33,6 +33,25 @@ struct Cli {
 enum Command {
     /// Print the effective configuration (defaults < file < flags) as TOML.
     Config,
+    /// Fetch store paths from the substituters into the local store.
+    Fetch {
+        /// Also fetch everything the paths reference, transitively.
+        #[arg(long)]
+        closure: bool,
+        /// Store paths (/nix/store/<hash>-<name>).
+        #[arg(required = true, value_name = "STORE_PATH")]
+        paths: Vec<String>,
+    },
+    /// Evict least recently used store paths until the store fits its size bound.
+    Gc {
+        /// Bound to collect down to (default: store.max_size), e.g. 10GiB or 0.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_size: Option<u64>,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    nix_snapshotter::config::ByteSize::parse(s).map(|b| b.0)
 }
 
 /// The Go project's (logrus) levels; fatal and panic log as error.
@@ -58,6 +77,7 @@ fn init_logging(level: LogLevel) {
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }
@@ -83,16 +103,22 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e),
         },
-        None => {
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => return fail(&e),
-            };
-            match rt.block_on(nix_snapshotter::daemon::run(cfg)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(&e),
-            }
+        Some(Command::Fetch { closure, paths }) => {
+            run(async { nix_snapshotter::commands::fetch(&cfg, &paths, closure).await })
         }
+        Some(Command::Gc { max_size }) => run(async { nix_snapshotter::commands::gc(&cfg, max_size).await }),
+        None => run(nix_snapshotter::daemon::run(cfg)),
+    }
+}
+
+fn run<E: std::fmt::Display>(job: impl std::future::Future<Output = Result<(), E>>) -> ExitCode {
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&e),
+    };
+    match rt.block_on(job) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
     }
 }
 

@@ -1,13 +1,10 @@
-//! The metadata database: one redb file under the daemon's root.
+//! Snapshot metadata, in the daemon's database (see [`crate::db`]).
 //!
-//! redb is a pure-Rust, copy-on-write B-tree store whose commits are atomic
-//! and durable (checksummed, fsynced), so a kill -9 at any moment leaves
-//! either the old or the new state, never a torn one, and it needs no C
-//! library. Every call that changes metadata is one write transaction; a
-//! failed check aborts it, so bad requests leave the database untouched.
+//! Every call that changes metadata is one write transaction; a failed check
+//! aborts it, so bad requests leave the database untouched.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
@@ -57,12 +54,11 @@ fn child_link(parent: &str, child: &str) -> String {
 }
 
 pub struct MetaStore {
-    db: Database,
+    db: Arc<Database>,
 }
 
 impl MetaStore {
-    pub fn open(path: &Path) -> Result<Self> {
-        let db = Database::create(path)?;
+    pub fn open(db: Arc<Database>) -> Result<Self> {
         let txn = db.begin_write()?;
         txn.open_table(SNAPSHOTS)?;
         txn.open_table(CHILDREN)?;

@@ -14,7 +14,7 @@ use std::fs;
 use std::io::ErrorKind;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -149,7 +149,7 @@ pub struct Snapshotter {
 impl Snapshotter {
     /// Opens (or creates) the state under `root` and removes leftovers of
     /// calls that a crash interrupted.
-    pub fn open(root: &Path, opts: MountOptions) -> Result<Self> {
+    pub fn open(root: &Path, db: Arc<crate::db::Database>, opts: MountOptions) -> Result<Self> {
         for dir in [root.to_path_buf(), root.join("snapshots")] {
             fs::DirBuilder::new()
                 .recursive(true)
@@ -157,7 +157,7 @@ impl Snapshotter {
                 .create(&dir)
                 .map_err(Error::io("cannot create", &dir))?;
         }
-        let db = MetaStore::open(&root.join("metadata.redb"))?;
+        let db = MetaStore::open(db)?;
         let sn = Snapshotter {
             root: root.to_path_buf(),
             db,

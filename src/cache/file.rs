@@ -1,0 +1,63 @@
+//! `file://` caches: a directory written by `nix copy --to file://…`.
+
+use std::io;
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use tokio::io::AsyncSeekExt;
+
+use super::{BinaryCache, ByteStream, CacheError};
+
+pub struct FileCache {
+    url: String,
+    dir: PathBuf,
+}
+
+impl FileCache {
+    pub fn new(dir: &str) -> FileCache {
+        FileCache {
+            url: format!("file://{dir}"),
+            dir: PathBuf::from(dir),
+        }
+    }
+
+    fn err(&self, rel: &str, e: io::Error) -> CacheError {
+        CacheError::Transport {
+            url: format!("{}/{rel}", self.url),
+            msg: e.to_string(),
+            retryable: false,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl BinaryCache for FileCache {
+    fn url(&self) -> &str {
+        &self.url
+    }
+
+    async fn get(&self, rel: &str) -> Result<Option<Bytes>, CacheError> {
+        match tokio::fs::read(self.dir.join(rel)).await {
+            Ok(b) => Ok(Some(b.into())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.err(rel, e)),
+        }
+    }
+
+    async fn open(&self, rel: &str, offset: u64) -> Result<Option<ByteStream>, CacheError> {
+        let mut f = match tokio::fs::File::open(self.dir.join(rel)).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.err(rel, e)),
+        };
+        if offset > 0 {
+            f.seek(io::SeekFrom::Start(offset))
+                .await
+                .map_err(|e| self.err(rel, e))?;
+        }
+        Ok(Some(Box::pin(tokio_util::io::ReaderStream::with_capacity(
+            f,
+            256 * 1024,
+        ))))
+    }
+}

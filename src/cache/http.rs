@@ -1,0 +1,128 @@
+//! `http://` and `https://` caches (cache.nixos.org, Cachix, Attic, harmonia,
+//! S3 behind HTTP): reqwest with rustls, pooled connections, HTTP/2 where the
+//! server offers it, the usual proxy environment variables.
+
+use bytes::Bytes;
+use futures::StreamExt;
+use reqwest::StatusCode;
+
+use super::netrc::Netrc;
+use super::{BinaryCache, ByteStream, CacheError, CacheOptions};
+
+pub fn client(opts: &CacheOptions) -> Result<reqwest::Client, CacheError> {
+    // ring is our one TLS crypto provider; installing it twice is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .connect_timeout(opts.connect_timeout)
+        .pool_max_idle_per_host(opts.max_connections)
+        .user_agent(concat!("nix-snapshotter/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| CacheError::Transport {
+            url: String::new(),
+            msg: format!("cannot build HTTP client: {e}"),
+            retryable: false,
+        })
+}
+
+pub struct HttpCache {
+    url: String,
+    client: reqwest::Client,
+    auth: Option<(String, String)>,
+}
+
+impl HttpCache {
+    pub fn new(url: &str, client: reqwest::Client, netrc: Option<&Netrc>) -> HttpCache {
+        let host = reqwest::Url::parse(url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default();
+        HttpCache {
+            url: url.to_string(),
+            client,
+            auth: netrc.and_then(|n| n.credentials(&host).cloned()),
+        }
+    }
+
+    async fn request(&self, rel: &str, offset: u64) -> Result<Option<reqwest::Response>, CacheError> {
+        let url = format!("{}/{rel}", self.url);
+        let mut req = self.client.get(&url);
+        if let Some((user, pass)) = &self.auth {
+            req = req.basic_auth(user, Some(pass));
+        }
+        if offset > 0 {
+            req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+        }
+        let resp = req.send().await.map_err(|e| CacheError::Transport {
+            url: url.clone(),
+            msg: error_chain(&e),
+            retryable: true,
+        })?;
+        match resp.status() {
+            // S3 answers 403 for keys that do not exist.
+            StatusCode::NOT_FOUND | StatusCode::FORBIDDEN | StatusCode::GONE => Ok(None),
+            s if s.is_success() => Ok(Some(resp)),
+            s => Err(CacheError::Status {
+                url,
+                status: s.as_u16(),
+            }),
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+#[async_trait::async_trait]
+impl BinaryCache for HttpCache {
+    fn url(&self) -> &str {
+        &self.url
+    }
+
+    async fn get(&self, rel: &str) -> Result<Option<Bytes>, CacheError> {
+        let Some(resp) = self.request(rel, 0).await? else {
+            return Ok(None);
+        };
+        let url = resp.url().to_string();
+        resp.bytes().await.map(Some).map_err(|e| CacheError::Transport {
+            url,
+            msg: error_chain(&e),
+            retryable: true,
+        })
+    }
+
+    async fn open(&self, rel: &str, offset: u64) -> Result<Option<ByteStream>, CacheError> {
+        let Some(resp) = self.request(rel, offset).await? else {
+            return Ok(None);
+        };
+        let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
+        let stream = resp
+            .bytes_stream()
+            .map(|r| r.map_err(|e| std::io::Error::other(error_chain(&e))));
+        if offset == 0 || partial {
+            return Ok(Some(Box::pin(stream)));
+        }
+        // The server ignored the Range header: skip what we already have.
+        let mut skip = offset;
+        let skipped = stream.filter_map(move |r| {
+            let out = match r {
+                Ok(mut b) if skip > 0 => {
+                    let n = skip.min(b.len() as u64);
+                    skip -= n;
+                    let _ = b.split_to(n as usize);
+                    (!b.is_empty()).then_some(Ok(b))
+                }
+                other => Some(other),
+            };
+            futures::future::ready(out)
+        });
+        Ok(Some(Box::pin(skipped)))
+    }
+}

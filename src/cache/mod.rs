@@ -1,0 +1,329 @@
+//! Binary caches: where store paths come from.
+//!
+//! [`BinaryCache`] is the seam: fetch a small file, or open a byte stream of
+//! a large one from an offset. [`http::HttpCache`] and [`file::FileCache`]
+//! implement it; [`Cache`] adds what every kind shares: the cache's own
+//! settings (priority, whether its signatures are required), retries with
+//! backoff and jitter, a stalled-transfer timeout, and resuming a broken
+//! NAR download where it stopped.
+
+pub mod file;
+pub mod http;
+pub mod netrc;
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+
+use crate::nixfmt::cache_info::CacheInfo;
+
+pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("{url}: {msg}")]
+    Transport { url: String, msg: String, retryable: bool },
+    #[error("{url}: no data for {secs} s (stalled-transfer timeout)")]
+    Stalled { url: String, secs: u64 },
+    #[error("{url}: HTTP status {status}")]
+    Status { url: String, status: u16 },
+    #[error("{url}: {msg}")]
+    Invalid { url: String, msg: String },
+    #[error("unsupported substituter URL {0:?} (use http://, https:// or file://)")]
+    UnsupportedUrl(String),
+}
+
+impl CacheError {
+    /// Connection errors, timeouts and 5xx are worth another try; 404 and
+    /// other client errors are not.
+    pub fn retryable(&self) -> bool {
+        match self {
+            CacheError::Transport { retryable, .. } => *retryable,
+            CacheError::Stalled { .. } => true,
+            CacheError::Status { status, .. } => *status >= 500 || *status == 429,
+            CacheError::Invalid { .. } | CacheError::UnsupportedUrl(_) => false,
+        }
+    }
+}
+
+/// One kind of binary cache.
+#[async_trait::async_trait]
+pub trait BinaryCache: Send + Sync {
+    /// The cache's URL, for messages.
+    fn url(&self) -> &str;
+    /// Fetches a small file (`nix-cache-info`, `*.narinfo`, `*.ls`);
+    /// `Ok(None)` when the cache does not have it.
+    async fn get(&self, rel: &str) -> Result<Option<Bytes>, CacheError>;
+    /// Opens `rel` as a stream starting at byte `offset`; `Ok(None)` when missing.
+    async fn open(&self, rel: &str, offset: u64) -> Result<Option<ByteStream>, CacheError>;
+}
+
+/// How hard to try.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Tries per request, the first included.
+    pub attempts: u32,
+    /// First backoff; doubles each retry, with ±50 % jitter.
+    pub backoff: Duration,
+    /// A transfer that delivers nothing for this long is abandoned (and retried).
+    pub stall_timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 5,
+            backoff: Duration::from_millis(250),
+            stall_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    fn delay(&self, attempt: u32) -> Duration {
+        let base = self.backoff.saturating_mul(1 << attempt.min(10));
+        base.mul_f64(0.5 + rand::random::<f64>())
+    }
+}
+
+/// A configured substituter.
+pub struct Cache {
+    pub inner: Arc<dyn BinaryCache>,
+    /// Lower is tried first (nix-cache-info's Priority, or `?priority=` in the URL).
+    pub priority: u32,
+    /// When false, this cache's narinfos need no trusted signature (`?trusted=1`).
+    pub require_sigs: bool,
+    pub retry: RetryPolicy,
+}
+
+impl Cache {
+    pub fn url(&self) -> &str {
+        self.inner.url()
+    }
+
+    /// `get` with retries.
+    pub async fn get(&self, rel: &str) -> Result<Option<Bytes>, CacheError> {
+        let mut attempt = 0;
+        loop {
+            let res = tokio::time::timeout(self.retry.stall_timeout, self.inner.get(rel))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(CacheError::Stalled {
+                        url: format!("{}/{rel}", self.url()),
+                        secs: self.retry.stall_timeout.as_secs(),
+                    })
+                });
+            match res {
+                Err(e) if e.retryable() && attempt + 1 < self.retry.attempts => {
+                    tracing::debug!(error = %e, attempt, "retrying");
+                    tokio::time::sleep(self.retry.delay(attempt)).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Streams `rel` into `tx`, reopening at the current offset when the
+    /// transfer breaks or stalls, until `expected_len` bytes (if known) have
+    /// been delivered. Errors are also sent down `tx` so the reader sees them.
+    pub async fn stream_to(
+        &self,
+        rel: &str,
+        expected_len: Option<u64>,
+        tx: tokio::sync::mpsc::Sender<io::Result<Bytes>>,
+    ) -> Result<u64, CacheError> {
+        let mut offset = 0u64;
+        let mut failures = 0u32;
+        let url = format!("{}/{rel}", self.url());
+        let stall = self.retry.stall_timeout;
+        let err: CacheError = loop {
+            let error = match tokio::time::timeout(stall, self.inner.open(rel, offset)).await {
+                Err(_) => CacheError::Stalled {
+                    url: url.clone(),
+                    secs: stall.as_secs(),
+                },
+                Ok(Err(e)) => e,
+                Ok(Ok(None)) => {
+                    break CacheError::Status {
+                        url: url.clone(),
+                        status: 404,
+                    }
+                }
+                Ok(Ok(Some(mut stream))) => loop {
+                    match tokio::time::timeout(stall, stream.next()).await {
+                        Err(_) => {
+                            break CacheError::Stalled {
+                                url: url.clone(),
+                                secs: stall.as_secs(),
+                            }
+                        }
+                        Ok(Some(Ok(chunk))) => {
+                            offset += chunk.len() as u64;
+                            failures = 0;
+                            if expected_len.is_some_and(|n| offset > n) {
+                                break CacheError::Invalid {
+                                    url: url.clone(),
+                                    msg: format!(
+                                        "more than the {} bytes the narinfo announced",
+                                        expected_len.unwrap_or(0)
+                                    ),
+                                };
+                            }
+                            if tx.send(Ok(chunk)).await.is_err() {
+                                return Ok(offset); // the reader gave up; it reports why
+                            }
+                        }
+                        Ok(Some(Err(e))) => {
+                            break CacheError::Transport {
+                                url: url.clone(),
+                                msg: format!("transfer broke after {offset} bytes: {e}"),
+                                retryable: true,
+                            }
+                        }
+                        Ok(None) => match expected_len {
+                            Some(n) if offset < n => {
+                                break CacheError::Transport {
+                                    url: url.clone(),
+                                    msg: format!("transfer ended after {offset} of {n} bytes"),
+                                    retryable: true,
+                                }
+                            }
+                            _ => return Ok(offset),
+                        },
+                    }
+                },
+            };
+            failures += 1;
+            if !error.retryable() || failures >= self.retry.attempts {
+                break error;
+            }
+            tracing::debug!(error = %error, offset, failures, "resuming transfer");
+            tokio::time::sleep(self.retry.delay(failures - 1)).await;
+        };
+        let _ = tx.send(Err(io::Error::other(err.to_string()))).await;
+        Err(err)
+    }
+}
+
+/// Settings that can ride on a substituter URL, as in Nix (`?priority=10&trusted=1`).
+struct UrlParams {
+    base: String,
+    priority: Option<u32>,
+    trusted: bool,
+}
+
+fn split_params(url: &str) -> Result<UrlParams, CacheError> {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut p = UrlParams {
+        base: base.trim_end_matches('/').to_string(),
+        priority: None,
+        trusted: false,
+    };
+    for kv in query.split('&').filter(|s| !s.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        match k {
+            "priority" => {
+                p.priority = Some(
+                    v.parse()
+                        .map_err(|_| CacheError::UnsupportedUrl(format!("{url} (priority {v:?} is not a number)")))?,
+                )
+            }
+            "trusted" => p.trusted = matches!(v, "1" | "true"),
+            _ => {} // other Nix store settings do not concern a reader
+        }
+    }
+    Ok(p)
+}
+
+/// Everything needed to open caches.
+pub struct CacheOptions {
+    pub retry: RetryPolicy,
+    pub connect_timeout: Duration,
+    pub netrc: Option<netrc::Netrc>,
+    /// Global default; `?trusted=1` turns it off per cache.
+    pub require_sigs: bool,
+    pub max_connections: usize,
+}
+
+/// Opens each substituter and reads its `nix-cache-info`. Caches that cannot
+/// be reached are logged and kept (they may come back); a URL we cannot use
+/// at all is an error. The result is sorted by priority, config order
+/// breaking ties.
+pub async fn open_all(urls: &[String], opts: &CacheOptions) -> Result<Vec<Cache>, CacheError> {
+    let http = http::client(opts)?;
+    let mut caches = Vec::new();
+    for url in urls {
+        let p = split_params(url)?;
+        let inner: Arc<dyn BinaryCache> = if let Some(path) = p.base.strip_prefix("file://") {
+            Arc::new(file::FileCache::new(path))
+        } else if p.base.starts_with("http://") || p.base.starts_with("https://") {
+            Arc::new(http::HttpCache::new(&p.base, http.clone(), opts.netrc.as_ref()))
+        } else {
+            return Err(CacheError::UnsupportedUrl(url.clone()));
+        };
+        let mut cache = Cache {
+            inner,
+            priority: p.priority.unwrap_or(50),
+            require_sigs: opts.require_sigs && !p.trusted,
+            retry: opts.retry,
+        };
+        // One quick try: an unreachable cache must not hold up start-up.
+        let info = tokio::time::timeout(opts.connect_timeout * 2, cache.inner.get("nix-cache-info"))
+            .await
+            .unwrap_or_else(|_| {
+                Err(CacheError::Stalled {
+                    url: cache.url().to_string(),
+                    secs: (opts.connect_timeout * 2).as_secs(),
+                })
+            });
+        match info {
+            Ok(Some(text)) => match CacheInfo::parse(&String::from_utf8_lossy(&text)) {
+                Ok(info) => {
+                    if p.priority.is_none() {
+                        cache.priority = info.priority;
+                    }
+                }
+                Err(e) => {
+                    return Err(CacheError::Invalid {
+                        url: cache.url().to_string(),
+                        msg: e.to_string(),
+                    })
+                }
+            },
+            Ok(None) => tracing::warn!(cache = cache.url(), "no nix-cache-info; assuming defaults"),
+            Err(e) => tracing::warn!(cache = cache.url(), error = %e, "cache unreachable for now"),
+        }
+        caches.push(cache);
+    }
+    caches.sort_by_key(|c| c.priority); // stable: config order breaks ties
+    Ok(caches)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_params() {
+        let p = split_params("https://example.org/cache/?priority=10&trusted=1&compression=zstd").unwrap();
+        assert_eq!(p.base, "https://example.org/cache");
+        assert_eq!(p.priority, Some(10));
+        assert!(p.trusted);
+        assert!(split_params("file:///x?priority=high").is_err());
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter() {
+        let r = RetryPolicy::default();
+        for a in 0..4 {
+            let d = r.delay(a);
+            let base = r.backoff * (1 << a);
+            assert!(d >= base / 2 && d <= base * 3 / 2, "{a}: {d:?}");
+        }
+    }
+}

@@ -1,0 +1,592 @@
+//! The verified local store: `<root>/store/<hash>-<name>`, filled from
+//! binary caches, bounded in size.
+//!
+//! A path is fetched at most once at a time (single flight), unpacked while
+//! it downloads into a temporary directory beside its final place, and
+//! published by one rename only after its NarSize and NarHash (and, where
+//! required, the narinfo's signature) checked out: nothing unverified is
+//! ever visible under its store name. When the node's own Nix store has a
+//! path, that copy is used instead.
+
+mod db;
+mod fetch;
+pub mod gc;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt;
+use tokio::sync::OnceCell;
+
+use crate::cache::{Cache, CacheError};
+use crate::nixfmt::nar::NarError;
+use crate::nixfmt::signature::{self, PublicKey};
+use crate::nixfmt::{NarInfo, StorePath};
+use db::PathDb;
+pub use db::PathRecord;
+use fetch::PipelineError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: not found in any substituter ({})", caches.join(", "))]
+    NotFound { path: StorePath, caches: Vec<String> },
+    #[error("{path} from {cache}: narinfo rejected: {msg}")]
+    BadNarInfo {
+        path: StorePath,
+        cache: String,
+        msg: String,
+    },
+    #[error("{path} from {cache}: not trusted: {reason}")]
+    Untrusted {
+        path: StorePath,
+        cache: String,
+        reason: String,
+    },
+    #[error("{path} from {cache}: {source}")]
+    Cache {
+        path: StorePath,
+        cache: String,
+        #[source]
+        source: CacheError,
+    },
+    #[error("{path} from {cache}: {source}")]
+    Verify {
+        path: StorePath,
+        cache: String,
+        #[source]
+        source: PipelineError,
+    },
+    #[error("{path}: {msg}")]
+    Local { path: String, msg: String },
+    #[error(transparent)]
+    Db(#[from] crate::error::Error),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Where a path's content is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// In our store, `<root>/store/<base>`.
+    Local(PathBuf),
+    /// In the node's Nix store.
+    Host(PathBuf),
+}
+
+impl Location {
+    pub fn path(&self) -> &Path {
+        match self {
+            Location::Local(p) | Location::Host(p) => p,
+        }
+    }
+}
+
+pub struct StoreOptions {
+    /// `<root>/store`
+    pub dir: PathBuf,
+    pub host_store: Option<PathBuf>,
+    pub trusted_keys: Vec<PublicKey>,
+    /// 0: unbounded.
+    pub max_size: u64,
+    pub max_parallel: usize,
+}
+
+/// Counters for progress reporting and summaries.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub bytes_downloaded: AtomicU64,
+    pub paths_fetched: AtomicU64,
+    pub bytes_on_disk: AtomicU64,
+}
+
+/// A verified narinfo and the cache that has the NAR.
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub info: NarInfo,
+    pub text: String,
+    pub cache: usize,
+}
+
+type Flight = Arc<OnceCell<Result<Location, Arc<StoreError>>>>;
+
+pub struct Store {
+    opts: StoreOptions,
+    caches: Vec<Cache>,
+    db: PathDb,
+    /// narinfos verified this run (also the closure walk's memo).
+    narinfos: Mutex<HashMap<StorePath, Arc<Found>>>,
+    inflight: Mutex<HashMap<StorePath, Flight>>,
+    /// Paths being read or otherwise in use right now: never evicted.
+    leases: Mutex<HashMap<StorePath, usize>>,
+    /// Paths live snapshots need: never evicted.
+    pinned: Mutex<HashSet<StorePath>>,
+    /// Last uses not yet written to the database.
+    uses: Mutex<(HashMap<String, SystemTime>, Instant)>,
+    pub counters: Counters,
+}
+
+/// Keeps a path from eviction while alive.
+pub struct Lease {
+    store: Arc<Store>,
+    path: StorePath,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Ok(mut l) = self.store.leases.lock() {
+            if let Some(n) = l.get_mut(&self.path) {
+                *n -= 1;
+                if *n == 0 {
+                    l.remove(&self.path);
+                }
+            }
+        }
+    }
+}
+
+fn local_err(path: &Path, msg: impl std::fmt::Display) -> StoreError {
+    StoreError::Local {
+        path: path.display().to_string(),
+        msg: msg.to_string(),
+    }
+}
+
+impl Store {
+    /// Opens the store under `opts.dir`, removing leftovers of interrupted
+    /// fetches and evictions, and records whose directory vanished.
+    pub fn open(opts: StoreOptions, caches: Vec<Cache>, db: Arc<crate::db::Database>) -> Result<Store> {
+        std::fs::create_dir_all(&opts.dir).map_err(|e| local_err(&opts.dir, e))?;
+        let db = PathDb::open(db)?;
+        let known: HashSet<String> = db.all()?.into_iter().map(|(k, _)| k).collect();
+        let mut present = HashSet::new();
+        for entry in std::fs::read_dir(&opts.dir).map_err(|e| local_err(&opts.dir, e))? {
+            let entry = entry.map_err(|e| local_err(&opts.dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if known.contains(&name) {
+                present.insert(name);
+            } else {
+                tracing::info!(path = %entry.path().display(), "removing unrecorded store entry");
+                gc::remove_tree(&entry.path()).map_err(|e| local_err(&entry.path(), e))?;
+            }
+        }
+        for gone in known.difference(&present) {
+            tracing::info!(path = %gone, "forgetting store path whose directory is gone");
+            db.remove(gone)?;
+        }
+        Ok(Store {
+            opts,
+            caches,
+            db,
+            narinfos: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+            leases: Mutex::new(HashMap::new()),
+            pinned: Mutex::new(HashSet::new()),
+            uses: Mutex::new((HashMap::new(), Instant::now())),
+            counters: Counters::default(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.opts.dir
+    }
+
+    pub fn caches(&self) -> &[Cache] {
+        &self.caches
+    }
+
+    fn host_path(&self, path: &StorePath) -> Option<PathBuf> {
+        let p = self.opts.host_store.as_ref()?.join(path.base_name());
+        std::fs::symlink_metadata(&p).is_ok().then_some(p)
+    }
+
+    /// The local copy of `path` if we have it (no network).
+    pub fn local(&self, path: &StorePath) -> Option<Location> {
+        if let Some(h) = self.host_path(path) {
+            return Some(Location::Host(h));
+        }
+        let p = self.opts.dir.join(path.base_name());
+        std::fs::symlink_metadata(&p).is_ok().then(|| {
+            self.note_use(path);
+            Location::Local(p)
+        })
+    }
+
+    /// Makes `path` available locally, fetching it if needed.
+    pub async fn ensure(self: &Arc<Self>, path: &StorePath) -> Result<Location, Arc<StoreError>> {
+        if let Some(loc) = self.local(path) {
+            return Ok(loc);
+        }
+        let flight = {
+            let mut m = self.inflight.lock().map_err(|_| Arc::new(poisoned()))?;
+            m.entry(path.clone()).or_default().clone()
+        };
+        let res = flight
+            .get_or_init(|| {
+                let me = self.clone();
+                let path = path.clone();
+                async move { me.fetch_now(&path).await.map_err(Arc::new) }
+            })
+            .await
+            .clone();
+        if let Ok(mut m) = self.inflight.lock() {
+            if m.get(path).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+                m.remove(path);
+            }
+        }
+        res
+    }
+
+    /// Like [`ensure`](Self::ensure), and keeps the path from eviction until
+    /// the lease is dropped.
+    pub async fn ensure_leased(self: &Arc<Self>, path: &StorePath) -> Result<(Location, Lease), Arc<StoreError>> {
+        let lease = self.lease(path);
+        let loc = self.ensure(path).await?;
+        Ok((loc, lease))
+    }
+
+    pub fn lease(self: &Arc<Self>, path: &StorePath) -> Lease {
+        if let Ok(mut l) = self.leases.lock() {
+            *l.entry(path.clone()).or_insert(0) += 1;
+        }
+        Lease {
+            store: self.clone(),
+            path: path.clone(),
+        }
+    }
+
+    /// Marks paths as needed by live snapshots (never evicted), replacing the previous set.
+    pub fn set_pinned(&self, paths: HashSet<StorePath>) {
+        if let Ok(mut p) = self.pinned.lock() {
+            *p = paths;
+        }
+    }
+
+    fn note_use(&self, path: &StorePath) {
+        let Ok(mut u) = self.uses.lock() else { return };
+        u.0.insert(path.base_name().to_string(), SystemTime::now());
+        if u.1.elapsed() > Duration::from_secs(30) {
+            let batch: Vec<_> = u.0.drain().collect();
+            u.1 = Instant::now();
+            drop(u);
+            if let Err(e) = self.db.touch(&batch) {
+                tracing::warn!(error = %e, "cannot record store path uses");
+            }
+        }
+    }
+
+    /// Writes pending last-use times (before GC and on shutdown).
+    pub fn flush_uses(&self) -> Result<()> {
+        let batch: Vec<_> = match self.uses.lock() {
+            Ok(mut u) => u.0.drain().collect(),
+            Err(_) => return Err(poisoned()),
+        };
+        Ok(self.db.touch(&batch)?)
+    }
+
+    /// The verified narinfo of `path`, from our records or the first cache
+    /// (by priority) that has one we accept.
+    pub async fn narinfo(&self, path: &StorePath) -> Result<Arc<Found>> {
+        if let Some(f) = self.narinfos.lock().map_err(|_| poisoned())?.get(path) {
+            return Ok(f.clone());
+        }
+        if let Some(rec) = self.db.get(path.base_name())? {
+            if let Ok(info) = NarInfo::parse(&rec.narinfo) {
+                let cache = self.caches.iter().position(|c| c.url() == rec.cache).unwrap_or(0);
+                let found = Arc::new(Found {
+                    info,
+                    text: rec.narinfo,
+                    cache,
+                });
+                self.remember(path, &found)?;
+                return Ok(found);
+            }
+        }
+        let rel = format!("{}.narinfo", path.hash_part());
+        let mut first_error = None;
+        for (i, cache) in self.caches.iter().enumerate() {
+            let err = match cache.get(&rel).await {
+                Ok(None) => continue,
+                Err(e) => StoreError::Cache {
+                    path: path.clone(),
+                    cache: cache.url().to_string(),
+                    source: e,
+                },
+                Ok(Some(bytes)) => match self.accept(path, cache, &bytes) {
+                    Ok(info) => {
+                        let found = Arc::new(Found {
+                            info,
+                            text: String::from_utf8_lossy(&bytes).into_owned(),
+                            cache: i,
+                        });
+                        self.remember(path, &found)?;
+                        return Ok(found);
+                    }
+                    Err(e) => e,
+                },
+            };
+            tracing::warn!(error = %err, "trying the next substituter");
+            first_error.get_or_insert(err);
+        }
+        Err(first_error.unwrap_or_else(|| StoreError::NotFound {
+            path: path.clone(),
+            caches: self.caches.iter().map(|c| c.url().to_string()).collect(),
+        }))
+    }
+
+    fn remember(&self, path: &StorePath, found: &Arc<Found>) -> Result<()> {
+        self.narinfos
+            .lock()
+            .map_err(|_| poisoned())?
+            .insert(path.clone(), found.clone());
+        Ok(())
+    }
+
+    /// Parses and checks a narinfo: it must describe `path`, and carry a
+    /// trusted signature unless this cache is exempt.
+    fn accept(&self, path: &StorePath, cache: &Cache, bytes: &[u8]) -> Result<NarInfo> {
+        let bad = |msg: String| StoreError::BadNarInfo {
+            path: path.clone(),
+            cache: cache.url().to_string(),
+            msg,
+        };
+        let text = std::str::from_utf8(bytes).map_err(|_| bad("not UTF-8".into()))?;
+        let info = NarInfo::parse(text).map_err(|e| bad(e.to_string()))?;
+        if &info.store_path != path {
+            return Err(bad(format!("it describes {}", info.store_path)));
+        }
+        if cache.require_sigs {
+            signature::verify(&info, &self.opts.trusted_keys).map_err(|reason| StoreError::Untrusted {
+                path: path.clone(),
+                cache: cache.url().to_string(),
+                reason: reason.to_string(),
+            })?;
+        }
+        Ok(info)
+    }
+
+    /// The closure of `roots` (every path they reference, transitively),
+    /// with many narinfo requests in flight.
+    pub async fn closure(&self, roots: &[StorePath]) -> Result<Vec<StorePath>> {
+        let mut seen: HashSet<StorePath> = roots.iter().cloned().collect();
+        let mut frontier: Vec<StorePath> = roots.to_vec();
+        let mut out = Vec::new();
+        while !frontier.is_empty() {
+            let batch = std::mem::take(&mut frontier);
+            let mut results = futures::stream::iter(batch.into_iter().map(|p| async move {
+                let r = self.narinfo(&p).await;
+                (p, r)
+            }))
+            .buffer_unordered(self.opts.max_parallel.max(1));
+            while let Some((p, r)) = results.next().await {
+                let refs = match r {
+                    Ok(found) => found.info.references.clone(),
+                    // A path only the host store has: its references are
+                    // not known to us, and it needs no fetching.
+                    Err(StoreError::NotFound { .. }) if self.host_path(&p).is_some() => Vec::new(),
+                    Err(e) => return Err(e),
+                };
+                for r in refs {
+                    if seen.insert(r.clone()) {
+                        frontier.push(r);
+                    }
+                }
+                out.push(p);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    async fn fetch_now(self: &Arc<Self>, path: &StorePath) -> Result<Location> {
+        let found = self.narinfo(path).await?;
+        let cache = &self.caches[found.cache];
+        let info = &found.info;
+        let dest = self.opts.dir.join(path.base_name());
+        let tmp = self
+            .opts
+            .dir
+            .join(format!(".tmp-{}-{:08x}", path.hash_part(), rand::random::<u32>()));
+        let started = Instant::now();
+
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let unpack = {
+            let info = info.clone();
+            let tmp = tmp.clone();
+            tokio::task::spawn_blocking(move || fetch::unpack_verified(fetch::ChannelReader::new(rx), &info, &tmp))
+        };
+        let download = {
+            let counters = &self.counters;
+            let (fwd_tx, mut fwd_rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(16);
+            // Count bytes as they pass to the unpacker.
+            let forward = async move {
+                while let Some(item) = fwd_rx.recv().await {
+                    if let Ok(b) = &item {
+                        counters.bytes_downloaded.fetch_add(b.len() as u64, Ordering::Relaxed);
+                    }
+                    if tx.send(item).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let stream = cache.stream_to(&info.url, info.file_size, fwd_tx);
+            let (res, ()) = tokio::join!(stream, forward);
+            res
+        };
+        let unpacked = unpack
+            .await
+            .map_err(|e| local_err(&tmp, format!("unpack task failed: {e}")));
+        let cleanup = |e: StoreError| {
+            let _ = gc::remove_tree(&tmp);
+            e
+        };
+        let stats = match (download, unpacked) {
+            (_, Ok(Ok(stats))) => stats,
+            // The download's own error says more than the unpacker's "download failed".
+            (Err(e), _) => {
+                return Err(cleanup(StoreError::Cache {
+                    path: path.clone(),
+                    cache: cache.url().to_string(),
+                    source: e,
+                }))
+            }
+            (Ok(_), Ok(Err(e))) => {
+                return Err(cleanup(StoreError::Verify {
+                    path: path.clone(),
+                    cache: cache.url().to_string(),
+                    source: e,
+                }))
+            }
+            (Ok(_), Err(e)) => return Err(cleanup(e)),
+        };
+        if let Err(e) = std::fs::rename(&tmp, &dest) {
+            if std::fs::symlink_metadata(&dest).is_err() {
+                return Err(cleanup(local_err(&dest, format!("cannot publish: {e}"))));
+            }
+            // Already there (another process fetched it): keep theirs.
+            let _ = gc::remove_tree(&tmp);
+        }
+        let disk_size = crate::snapshots::disk_usage(&dest)
+            .map(|u| u.size as u64)
+            .unwrap_or(stats.bytes);
+        let now = SystemTime::now();
+        self.db.put(
+            path.base_name(),
+            &PathRecord {
+                narinfo: found.text.clone(),
+                cache: cache.url().to_string(),
+                disk_size,
+                fetched: now,
+                last_used: now,
+            },
+        )?;
+        self.counters.paths_fetched.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes_on_disk.fetch_add(disk_size, Ordering::Relaxed);
+        tracing::info!(
+            path = %path,
+            cache = cache.url(),
+            nar_size = info.nar_size,
+            download = info.file_size.unwrap_or(0),
+            files = stats.files,
+            ms = started.elapsed().as_millis() as u64,
+            "fetched"
+        );
+        if self.opts.max_size > 0 {
+            let me = self.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = me.gc(me.opts.max_size) {
+                    tracing::warn!(error = %e, "store garbage collection failed");
+                }
+            });
+        }
+        Ok(Location::Local(dest))
+    }
+
+    /// Everything recorded in the store.
+    pub fn paths(&self) -> Result<Vec<(String, PathRecord)>> {
+        Ok(self.db.all()?)
+    }
+}
+
+fn poisoned() -> StoreError {
+    StoreError::Local {
+        path: String::new(),
+        msg: "internal lock poisoned".into(),
+    }
+}
+
+impl From<NarError> for StoreError {
+    fn from(e: NarError) -> Self {
+        StoreError::Local {
+            path: String::new(),
+            msg: e.to_string(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("trusted_public_keys: {0}")]
+    Key(#[from] crate::nixfmt::signature::KeyError),
+    #[error("netrc_file {}: {source}", path.display())]
+    Netrc {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("substituters: {0}")]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Builds the store the configuration describes, on the daemon's database.
+pub async fn open_from_config(
+    cfg: &crate::config::Config,
+    db: Arc<crate::db::Database>,
+) -> Result<Arc<Store>, SetupError> {
+    let trusted_keys = cfg
+        .trusted_public_keys
+        .iter()
+        .map(|k| PublicKey::parse(k))
+        .collect::<Result<Vec<_>, _>>()?;
+    let netrc = if cfg.netrc_file.as_os_str().is_empty() {
+        None
+    } else {
+        Some(
+            crate::cache::netrc::Netrc::load(&cfg.netrc_file).map_err(|source| SetupError::Netrc {
+                path: cfg.netrc_file.clone(),
+                source,
+            })?,
+        )
+    };
+    let secs = |s: f64| Duration::from_secs_f64(s.max(0.001));
+    let cache_opts = crate::cache::CacheOptions {
+        retry: crate::cache::RetryPolicy {
+            attempts: cfg.fetch.attempts.max(1),
+            stall_timeout: secs(cfg.fetch.stall_timeout),
+            ..Default::default()
+        },
+        connect_timeout: secs(cfg.fetch.connect_timeout),
+        netrc,
+        require_sigs: cfg.require_sigs,
+        max_connections: cfg.fetch.max_parallel.max(1),
+    };
+    let caches = crate::cache::open_all(&cfg.substituters, &cache_opts).await?;
+    let opts = StoreOptions {
+        dir: cfg.root.join("store"),
+        host_store: (!cfg.host_store.as_os_str().is_empty()).then(|| cfg.host_store.clone()),
+        trusted_keys,
+        max_size: cfg.store.max_size.0,
+        max_parallel: cfg.fetch.max_parallel.max(1),
+    };
+    let store = tokio::task::spawn_blocking(move || Store::open(opts, caches, db))
+        .await
+        .map_err(|e| StoreError::Local {
+            path: String::new(),
+            msg: e.to_string(),
+        })??;
+    Ok(Arc::new(store))
+}
