@@ -129,8 +129,10 @@ impl Cache {
     }
 
     /// Streams `rel` into `tx`, reopening at the current offset when the
-    /// transfer breaks or stalls, until `expected_len` bytes (if known) have
-    /// been delivered. Errors are also sent down `tx` so the reader sees them.
+    /// transfer breaks or stalls (at most `attempts` openings in all, so a
+    /// server that keeps dropping cannot hold us forever), until
+    /// `expected_len` bytes (if known) have been delivered. Errors are also
+    /// sent down `tx` so the reader sees them.
     pub async fn stream_to(
         &self,
         rel: &str,
@@ -164,7 +166,6 @@ impl Cache {
                         }
                         Ok(Some(Ok(chunk))) => {
                             offset += chunk.len() as u64;
-                            failures = 0;
                             if expected_len.is_some_and(|n| offset > n) {
                                 break CacheError::Invalid {
                                     url: url.clone(),

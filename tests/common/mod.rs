@@ -3,7 +3,9 @@
 //! Drop, also when a test fails.
 #![allow(dead_code)]
 
+pub mod http;
 pub mod image;
+pub mod nix;
 
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
@@ -35,6 +37,25 @@ impl TempRoot {
         let path = PathBuf::from(format!("/tmp/nst-{}", unique(name)));
         std::fs::create_dir_all(&path).unwrap();
         TempRoot { path }
+    }
+
+    /// A root for state shared by a whole test binary (built once, kept in a
+    /// static): removed when a later run finds its process gone.
+    pub fn leaked(name: &str) -> TempRoot {
+        if let Ok(entries) = std::fs::read_dir("/tmp") {
+            for e in entries.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                let Some(rest) = n.strip_prefix(&format!("nst-{name}-")) else {
+                    continue;
+                };
+                let pid = rest.split('-').next().unwrap_or("");
+                if !Path::new("/proc").join(pid).exists() {
+                    unmount_below(&e.path());
+                    let _ = nix_snapshotter::store::gc::remove_tree(&e.path());
+                }
+            }
+        }
+        TempRoot::new(name)
     }
 
     pub fn join(&self, p: &str) -> PathBuf {

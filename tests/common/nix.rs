@@ -1,0 +1,140 @@
+//! Real Nix (Debian's nix-bin) for tests: builds closures offline in a
+//! private chroot store (no nixpkgs, busybox as the only tool) and publishes
+//! them as signed binary caches with `nix copy`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::have;
+
+pub struct NixStore {
+    /// Chroot store root: paths live physically under `<root>/nix/store`.
+    pub root: PathBuf,
+    pub secret_key: PathBuf,
+    pub public_key: String,
+}
+
+fn nix(args: &[&str]) -> String {
+    let out = Command::new("nix")
+        .args(["--extra-experimental-features", "nix-command"])
+        .args(args)
+        .output()
+        .expect("nix must be installed (nix-bin)");
+    assert!(
+        out.status.success(),
+        "nix {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl NixStore {
+    /// A chroot store under `dir` and a signing key named `key_name`.
+    pub fn new(dir: &Path, key_name: &str) -> NixStore {
+        assert!(
+            have("nix-build") && have("nix"),
+            "nix-bin must be installed (see .ci/run)"
+        );
+        std::fs::create_dir_all(dir).unwrap();
+        let secret_key = dir.join("secret.key");
+        std::fs::write(&secret_key, nix(&["key", "generate-secret", "--key-name", key_name])).unwrap();
+        let public_key = {
+            let out = Command::new("nix")
+                .args([
+                    "--extra-experimental-features",
+                    "nix-command",
+                    "key",
+                    "convert-secret-to-public",
+                ])
+                .stdin(std::fs::File::open(&secret_key).unwrap())
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        NixStore {
+            root: dir.join("chroot"),
+            secret_key,
+            public_key,
+        }
+    }
+
+    /// Builds a Nix expression, returns its output paths (`/nix/store/...`).
+    pub fn build(&self, expr: &str) -> Vec<String> {
+        let file = self.root.with_extension("nix");
+        std::fs::write(&file, expr).unwrap();
+        let out = Command::new("nix-build")
+            .arg("--store")
+            .arg(&self.root)
+            .args(["--option", "extra-sandbox-paths", "/bin/sh=/bin/busybox /bin/busybox"])
+            .args(["--option", "build-users-group", ""])
+            .args(["--option", "substituters", ""])
+            .arg("--no-out-link")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "nix-build failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Where a store path physically is.
+    pub fn real(&self, store_path: &str) -> PathBuf {
+        self.root.join(store_path.trim_start_matches('/'))
+    }
+
+    /// `nix copy`s the closures of `paths` into a file:// cache at `dir`.
+    pub fn publish(&self, dir: &Path, compression: &str, paths: &[String]) {
+        let to = format!(
+            "file://{}?compression={compression}&secret-key={}&write-nar-listing=true",
+            dir.display(),
+            self.secret_key.display()
+        );
+        let mut args = vec!["copy", "--store", self.root.to_str().unwrap(), "--to", &to];
+        args.extend(paths.iter().map(String::as_str));
+        nix(&args);
+    }
+
+    /// The closure of `path` in this store.
+    pub fn closure(&self, path: &str) -> Vec<String> {
+        let out = nix(&["path-info", "--store", self.root.to_str().unwrap(), "--recursive", path]);
+        out.lines().map(str::to_string).collect()
+    }
+}
+
+/// sha256 of `nix-store --dump PATH` (real Nix's NAR of any tree), as hex.
+pub fn dump_sha256(path: &Path) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("nix-store --dump \"$1\" | sha256sum")
+        .arg("sh")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "nix-store --dump {} failed", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// A derivation built with busybox only: `script` runs with `$out` set.
+pub fn derivation(name: &str, script: &str, deps: &[&str]) -> String {
+    format!(
+        r#"derivation {{
+  name = "{name}";
+  system = "x86_64-linux";
+  builder = "/bin/sh";
+  args = [ "-c" ''b() {{ /bin/busybox "$@"; }}; {script}'' ];
+  deps = [ {} ];
+}}"#,
+        deps.join(" ")
+    )
+}
