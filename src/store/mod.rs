@@ -327,7 +327,7 @@ impl Store {
                     Err(e) => e,
                 },
             };
-            tracing::warn!(error = %err, "trying the next substituter");
+            tracing::warn!(error = %err, "substituter cannot provide this path");
             first_error.get_or_insert(err);
         }
         Err(first_error.unwrap_or_else(|| StoreError::NotFound {
