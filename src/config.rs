@@ -38,6 +38,32 @@ pub struct Config {
     pub image_service: ImageServiceConfig,
     pub store: StoreConfig,
     pub fetch: FetchConfig,
+    pub fuse: FuseConfig,
+}
+
+/// The lazy FUSE store under `<root>/fuse`, used for Nix layers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FuseConfig {
+    /// Serve Nix layers through FUSE views (false: Nix layers are plain layers).
+    pub enable: bool,
+    /// Seconds a read may wait for its store path to be fetched before it fails with EIO.
+    pub fetch_timeout: f64,
+    /// FUSE worker threads (a request waiting for a fetch holds one).
+    pub threads: usize,
+    /// Use FUSE passthrough for reads where the kernel allows it (root, Linux >= 6.9).
+    pub passthrough: bool,
+}
+
+impl Default for FuseConfig {
+    fn default() -> Self {
+        FuseConfig {
+            enable: true,
+            fetch_timeout: 60.0,
+            threads: 16,
+            passthrough: true,
+        }
+    }
 }
 
 /// The local store under `<root>/store`.
@@ -152,6 +178,7 @@ impl Default for Config {
             netrc_file: PathBuf::new(),
             store: StoreConfig::default(),
             fetch: FetchConfig::default(),
+            fuse: FuseConfig::default(),
         }
     }
 }

@@ -14,7 +14,9 @@ use crate::api::snapshots::snapshots_server::SnapshotsServer;
 use crate::authority::AuthorityFix;
 use crate::config::Config;
 use crate::service::SnapshotService;
+use crate::snapshots::nix::{NixSupport, StoreResolver, StoreSlot};
 use crate::snapshots::{MountOptions, Snapshotter};
+use nix_snapshotter_fuse::{MountConfig, StoreFs};
 
 /// How long in-flight calls may run after a stop signal before we exit anyway.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -69,23 +71,83 @@ pub fn bind(address: &Path) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
+/// Opens the database and the snapshotter, and mounts the FUSE store for
+/// Nix layers (without it, Nix layers are served as ordinary layers).
+fn open_state(
+    cfg: &Config,
+    slot: StoreSlot,
+    rt: tokio::runtime::Handle,
+) -> crate::error::Result<(Snapshotter, Arc<crate::db::Database>)> {
+    let db = crate::db::open_root(&cfg.root)?;
+    let sn = Snapshotter::open(&cfg.root, db.clone(), MountOptions::detect())?;
+    if !cfg.fuse.enable {
+        return Ok((sn, db));
+    }
+    let timeout = Duration::from_secs_f64(cfg.fuse.fetch_timeout.max(0.001));
+    let mnt = cfg.root.join("fuse");
+    // A daemon killed with -9 leaves its FUSE mount behind, answering ENOTCONN.
+    nix_snapshotter_fuse::detach_stale(&mnt);
+    std::fs::create_dir_all(&mnt).map_err(crate::error::Error::io("cannot create", &mnt))?;
+    let resolver = StoreResolver {
+        store: slot.clone(),
+        rt: rt.clone(),
+        timeout,
+    };
+    let mount_cfg = MountConfig {
+        threads: cfg.fuse.threads,
+        passthrough: cfg.fuse.passthrough,
+    };
+    match StoreFs::mount(&mnt, Arc::new(resolver), &mount_cfg) {
+        Ok(fs) => {
+            tracing::info!(mountpoint = %mnt.display(), "lazy store mounted");
+            Ok((
+                sn.with_nix(NixSupport {
+                    fs,
+                    store: slot,
+                    rt,
+                    timeout,
+                }),
+                db,
+            ))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no FUSE: Nix layers will be served as ordinary layers");
+            Ok((sn, db))
+        }
+    }
+}
+
 /// Serves until SIGTERM or SIGINT, then drains and removes the socket.
 pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     tracing::info!(root = %cfg.root.display(), "starting nix-snapshotter");
-    let root = cfg.root.clone();
-    let sn = tokio::task::spawn_blocking(move || -> crate::error::Result<Snapshotter> {
-        let db = crate::db::open_root(&root)?;
-        Snapshotter::open(&root, db, MountOptions::detect())
-    })
-    .await
-    .map_err(|e| DaemonError::State {
-        root: cfg.root.clone(),
-        source: crate::error::Error::Database(e.to_string()),
-    })?
-    .map_err(|source| DaemonError::State {
-        root: cfg.root.clone(),
-        source,
-    })?;
+    let rt = tokio::runtime::Handle::current();
+    let slot: StoreSlot = Arc::new(std::sync::OnceLock::new());
+    let (sn, db) = {
+        let (c, slot, rt) = (cfg.clone(), slot.clone(), rt.clone());
+        tokio::task::spawn_blocking(move || open_state(&c, slot, rt))
+            .await
+            .map_err(|e| DaemonError::State {
+                root: cfg.root.clone(),
+                source: crate::error::Error::Database(e.to_string()),
+            })?
+            .map_err(|source| DaemonError::State {
+                root: cfg.root.clone(),
+                source,
+            })?
+    };
+    // Opened in the background: a slow or unreachable cache must not delay
+    // serving ordinary layers. Nix layers wait for it (within fetch_timeout).
+    {
+        let (cfg, slot) = (cfg.clone(), slot.clone());
+        tokio::spawn(async move {
+            match crate::store::open_from_config(&cfg, db).await {
+                Ok(store) => {
+                    let _ = slot.set(store);
+                }
+                Err(e) => tracing::error!(error = %e, "cannot open the local store; Nix layers will fail"),
+            }
+        });
+    }
     let sn = Arc::new(sn);
 
     let listener = bind(&cfg.address)?;

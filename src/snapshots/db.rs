@@ -34,6 +34,25 @@ pub struct Record {
     pub labels: BTreeMap<String, String>,
     /// Disk usage, measured once at Commit (only meaningful when committed).
     pub usage: Usage,
+    /// For a committed Nix layer: the closure it stands for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nix: Option<Vec<NixPath>>,
+}
+
+/// A store path of a Nix layer's closure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NixPath {
+    /// `<hash>-<name>`
+    pub name: String,
+    pub dir: bool,
+}
+
+/// An ancestor of a snapshot, nearest first: its directory id and, for a
+/// Nix layer, its closure.
+#[derive(Debug, Clone)]
+pub struct Ancestor {
+    pub id: u64,
+    pub nix: Option<Vec<NixPath>>,
 }
 
 impl Record {
@@ -74,15 +93,15 @@ impl MetaStore {
         value.map(|v| decode(v.value())).transpose()
     }
 
-    /// Returns the record of `key` and the ids of its ancestors, nearest first.
-    pub fn get_with_parents(&self, key: &str) -> Result<Option<(Record, Vec<u64>)>> {
+    /// Returns the record of `key` and its ancestors, nearest first.
+    pub fn get_with_parents(&self, key: &str) -> Result<Option<(Record, Vec<Ancestor>)>> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(SNAPSHOTS)?;
         let Some(rec) = table.get(key)?.map(|v| decode(v.value())).transpose()? else {
             return Ok(None);
         };
-        let ids = parent_ids(&table, &rec.parent)?;
-        Ok(Some((rec, ids)))
+        let ancestors = ancestors(&table, &rec.parent)?;
+        Ok(Some((rec, ancestors)))
     }
 
     /// Inserts a new active or view snapshot. `publish` runs inside the
@@ -95,7 +114,7 @@ impl MetaStore {
         key: &str,
         parent: &str,
         labels: BTreeMap<String, String>,
-        publish: impl FnOnce(&Record, &[u64]) -> Result<T>,
+        publish: impl FnOnce(&Record, &[Ancestor]) -> Result<T>,
     ) -> Result<T> {
         let txn = self.db.begin_write()?;
         let out = {
@@ -116,9 +135,9 @@ impl MetaStore {
                         "parent {parent:?} of snapshot {key:?} is not a committed snapshot"
                     )));
                 }
-                let mut ids = vec![p.id];
-                ids.extend(parent_ids(&snaps, &p.parent)?);
-                ids
+                let mut chain = vec![Ancestor { id: p.id, nix: p.nix }];
+                chain.extend(ancestors(&snaps, &p.parent)?);
+                chain
             };
             let id = next_id(&txn)?;
             let now = SystemTime::now();
@@ -130,6 +149,7 @@ impl MetaStore {
                 updated: now,
                 labels,
                 usage: Usage::default(),
+                nix: None,
             };
             snaps.insert(key, encode(&rec)?.as_slice())?;
             if !parent.is_empty() {
@@ -150,6 +170,7 @@ impl MetaStore {
         id: u64,
         labels: BTreeMap<String, String>,
         usage: Usage,
+        nix: Option<Vec<NixPath>>,
     ) -> Result<()> {
         let txn = self.db.begin_write()?;
         {
@@ -181,6 +202,7 @@ impl MetaStore {
             rec.updated = now;
             rec.labels = labels; // replaced, not inherited, as containerd does
             rec.usage = usage;
+            rec.nix = nix;
             snaps.insert(name, encode(&rec)?.as_slice())?;
             if !rec.parent.is_empty() {
                 let mut children = txn.open_table(CHILDREN)?;
@@ -289,8 +311,8 @@ fn next_id(txn: &WriteTransaction) -> Result<u64> {
     Ok(id)
 }
 
-fn parent_ids(table: &impl ReadableTable<&'static str, &'static [u8]>, first: &str) -> Result<Vec<u64>> {
-    let mut ids = Vec::new();
+fn ancestors(table: &impl ReadableTable<&'static str, &'static [u8]>, first: &str) -> Result<Vec<Ancestor>> {
+    let mut out = Vec::new();
     let mut name = first.to_string();
     while !name.is_empty() {
         let rec = table
@@ -298,10 +320,13 @@ fn parent_ids(table: &impl ReadableTable<&'static str, &'static [u8]>, first: &s
             .map(|v| decode(v.value()))
             .transpose()?
             .ok_or_else(|| Error::Database(format!("ancestor {name:?} is missing")))?;
-        ids.push(rec.id);
+        out.push(Ancestor {
+            id: rec.id,
+            nix: rec.nix,
+        });
         name = rec.parent;
     }
-    Ok(ids)
+    Ok(out)
 }
 
 fn encode(rec: &Record) -> Result<Vec<u8>> {

@@ -6,6 +6,7 @@
 
 mod db;
 pub mod filter;
+pub mod nix;
 mod usage;
 
 use std::collections::{BTreeMap, HashMap};
@@ -21,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::Mount;
 use crate::error::{Error, Result};
-use db::MetaStore;
+use db::{Ancestor, MetaStore};
 pub use usage::disk_usage;
 
 /// Maximum size of one label's key plus value, as containerd enforces.
@@ -144,6 +145,8 @@ pub struct Snapshotter {
     dirs: RwLock<()>,
     /// Read once: mkdir only needs a chmod when the umask narrows its mode.
     umask: u32,
+    /// Nix layer support; without it Nix layers are ordinary layers.
+    nix: Option<nix::NixSupport>,
 }
 
 impl Snapshotter {
@@ -164,12 +167,19 @@ impl Snapshotter {
             opts,
             dirs: RwLock::new(()),
             umask: current_umask(),
+            nix: None,
         };
         let removed = sn.cleanup()?;
         if removed > 0 {
             tracing::info!(removed, "removed directories left behind by an interrupted run");
         }
         Ok(sn)
+    }
+
+    /// Turns on Nix layers, served through `support`'s FUSE views.
+    pub fn with_nix(mut self, support: nix::NixSupport) -> Self {
+        self.nix = Some(support);
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -214,7 +224,7 @@ impl Snapshotter {
             if kind == Kind::Active {
                 mkdir(&tmp.join("work"), 0o711, self.umask)?;
             }
-            if let Some(&pid) = parents.first() {
+            if let Some(pid) = parents.first().map(|a| a.id) {
                 // The new upper starts owned like the parent's root, so a
                 // layer's root ownership survives into its children.
                 let meta = fs::metadata(self.upper(pid)).map_err(Error::io("cannot stat parent", self.upper(pid)))?;
@@ -232,7 +242,7 @@ impl Snapshotter {
                 fs::rename(&tmp, &dest).map_err(Error::io("cannot publish", &dest))?;
             }
             published = Some(dest);
-            Ok(self.mounts_for(kind, rec.id, parents))
+            self.mounts_for(kind, rec.id, parents)
         });
         if result.is_err() {
             // Nothing was recorded: remove what we built, wherever it is now.
@@ -253,12 +263,14 @@ impl Snapshotter {
                 "snapshot {key:?} is committed: only active snapshots and views have mounts"
             )));
         }
-        Ok(self.mounts_for(rec.kind, rec.id, &parents))
+        self.mounts_for(rec.kind, rec.id, &parents)
     }
 
     /// containerd's overlayfs rules: a bind mount when there is no parent
-    /// (or a view of exactly one), otherwise an overlay.
-    fn mounts_for(&self, kind: Kind, id: u64, parents: &[u64]) -> Vec<Mount> {
+    /// (or a view of exactly one), otherwise an overlay. Above a Nix layer,
+    /// the closure's FUSE view becomes the top-most lower directory, so real
+    /// store paths win over the layer's empty mountpoints.
+    fn mounts_for(&self, kind: Kind, id: u64, parents: &[Ancestor]) -> Result<Vec<Mount>> {
         let bind = |path: PathBuf, ro: bool| Mount {
             r#type: "bind".into(),
             source: path.display().to_string(),
@@ -266,8 +278,12 @@ impl Snapshotter {
             options: vec![if ro { "ro" } else { "rw" }.into(), "rbind".into()],
         };
         if parents.is_empty() {
-            return vec![bind(self.upper(id), kind == Kind::View)];
+            return Ok(vec![bind(self.upper(id), kind == Kind::View)]);
         }
+        let view = match &self.nix {
+            Some(n) => n.view_for(parents)?,
+            None => None,
+        };
         let mut options = Vec::new();
         if self.opts.index_off {
             options.push("index=off".to_string());
@@ -278,17 +294,21 @@ impl Snapshotter {
         if kind == Kind::Active {
             options.push(format!("workdir={}", self.work(id).display()));
             options.push(format!("upperdir={}", self.upper(id).display()));
-        } else if parents.len() == 1 {
-            return vec![bind(self.upper(parents[0]), true)];
+        } else if parents.len() == 1 && view.is_none() {
+            return Ok(vec![bind(self.upper(parents[0].id), true)]);
         }
-        let lowers: Vec<String> = parents.iter().map(|p| self.upper(*p).display().to_string()).collect();
+        let lowers: Vec<String> = view
+            .into_iter()
+            .chain(parents.iter().map(|p| self.upper(p.id)))
+            .map(|p| p.display().to_string())
+            .collect();
         options.push(format!("lowerdir={}", lowers.join(":")));
-        vec![Mount {
+        Ok(vec![Mount {
             r#type: "overlay".into(),
             source: "overlay".into(),
             target: String::new(),
             options,
-        }]
+        }])
     }
 
     pub fn commit(&self, name: &str, key: &str, labels: HashMap<String, String>) -> Result<()> {
@@ -308,7 +328,20 @@ impl Snapshotter {
         // Measured outside the write transaction so a large layer does not
         // stall every other call; commit_active re-checks the id.
         let usage = disk_usage(&self.upper(rec.id))?;
-        self.db.commit_active(key, name, rec.id, labels, usage)
+        let nix = match &self.nix {
+            Some(n) => {
+                // Labels may come with Prepare (CRI) or with Commit.
+                let mut all = rec.labels.clone();
+                all.extend(labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+                let closure = n.detect(&self.upper(rec.id), &all)?;
+                if let Some(c) = &closure {
+                    tracing::info!(name, paths = c.len(), "committed a Nix layer");
+                }
+                closure
+            }
+            None => None,
+        };
+        self.db.commit_active(key, name, rec.id, labels, usage, nix)
     }
 
     pub fn remove(&self, key: &str) -> Result<()> {

@@ -1,0 +1,210 @@
+//! Nix layers: recognising them, and giving the snapshots above them a FUSE
+//! view of their closure as the top-most lower directory of their overlay.
+//!
+//! A committed layer is a Nix layer when its labels say so
+//! (`containerd.io/snapshot/nix-closure` naming a closure-info store path, or
+//! the legacy `nix-layer` + `nix-store-path.<i>`), or, when containerd passed
+//! no labels (`ctr images import`), when its only content under `nix/store/`
+//! is empty mountpoints named like store paths: the image format's Nix layer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use super::db::{Ancestor, NixPath};
+use crate::error::{Error, Result};
+use crate::nixfmt::StorePath;
+use crate::store::Store;
+use nix_snapshotter_fuse::{ClosureEntry, Resolver, StoreFs};
+
+pub const LABEL_CLOSURE: &str = "containerd.io/snapshot/nix-closure";
+pub const LABEL_LAYER: &str = "containerd.io/snapshot/nix-layer";
+pub const LABEL_PATH_PREFIX: &str = "containerd.io/snapshot/nix-store-path.";
+
+/// The store, once the daemon has opened it (it opens in the background so
+/// an unreachable cache never delays serving).
+pub type StoreSlot = Arc<OnceLock<Arc<Store>>>;
+
+/// Fetches through the store for the FUSE filesystem, within a time bound.
+pub struct StoreResolver {
+    pub store: StoreSlot,
+    pub rt: tokio::runtime::Handle,
+    pub timeout: Duration,
+}
+
+impl Resolver for StoreResolver {
+    fn resolve(&self, base_name: &str) -> std::result::Result<PathBuf, String> {
+        let path = StorePath::from_base_name(base_name).map_err(|e| e.to_string())?;
+        let store = self.store.get().ok_or("the local store is not open (yet)")?;
+        if let Some(loc) = store.local(&path) {
+            return Ok(loc.path().to_path_buf());
+        }
+        let store = store.clone();
+        let fetch = async move { store.ensure(&path).await.map(|l| l.path().to_path_buf()) };
+        match self
+            .rt
+            .block_on(async { tokio::time::timeout(self.timeout, fetch).await })
+        {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("fetching {base_name} took longer than {:?}", self.timeout)),
+        }
+    }
+}
+
+/// Everything the snapshotter needs for Nix layers.
+pub struct NixSupport {
+    pub fs: StoreFs,
+    pub store: StoreSlot,
+    pub rt: tokio::runtime::Handle,
+    pub timeout: Duration,
+}
+
+impl NixSupport {
+    /// Decides whether the layer being committed (its upper directory and
+    /// labels) is a Nix layer, and if so returns its closure.
+    pub fn detect(&self, upper: &Path, labels: &BTreeMap<String, String>) -> Result<Option<Vec<NixPath>>> {
+        if let Some(info) = labels.get(LABEL_CLOSURE) {
+            return self.closure_info(info).map(Some);
+        }
+        if labels.get(LABEL_LAYER).is_some_and(|v| v == "true") {
+            let paths: Result<Vec<NixPath>> = labels
+                .iter()
+                .filter(|(k, _)| k.starts_with(LABEL_PATH_PREFIX))
+                .map(|(_, v)| {
+                    let p = StorePath::parse(v)
+                        .map_err(|e| Error::InvalidArgument(format!("label {LABEL_PATH_PREFIX}*: {e}")))?;
+                    Ok(NixPath {
+                        name: p.base_name().to_string(),
+                        dir: true,
+                    })
+                })
+                .collect();
+            return paths.map(Some);
+        }
+        Ok(mountpoints(upper))
+    }
+
+    /// Reads `store-paths` of a closure-info store path, fetched through the store.
+    fn closure_info(&self, path: &str) -> Result<Vec<NixPath>> {
+        let bad = |m: String| Error::InvalidArgument(format!("label {LABEL_CLOSURE}={path:?}: {m}"));
+        let sp = StorePath::parse(path).map_err(|e| bad(e.to_string()))?;
+        let resolver = StoreResolver {
+            store: self.store.clone(),
+            rt: self.rt.clone(),
+            timeout: self.timeout,
+        };
+        let dir = resolver.resolve(sp.base_name()).map_err(bad)?;
+        let text = std::fs::read_to_string(dir.join("store-paths")).map_err(|e| bad(format!("store-paths: {e}")))?;
+        text.lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let p = StorePath::parse(l.trim()).map_err(|e| bad(e.to_string()))?;
+                Ok(NixPath {
+                    name: p.base_name().to_string(),
+                    dir: true,
+                })
+            })
+            .collect()
+    }
+
+    /// The FUSE view for the union of the Nix closures among `ancestors`,
+    /// or None when there is no Nix layer below.
+    pub fn view_for(&self, ancestors: &[Ancestor]) -> Result<Option<PathBuf>> {
+        let mut closure: BTreeMap<&str, bool> = BTreeMap::new();
+        for a in ancestors {
+            for p in a.nix.iter().flatten() {
+                closure.insert(&p.name, p.dir);
+            }
+        }
+        if closure.is_empty() {
+            return Ok(None);
+        }
+        let mut h = Sha256::new();
+        for name in closure.keys() {
+            h.update(name.as_bytes());
+            h.update(b"\n");
+        }
+        let digest = h.finalize();
+        let name: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+        let entries: Vec<ClosureEntry> = closure
+            .into_iter()
+            .map(|(n, dir)| ClosureEntry {
+                base_name: n.to_string(),
+                is_dir: dir,
+            })
+            .collect();
+        self.fs
+            .add_view(&name, &entries)
+            .map(Some)
+            .map_err(|e| Error::Database(e.to_string()))
+    }
+}
+
+/// The closure of an image-format Nix layer: `nix/store/` holds only empty
+/// directories and empty files named like store paths (anything else may sit
+/// beside `nix/`, such as copyToRoot symlinks). None if it is not one.
+pub fn mountpoints(upper: &Path) -> Option<Vec<NixPath>> {
+    let store = upper.join("nix/store");
+    let entries = std::fs::read_dir(&store).ok()?;
+    // `nix/` must hold nothing but `store/`.
+    if std::fs::read_dir(upper.join("nix")).ok()?.count() != 1 {
+        return None;
+    }
+    let mut out = BTreeSet::new();
+    for e in entries {
+        let e = e.ok()?;
+        let name = e.file_name().into_string().ok()?;
+        StorePath::from_base_name(&name).ok()?;
+        let meta = std::fs::symlink_metadata(e.path()).ok()?;
+        let dir = if meta.is_dir() {
+            if std::fs::read_dir(e.path()).ok()?.next().is_some() {
+                return None; // real content: an ordinary layer that happens to have /nix/store
+            }
+            true
+        } else if meta.is_file() && meta.len() == 0 {
+            false
+        } else {
+            return None;
+        };
+        out.insert((name, dir));
+    }
+    if out.is_empty() {
+        return None;
+    }
+    Some(out.into_iter().map(|(name, dir)| NixPath { name, dir }).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_mountpoint_layers_only() {
+        let t = tempfile::tempdir().unwrap();
+        let up = t.path();
+        assert!(mountpoints(up).is_none());
+        std::fs::create_dir_all(up.join("nix/store/7h7qgvs4kgzsn8a6rb274saxyqh4jxlz-hello")).unwrap();
+        std::fs::write(up.join("nix/store/syd87l2rxw8cbsxmxl853h0r6pdwhw1a-config.json"), b"").unwrap();
+        std::fs::create_dir_all(up.join("bin")).unwrap();
+        std::os::unix::fs::symlink(
+            "/nix/store/7h7qgvs4kgzsn8a6rb274saxyqh4jxlz-hello/bin/hello",
+            up.join("bin/hello"),
+        )
+        .unwrap();
+        let c = mountpoints(up).unwrap();
+        assert_eq!(c.len(), 2);
+        assert!(c.iter().any(|p| p.name.ends_with("-hello") && p.dir));
+        assert!(c.iter().any(|p| p.name.ends_with("-config.json") && !p.dir));
+        // Real content under a store path: not a Nix layer.
+        std::fs::write(up.join("nix/store/7h7qgvs4kgzsn8a6rb274saxyqh4jxlz-hello/x"), b"x").unwrap();
+        assert!(mountpoints(up).is_none());
+        std::fs::remove_file(up.join("nix/store/7h7qgvs4kgzsn8a6rb274saxyqh4jxlz-hello/x")).unwrap();
+        // A name that is not a store path: not a Nix layer.
+        std::fs::create_dir_all(up.join("nix/store/not-a-store-path")).unwrap();
+        assert!(mountpoints(up).is_none());
+    }
+}
