@@ -2,6 +2,7 @@
 //!
 //!     busybox_image OUT.tar IMAGE-NAME
 
+#[allow(dead_code)]
 #[path = "../tests/common/image.rs"]
 mod image;
 

@@ -49,9 +49,10 @@ pub trait Resolver: Send + Sync + 'static {
 pub struct ClosureEntry {
     /// `<hash>-<name>`
     pub base_name: String,
-    /// Whether the store path is a directory (most are); shown in listings
-    /// before the path is fetched.
-    pub is_dir: bool,
+    /// Whether the store path is a directory, if known (an image's Nix
+    /// layer says so). A known directory is listed and stat'ed without
+    /// fetching it; an unknown type is fetched on first lookup.
+    pub is_dir: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +127,8 @@ struct State {
     backing: Mutex<HashMap<u64, Weak<BackingId>>>,
     passthrough: AtomicBool,
     mountpoint: PathBuf,
+    /// Store paths some view knows to be directories.
+    known_dirs: RwLock<std::collections::HashSet<Arc<str>>>,
 }
 
 /// A mounted store filesystem. Unmounts when dropped.
@@ -168,6 +171,7 @@ impl StoreFs {
             backing: Mutex::new(HashMap::new()),
             passthrough: AtomicBool::new(cfg.passthrough),
             mountpoint: mountpoint.to_path_buf(),
+            known_dirs: RwLock::new(Default::default()),
         });
         let mut config = Config::default();
         config.mount_options = vec![
@@ -222,7 +226,15 @@ impl StoreFs {
                     },
                 );
             }
-            inodes.views.insert(name.to_string(), view);
+            inodes.views.insert(name.to_string(), view.clone());
+            if let Ok(mut d) = self.state.known_dirs.write() {
+                d.extend(
+                    view.closure
+                        .iter()
+                        .filter(|e| e.is_dir == Some(true))
+                        .map(|e| Arc::from(e.base_name.as_str())),
+                );
+            }
         }
         Ok(self.state.mountpoint.join(name))
     }
@@ -383,9 +395,24 @@ impl State {
         Ok(attr_from(self.store_ino(base, rel), &meta))
     }
 
+    /// Attributes of a store path itself: a known directory is answered
+    /// without fetching it (mode 0555, mtime 1: what its NAR unpacks to), so
+    /// `ls -l /nix/store` stays lazy.
+    fn root_attr(&self, base: &Arc<str>, is_dir: Option<bool>) -> Result<FileAttr, Errno> {
+        let resolved = self.resolved.read().map(|r| r.contains_key(base)).unwrap_or(false);
+        if is_dir == Some(true) && !resolved {
+            return Ok(dir_attr(self.store_ino(base, Path::new(""))));
+        }
+        self.store_attr(base, Path::new(""))
+    }
+
     fn attr(&self, ino: INodeNo) -> Result<FileAttr, Errno> {
         match self.node(ino).ok_or(Errno::ENOENT)? {
             Node::Root | Node::ViewDir { .. } => Ok(dir_attr(ino.0)),
+            Node::Store { base, rel } if rel.as_os_str().is_empty() => {
+                let known_dir = self.known_dirs.read().map(|d| d.contains(&base)).unwrap_or(false);
+                self.root_attr(&base, known_dir.then_some(true))
+            }
             Node::Store { base, rel } => self.store_attr(&base, &rel),
         }
     }
@@ -403,7 +430,7 @@ impl State {
                 (2, _) => {
                     let entry = view.entry(name).ok_or(Errno::ENOENT)?;
                     let base: Arc<str> = Arc::from(entry.base_name.as_str());
-                    self.store_attr(&base, Path::new(""))
+                    self.root_attr(&base, entry.is_dir)
                 }
                 _ => Err(Errno::ENOENT),
             },
@@ -431,10 +458,10 @@ impl State {
                 .iter()
                 .map(|e| {
                     let base: Arc<str> = Arc::from(e.base_name.as_str());
-                    let kind = if e.is_dir {
-                        FileType::Directory
-                    } else {
+                    let kind = if e.is_dir == Some(false) {
                         FileType::RegularFile
+                    } else {
+                        FileType::Directory
                     };
                     (OsString::from(&e.base_name), self.store_ino(&base, Path::new("")), kind)
                 })
@@ -552,7 +579,7 @@ impl Filesystem for FsImpl {
             );
         }
         match id {
-            Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE, &id),
+            Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
             None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
         }
     }
@@ -668,16 +695,16 @@ mod tests {
             closure: vec![
                 ClosureEntry {
                     base_name: "a".into(),
-                    is_dir: true,
+                    is_dir: Some(true),
                 },
                 ClosureEntry {
                     base_name: "b".into(),
-                    is_dir: false,
+                    is_dir: Some(false),
                 },
             ],
             inos: [2, 3, 4],
         };
-        assert!(v.entry(OsStr::new("b")).is_some_and(|e| !e.is_dir));
+        assert!(v.entry(OsStr::new("b")).is_some_and(|e| e.is_dir == Some(false)));
         assert!(v.entry(OsStr::new("c")).is_none());
     }
 }

@@ -95,6 +95,8 @@ pub struct Cache {
     pub inner: Arc<dyn BinaryCache>,
     /// Lower is tried first (nix-cache-info's Priority, or `?priority=` in the URL).
     pub priority: u32,
+    /// Set by `?priority=`: nix-cache-info does not override it.
+    pub priority_fixed: bool,
     /// When false, this cache's narinfos need no trusted signature (`?trusted=1`).
     pub require_sigs: bool,
     pub retry: RetryPolicy,
@@ -251,11 +253,10 @@ pub struct CacheOptions {
     pub max_connections: usize,
 }
 
-/// Opens each substituter and reads its `nix-cache-info`. Caches that cannot
-/// be reached are logged and kept (they may come back); a URL we cannot use
-/// at all is an error. The result is sorted by priority, config order
-/// breaking ties.
-pub async fn open_all(urls: &[String], opts: &CacheOptions) -> Result<Vec<Cache>, CacheError> {
+/// Builds a [`Cache`] per substituter URL, without touching the network
+/// (the daemon must start even when every cache is unreachable; see
+/// [`Cache::read_info`] for the `nix-cache-info` check done on first use).
+pub fn open_all(urls: &[String], opts: &CacheOptions) -> Result<Vec<Cache>, CacheError> {
     let http = http::client(opts)?;
     let mut caches = Vec::new();
     for url in urls {
@@ -267,42 +268,46 @@ pub async fn open_all(urls: &[String], opts: &CacheOptions) -> Result<Vec<Cache>
         } else {
             return Err(CacheError::UnsupportedUrl(url.clone()));
         };
-        let mut cache = Cache {
+        caches.push(Cache {
             inner,
             priority: p.priority.unwrap_or(50),
+            priority_fixed: p.priority.is_some(),
             require_sigs: opts.require_sigs && !p.trusted,
             retry: opts.retry,
-        };
-        // One quick try: an unreachable cache must not hold up start-up.
-        let info = tokio::time::timeout(opts.connect_timeout * 2, cache.inner.get("nix-cache-info"))
+        });
+    }
+    Ok(caches)
+}
+
+impl Cache {
+    /// Reads `nix-cache-info` (one quick try): adopts its Priority unless the
+    /// URL fixed one, and refuses a cache for another store directory. A
+    /// cache without the file, or unreachable now, keeps the defaults.
+    pub async fn read_info(&mut self) -> Result<(), CacheError> {
+        let limit = self.retry.stall_timeout;
+        let info = tokio::time::timeout(limit, self.inner.get("nix-cache-info"))
             .await
             .unwrap_or_else(|_| {
                 Err(CacheError::Stalled {
-                    url: cache.url().to_string(),
-                    secs: (opts.connect_timeout * 2).as_secs(),
+                    url: self.url().to_string(),
+                    secs: limit.as_secs(),
                 })
             });
         match info {
-            Ok(Some(text)) => match CacheInfo::parse(&String::from_utf8_lossy(&text)) {
-                Ok(info) => {
-                    if p.priority.is_none() {
-                        cache.priority = info.priority;
-                    }
+            Ok(Some(text)) => {
+                let info = CacheInfo::parse(&String::from_utf8_lossy(&text)).map_err(|e| CacheError::Invalid {
+                    url: self.url().to_string(),
+                    msg: e.to_string(),
+                })?;
+                if !self.priority_fixed {
+                    self.priority = info.priority;
                 }
-                Err(e) => {
-                    return Err(CacheError::Invalid {
-                        url: cache.url().to_string(),
-                        msg: e.to_string(),
-                    })
-                }
-            },
-            Ok(None) => tracing::warn!(cache = cache.url(), "no nix-cache-info; assuming defaults"),
-            Err(e) => tracing::warn!(cache = cache.url(), error = %e, "cache unreachable for now"),
+            }
+            Ok(None) => tracing::warn!(cache = self.url(), "no nix-cache-info; assuming defaults"),
+            Err(e) => tracing::warn!(cache = self.url(), error = %e, "cache unreachable for now"),
         }
-        caches.push(cache);
+        Ok(())
     }
-    caches.sort_by_key(|c| c.priority); // stable: config order breaks ties
-    Ok(caches)
 }
 
 #[cfg(test)]

@@ -44,7 +44,8 @@ pub struct Record {
 pub struct NixPath {
     /// `<hash>-<name>`
     pub name: String,
-    pub dir: bool,
+    /// Known from the layer's mountpoints; unknown when only labels named it.
+    pub dir: Option<bool>,
 }
 
 /// An ancestor of a snapshot, nearest first: its directory id and, for a

@@ -79,7 +79,7 @@ impl NixSupport {
                         .map_err(|e| Error::InvalidArgument(format!("label {LABEL_PATH_PREFIX}*: {e}")))?;
                     Ok(NixPath {
                         name: p.base_name().to_string(),
-                        dir: true,
+                        dir: None,
                     })
                 })
                 .collect();
@@ -105,7 +105,7 @@ impl NixSupport {
                 let p = StorePath::parse(l.trim()).map_err(|e| bad(e.to_string()))?;
                 Ok(NixPath {
                     name: p.base_name().to_string(),
-                    dir: true,
+                    dir: None,
                 })
             })
             .collect()
@@ -114,7 +114,7 @@ impl NixSupport {
     /// The FUSE view for the union of the Nix closures among `ancestors`,
     /// or None when there is no Nix layer below.
     pub fn view_for(&self, ancestors: &[Ancestor]) -> Result<Option<PathBuf>> {
-        let mut closure: BTreeMap<&str, bool> = BTreeMap::new();
+        let mut closure: BTreeMap<&str, Option<bool>> = BTreeMap::new();
         for a in ancestors {
             for p in a.nix.iter().flatten() {
                 closure.insert(&p.name, p.dir);
@@ -175,7 +175,11 @@ pub fn mountpoints(upper: &Path) -> Option<Vec<NixPath>> {
     if out.is_empty() {
         return None;
     }
-    Some(out.into_iter().map(|(name, dir)| NixPath { name, dir }).collect())
+    Some(
+        out.into_iter()
+            .map(|(name, dir)| NixPath { name, dir: Some(dir) })
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -197,8 +201,10 @@ mod tests {
         .unwrap();
         let c = mountpoints(up).unwrap();
         assert_eq!(c.len(), 2);
-        assert!(c.iter().any(|p| p.name.ends_with("-hello") && p.dir));
-        assert!(c.iter().any(|p| p.name.ends_with("-config.json") && !p.dir));
+        assert!(c.iter().any(|p| p.name.ends_with("-hello") && p.dir == Some(true)));
+        assert!(c
+            .iter()
+            .any(|p| p.name.ends_with("-config.json") && p.dir == Some(false)));
         // Real content under a store path: not a Nix layer.
         std::fs::write(up.join("nix/store/7h7qgvs4kgzsn8a6rb274saxyqh4jxlz-hello/x"), b"x").unwrap();
         assert!(mountpoints(up).is_none());

@@ -61,6 +61,8 @@ pub enum StoreError {
     },
     #[error("{path}: {msg}")]
     Local { path: String, msg: String },
+    #[error("{0}")]
+    Substituter(String),
     #[error(transparent)]
     Db(#[from] crate::error::Error),
 }
@@ -114,7 +116,9 @@ type Flight = Arc<OnceCell<Result<Location, Arc<StoreError>>>>;
 
 pub struct Store {
     opts: StoreOptions,
-    caches: Vec<Cache>,
+    /// Configured caches, as given; `ordered` holds them checked and sorted.
+    configured: Mutex<Option<Vec<Cache>>>,
+    ordered: OnceCell<Result<Vec<Cache>, String>>,
     db: PathDb,
     /// narinfos verified this run (also the closure walk's memo).
     narinfos: Mutex<HashMap<StorePath, Arc<Found>>>,
@@ -178,7 +182,8 @@ impl Store {
         }
         Ok(Store {
             opts,
-            caches,
+            configured: Mutex::new(Some(caches)),
+            ordered: OnceCell::new(),
             db,
             narinfos: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
@@ -193,8 +198,29 @@ impl Store {
         &self.opts.dir
     }
 
-    pub fn caches(&self) -> &[Cache] {
-        &self.caches
+    /// The caches, each checked once (its nix-cache-info) and sorted by
+    /// priority, config order breaking ties. Done on first use, not at start.
+    pub async fn caches(&self) -> Result<&[Cache]> {
+        let ordered = self
+            .ordered
+            .get_or_init(|| async {
+                let mut caches = self
+                    .configured
+                    .lock()
+                    .ok()
+                    .and_then(|mut c| c.take())
+                    .unwrap_or_default();
+                for c in caches.iter_mut() {
+                    c.read_info().await.map_err(|e| format!("substituter {e}"))?;
+                }
+                caches.sort_by_key(|c| c.priority);
+                Ok(caches)
+            })
+            .await;
+        match ordered {
+            Ok(c) => Ok(c),
+            Err(msg) => Err(StoreError::Substituter(msg.clone())),
+        }
     }
 
     fn host_path(&self, path: &StorePath) -> Option<PathBuf> {
@@ -292,9 +318,10 @@ impl Store {
         if let Some(f) = self.narinfos.lock().map_err(|_| poisoned())?.get(path) {
             return Ok(f.clone());
         }
+        let caches = self.caches().await?;
         if let Some(rec) = self.db.get(path.base_name())? {
             if let Ok(info) = NarInfo::parse(&rec.narinfo) {
-                let cache = self.caches.iter().position(|c| c.url() == rec.cache).unwrap_or(0);
+                let cache = caches.iter().position(|c| c.url() == rec.cache).unwrap_or(0);
                 let found = Arc::new(Found {
                     info,
                     text: rec.narinfo,
@@ -306,7 +333,7 @@ impl Store {
         }
         let rel = format!("{}.narinfo", path.hash_part());
         let mut first_error = None;
-        for (i, cache) in self.caches.iter().enumerate() {
+        for (i, cache) in caches.iter().enumerate() {
             let err = match cache.get(&rel).await {
                 Ok(None) => continue,
                 Err(e) => StoreError::Cache {
@@ -332,7 +359,7 @@ impl Store {
         }
         Err(first_error.unwrap_or_else(|| StoreError::NotFound {
             path: path.clone(),
-            caches: self.caches.iter().map(|c| c.url().to_string()).collect(),
+            caches: caches.iter().map(|c| c.url().to_string()).collect(),
         }))
     }
 
@@ -402,7 +429,11 @@ impl Store {
 
     async fn fetch_now(self: &Arc<Self>, path: &StorePath) -> Result<Location> {
         let found = self.narinfo(path).await?;
-        let cache = &self.caches[found.cache];
+        let caches = self.caches().await?;
+        let cache = caches.get(found.cache).ok_or_else(|| StoreError::NotFound {
+            path: path.clone(),
+            caches: Vec::new(),
+        })?;
         let info = &found.info;
         let dest = self.opts.dir.join(path.base_name());
         let tmp = self
@@ -574,7 +605,7 @@ pub async fn open_from_config(
         require_sigs: cfg.require_sigs,
         max_connections: cfg.fetch.max_parallel.max(1),
     };
-    let caches = crate::cache::open_all(&cfg.substituters, &cache_opts).await?;
+    let caches = crate::cache::open_all(&cfg.substituters, &cache_opts)?;
     let opts = StoreOptions {
         dir: cfg.root.join("store"),
         host_store: (!cfg.host_store.as_os_str().is_empty()).then(|| cfg.host_store.clone()),

@@ -6,11 +6,47 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 pub enum Entry {
-    Dir(&'static str),
-    File(&'static str, u32, Vec<u8>),
-    Symlink(&'static str, &'static str),
+    Dir(String),
+    File(String, u32, Vec<u8>),
+    Symlink(String, String),
     /// Deletes a path of a lower layer (an overlay whiteout, `.wh.<name>`).
-    Whiteout(&'static str),
+    Whiteout(String),
+}
+
+pub fn dir(p: &str) -> Entry {
+    Entry::Dir(p.into())
+}
+
+pub fn file(p: &str, mode: u32, data: &[u8]) -> Entry {
+    Entry::File(p.into(), mode, data.to_vec())
+}
+
+pub fn symlink(p: &str, target: &str) -> Entry {
+    Entry::Symlink(p.into(), target.into())
+}
+
+/// The image format's Nix layer: an empty directory (0755) per directory
+/// store path, an empty file (0555) per file store path, and symlinks
+/// (copyToRoot) pointing into the store; `(base name, is_dir)` pairs.
+pub fn nix_layer(closure: &[(String, bool)], symlinks: &[(&str, String)]) -> Vec<Entry> {
+    let mut v = vec![dir("nix"), dir("nix/store")];
+    for (base, is_dir) in closure {
+        let p = format!("nix/store/{base}");
+        v.push(if *is_dir {
+            Entry::Dir(p)
+        } else {
+            Entry::File(p, 0o555, Vec::new())
+        });
+    }
+    let mut dirs = std::collections::BTreeSet::new();
+    for (link, _) in symlinks {
+        if let Some(parent) = Path::new(link).parent().filter(|p| !p.as_os_str().is_empty()) {
+            dirs.insert(parent.to_string_lossy().into_owned());
+        }
+    }
+    v.extend(dirs.into_iter().map(Entry::Dir));
+    v.extend(symlinks.iter().map(|(l, t)| symlink(l, t)));
+    v
 }
 
 fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
@@ -138,24 +174,31 @@ pub fn write_oci_archive(out: &Path, name: &str, layers: &[Vec<Entry>], cmd: &[&
 /// A two-layer busybox image: the lower layer has `/etc/doomed` and
 /// `/etc/kept`, the upper one deletes `/etc/doomed` and adds `/hello.txt`.
 pub fn busybox_two_layers(out: &Path, name: &str) {
+    write_oci_archive(
+        out,
+        name,
+        &busybox_layers(),
+        &["/bin/sh", "-c", "cat /hello.txt; ls /etc"],
+    );
+}
+
+/// The layers of [`busybox_two_layers`], to build other images on.
+pub fn busybox_layers() -> Vec<Vec<Entry>> {
     let busybox = std::fs::read("/bin/busybox").expect("busybox-static must be installed (see .ci/run)");
     let mut base = vec![
-        Entry::Dir("bin"),
-        Entry::Dir("etc"),
-        Entry::Dir("tmp"),
-        Entry::File("bin/busybox", 0o755, busybox),
-        Entry::File("etc/doomed", 0o644, b"delete me\n".to_vec()),
-        Entry::File("etc/kept", 0o644, b"keep me\n".to_vec()),
+        dir("bin"),
+        dir("etc"),
+        dir("tmp"),
+        Entry::File("bin/busybox".into(), 0o755, busybox),
+        file("etc/doomed", 0o644, b"delete me\n"),
+        file("etc/kept", 0o644, b"keep me\n"),
     ];
-    for tool in ["sh", "cat", "ls", "echo", "sleep", "test"] {
-        base.push(Entry::Symlink(
-            Box::leak(format!("bin/{tool}").into_boxed_str()),
-            "busybox",
-        ));
+    for tool in ["sh", "cat", "ls", "echo", "sleep", "test", "wc"] {
+        base.push(symlink(&format!("bin/{tool}"), "busybox"));
     }
     let top = vec![
-        Entry::Whiteout("etc/doomed"),
-        Entry::File("hello.txt", 0o644, b"hello from the top layer\n".to_vec()),
+        Entry::Whiteout("etc/doomed".into()),
+        file("hello.txt", 0o644, b"hello from the top layer\n"),
     ];
-    write_oci_archive(out, name, &[base, top], &["/bin/sh", "-c", "cat /hello.txt; ls /etc"]);
+    vec![base, top]
 }

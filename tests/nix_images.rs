@@ -1,0 +1,290 @@
+//! Nix images end to end: real Nix builds a closure and publishes it as a
+//! signed cache on 127.0.0.1; a private containerd imports an image whose
+//! Nix layer holds only mountpoints; containers run with an empty local
+//! store and no host store, fetching only the store paths they touch.
+
+mod common;
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use common::http::{Fault, Server};
+use common::image::{self, nix_layer, write_oci_archive};
+use common::nix::{derivation, dump_sha256, NixStore};
+use common::{unique, Containerd, Daemon, TempRoot};
+use nix_snapshotter::nixfmt::{NarInfo, StorePath};
+
+/// A closure of 25 store paths built once per test binary.
+struct Fixture {
+    _dir: TempRoot,
+    nix: NixStore,
+    cache: std::path::PathBuf,
+    /// busybox at bin/busybox
+    tool: String,
+    /// a directory of data, with a greeting
+    data: String,
+    /// one filler whose file the container reads
+    extra: String,
+    /// a file store path: a script run by `tool`'s busybox
+    exe: String,
+    closure: Vec<(String, bool)>,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = TempRoot::leaked("nixfix");
+        let nix = NixStore::new(&dir.join("nix"), "images-1");
+        let mut attrs = vec![
+            format!("tool = {};", derivation("tool", "b mkdir -p $out/bin; b cp /bin/busybox $out/bin/busybox", &[])),
+            format!(
+                "data = {};",
+                derivation(
+                    "data",
+                    r#"b mkdir -p $out/deep/er $out/empty; b printf 'hello from the nix store\n' > $out/greeting; b touch $out/empty-file; b ln -s greeting $out/link; b printf 'x\n' > "$out/deep/er/odd name ✓""#,
+                    &[]
+                )
+            ),
+            format!(
+                "exe = {};",
+                derivation(
+                    "exe",
+                    "b printf '#!${tool}/bin/busybox sh\\ncat /hello.txt; ls /etc; cat /nix/store/*-data/link\\n' > $out; b chmod 555 $out",
+                    &["tool"]
+                )
+            ),
+        ];
+        let mut refs = vec!["tool".to_string(), "data".to_string(), "exe".to_string()];
+        for i in 0..21 {
+            attrs.push(format!(
+                "filler{i} = {};",
+                derivation(&format!("filler{i}"), &format!("b mkdir $out; b printf 'filler {i}\\n' > $out/x"), &[])
+            ));
+            refs.push(format!("filler{i}"));
+        }
+        let expr = format!(
+            "rec {{ {} top = {}; }}",
+            attrs.join("\n"),
+            derivation("top", "b mkdir $out; for r in $deps; do b echo $r >> $out/refs; done", &refs.iter().map(String::as_str).collect::<Vec<_>>()),
+        );
+        let outs = nix.build(&expr);
+        let top = outs.iter().find(|o| o.ends_with("-top")).unwrap().clone();
+        let find = |s: &str| outs.iter().find(|o| o.ends_with(s)).unwrap().clone();
+        let cache = dir.join("cache");
+        nix.publish(&cache, "zstd", std::slice::from_ref(&top));
+        let closure = nix
+            .closure(&top)
+            .into_iter()
+            .map(|p| {
+                let base = StorePath::parse(&p).unwrap().base_name().to_string();
+                let is_dir = nix.real(&p).is_dir();
+                (base, is_dir)
+            })
+            .collect();
+        Fixture {
+            _dir: dir,
+            cache,
+            tool: find("-tool"),
+            data: find("-data"),
+            extra: find("-filler7"),
+            exe: find("-exe"),
+            closure,
+            nix,
+        }
+    })
+}
+
+fn config(dir: &Path, server: &Server, key: &str, extra: &str) -> std::path::PathBuf {
+    let cfg = dir.join("nix-snapshotter.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "substituters = [\"{}\"]\ntrusted_public_keys = [\"{key}\"]\nhost_store = \"\"\n{extra}",
+            server.url()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// `ctr run`, failing with both containerd's and our daemon's logs.
+fn run(ctrd: &Containerd, daemon: &Daemon, args: &[&str]) -> String {
+    let out = ctrd.ctr(args);
+    assert!(
+        out.status.success(),
+        "ctr {args:?} failed: {}\n--- nix-snapshotter log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        common::tail(
+            &daemon
+                .log_text()
+                .lines()
+                .filter(|l| !l.contains("capability"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            40
+        )
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn nar_downloads(server: &Server) -> Vec<String> {
+    let mut v: Vec<String> = server
+        .log()
+        .into_iter()
+        .filter(|l| l.contains("/nar/") && !l.contains("bytes="))
+        .collect();
+    v.sort();
+    v
+}
+
+fn nar_url(store_path: &str) -> String {
+    let f = fixture();
+    let p = StorePath::parse(store_path).unwrap();
+    let info =
+        NarInfo::parse(&std::fs::read_to_string(f.cache.join(format!("{}.narinfo", p.hash_part()))).unwrap()).unwrap();
+    format!("GET /{}", info.url)
+}
+
+#[test]
+fn nix_image_runs_lazily_and_sees_exact_store_paths() {
+    let f = fixture();
+    assert!(f.closure.len() >= 20, "closure has only {} paths", f.closure.len());
+    let tmp = TempRoot::new("nixe2e");
+    let server = Server::start(f.cache.clone());
+    let cfg = config(&tmp.path, &server, &f.nix.public_key, "[fuse]\nfetch_timeout = 20.0\n");
+    let sock = tmp.join("nix.sock");
+    let root = tmp.join("root");
+    let daemon = Daemon::start_with(&root, &sock, &["--config", cfg.to_str().unwrap()], &[]);
+    let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
+
+    // A pure Nix image: its only layer is the Nix layer.
+    let bb = format!("{}/bin/busybox", f.tool);
+    let image_name = "docker.io/library/nix-hello:latest";
+    let archive = tmp.join("nix-hello.tar");
+    let script = format!(
+        "cat {data}/greeting; cat {extra}/x; n=0; for p in /nix/store/*; do n=$((n+1)); done; echo $n; echo changed > {data}/greeting; cat {data}/greeting",
+        data = f.data,
+        extra = f.extra
+    );
+    write_oci_archive(
+        &archive,
+        image_name,
+        &[nix_layer(&f.closure, &[("bin/sh", bb.clone())])],
+        &[&bb, "sh", "-c", &script],
+    );
+    ctrd.ctr_ok(&["images", "import", "--snapshotter", "nix", archive.to_str().unwrap()]);
+    let out = run(
+        &ctrd,
+        &daemon,
+        &["run", "--rm", "--snapshotter", "nix", image_name, &unique("c")],
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines.first(),
+        Some(&"hello from the nix store"),
+        "{out}\n{}",
+        daemon.log_text()
+    );
+    assert_eq!(lines.get(1), Some(&"filler 7"), "{out}");
+    assert_eq!(
+        lines.get(2).map(|l| l.trim()),
+        Some(f.closure.len().to_string().as_str()),
+        "{out}"
+    );
+    assert_eq!(lines.get(3), Some(&"changed"), "write in the container failed: {out}");
+
+    // Laziness: exactly the three store paths the container touched were downloaded.
+    let mut expected: Vec<String> = [&f.tool, &f.data, &f.extra].iter().map(|p| nar_url(p)).collect();
+    expected.sort();
+    assert_eq!(
+        nar_downloads(&server),
+        expected,
+        "fetched more (or less) than what was touched"
+    );
+    assert_eq!(server.count(".narinfo"), 3, "{:?}", server.log());
+
+    // The write went to the container's upper layer, never into the store.
+    let data_base = StorePath::parse(&f.data).unwrap().base_name().to_string();
+    let ours = root.join("store").join(&data_base);
+    assert_eq!(
+        std::fs::read(ours.join("greeting")).unwrap(),
+        b"hello from the nix store\n"
+    );
+
+    // What the view shows is byte-identical to the original, for every path
+    // of the closure (this fetches the rest).
+    let view = std::fs::read_dir(root.join("fuse"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    for (base, _) in &f.closure {
+        let seen = view.join("nix/store").join(base);
+        let orig = f.nix.real(&format!("/nix/store/{base}"));
+        assert_eq!(
+            dump_sha256(&seen),
+            dump_sha256(&orig),
+            "{base} differs through the view"
+        );
+    }
+
+    // An image built on an ordinary image: the Nix layer on top of normal layers,
+    // and an entrypoint that is a file store path.
+    let mut layers = image::busybox_layers();
+    layers.push(nix_layer(&f.closure, &[]));
+    let mixed = "docker.io/library/nix-mixed:latest";
+    let archive = tmp.join("mixed.tar");
+    write_oci_archive(&archive, mixed, &layers, &[&f.exe]);
+    ctrd.ctr_ok(&["images", "import", "--snapshotter", "nix", archive.to_str().unwrap()]);
+    let out = run(
+        &ctrd,
+        &daemon,
+        &["run", "--rm", "--snapshotter", "nix", mixed, &unique("c")],
+    );
+    assert!(out.contains("hello from the top layer"), "{out}");
+    assert!(out.contains("kept") && !out.contains("doomed"), "{out}");
+    assert!(out.contains("hello from the nix store"), "{out}");
+    drop(ctrd);
+    drop(daemon);
+}
+
+#[test]
+fn unreachable_cache_gives_eio_then_recovers() {
+    let f = fixture();
+    let tmp = TempRoot::new("nixfault");
+    let server = Server::start(f.cache.clone());
+    server.fault("", Fault::Status(503), None);
+    let cfg = config(
+        &tmp.path,
+        &server,
+        &f.nix.public_key,
+        "[fetch]\nattempts = 2\n[fuse]\nfetch_timeout = 5.0\n",
+    );
+    let sock = tmp.join("nix.sock");
+    let daemon = Daemon::start_with(&tmp.join("root"), &sock, &["--config", cfg.to_str().unwrap()], &[]);
+    let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
+    let mut layers = image::busybox_layers();
+    layers.push(nix_layer(&f.closure, &[]));
+    let name = "docker.io/library/nix-fault:latest";
+    let archive = tmp.join("fault.tar");
+    let cmd = format!("cat {}/greeting || echo READ-FAILED", f.data);
+    write_oci_archive(&archive, name, &layers, &["/bin/sh", "-c", &cmd]);
+    ctrd.ctr_ok(&["images", "import", "--snapshotter", "nix", archive.to_str().unwrap()]);
+    let out = run(
+        &ctrd,
+        &daemon,
+        &["run", "--rm", "--snapshotter", "nix", name, &unique("c")],
+    );
+    assert!(out.contains("READ-FAILED") && !out.contains("hello from"), "{out}");
+    // The daemon is still healthy, and once the cache is back the same image works.
+    server.clear_faults();
+    let out = run(
+        &ctrd,
+        &daemon,
+        &["run", "--rm", "--snapshotter", "nix", name, &unique("c")],
+    );
+    assert!(out.contains("hello from the nix store"), "{out}\n{}", daemon.log_text());
+    drop(ctrd);
+    drop(daemon);
+}
