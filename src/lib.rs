@@ -14,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod db;
 pub mod error;
+pub mod image;
 pub mod nixfmt;
 pub mod service;
 pub mod snapshots;

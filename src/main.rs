@@ -14,7 +14,7 @@ use nix_snapshotter::config::Config;
 )]
 struct Cli {
     /// Configuration file (TOML). A missing default file is fine.
-    #[arg(short, long, global = true, value_name = "FILE")]
+    #[arg(short, long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Unix socket to serve on (overrides `address`).
     #[arg(short, long, global = true, value_name = "SOCK")]
@@ -35,6 +35,9 @@ enum Command {
     Config,
     /// Fetch store paths from the substituters into the local store.
     Fetch {
+        /// Configuration file (TOML), as for the daemon.
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Also fetch everything the paths reference, transitively.
         #[arg(long)]
         closure: bool,
@@ -42,11 +45,44 @@ enum Command {
         #[arg(required = true, value_name = "STORE_PATH")]
         paths: Vec<String>,
     },
+    /// Build or load Nix images.
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Evict least recently used store paths until the store fits its size bound.
     Gc {
+        /// Configuration file (TOML), as for the daemon.
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Bound to collect down to (default: store.max_size), e.g. 10GiB or 0.
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         max_size: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Write a Nix image (OCI image-layout tar) in the nix-snapshotter format.
+    Build {
+        /// JSON object: the image config's `config` (Cmd, Entrypoint, Env, ...).
+        #[arg(long = "config", value_name = "CONFIG.json")]
+        image_config: PathBuf,
+        /// File listing the closure's store paths (closure-info's `store-paths`).
+        #[arg(long, value_name = "STORE_PATHS_FILE")]
+        closure: PathBuf,
+        /// JSON list of store paths whose contents are linked into `/`.
+        #[arg(long, value_name = "PATHS.json")]
+        copy_to_root: Option<PathBuf>,
+        /// An OCI image-layout tar to build on (the Nix layer goes on top).
+        #[arg(long, value_name = "ARCHIVE")]
+        from_image: Option<PathBuf>,
+        /// Image name recorded in the archive (default: nix:0<OUT>, as the Go project).
+        #[arg(long, value_name = "REF")]
+        r#ref: Option<String>,
+        /// Where store paths physically are, for a chroot store (default /).
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        store_root: PathBuf,
+        /// Output archive.
+        out: PathBuf,
     },
 }
 
@@ -85,7 +121,12 @@ fn init_logging(level: LogLevel) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_level);
-    let mut cfg = match Config::load(cli.config.as_deref()) {
+    // `fetch` and `gc` also take --config after the subcommand.
+    let config_file = match &cli.command {
+        Some(Command::Fetch { config: Some(c), .. }) | Some(Command::Gc { config: Some(c), .. }) => Some(c.clone()),
+        _ => cli.config.clone(),
+    };
+    let mut cfg = match Config::load(config_file.as_deref()) {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
@@ -103,10 +144,33 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e),
         },
-        Some(Command::Fetch { closure, paths }) => {
+        Some(Command::Fetch { closure, paths, .. }) => {
             run(async { nix_snapshotter::commands::fetch(&cfg, &paths, closure).await })
         }
-        Some(Command::Gc { max_size }) => run(async { nix_snapshotter::commands::gc(&cfg, max_size).await }),
+        Some(Command::Image(ImageCommand::Build {
+            image_config,
+            closure,
+            copy_to_root,
+            from_image,
+            r#ref,
+            store_root,
+            out,
+        })) => {
+            let abs = std::path::absolute(&out).unwrap_or(out.clone());
+            let opts = nix_snapshotter::image::BuildOptions {
+                config: image_config,
+                closure,
+                copy_to_root,
+                from_image,
+                name: Some(r#ref.unwrap_or_else(|| format!("nix:0{}", abs.display()))),
+                store_root,
+            };
+            match nix_snapshotter::image::build(&opts, &out) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
+        Some(Command::Gc { max_size, .. }) => run(async { nix_snapshotter::commands::gc(&cfg, max_size).await }),
         None => run(nix_snapshotter::daemon::run(cfg)),
     }
 }

@@ -288,3 +288,102 @@ fn unreachable_cache_gives_eio_then_recovers() {
     drop(ctrd);
     drop(daemon);
 }
+
+#[test]
+fn image_build_cli_is_reproducible_and_its_images_run() {
+    let f = fixture();
+    let tmp = TempRoot::new("imgbuild");
+    let closure_file = tmp.join("store-paths");
+    let paths: Vec<String> = f.closure.iter().map(|(b, _)| format!("/nix/store/{b}")).collect();
+    std::fs::write(&closure_file, paths.join("\n") + "\n").unwrap();
+    std::fs::write(tmp.join("copy.json"), serde_json::to_vec(&[&f.tool]).unwrap()).unwrap();
+    std::fs::write(
+        tmp.join("config.json"),
+        serde_json::to_vec(&serde_json::json!({
+            "Cmd": ["/bin/busybox", "sh", "-c", format!("cat {}/greeting", f.data)],
+            "Env": ["PATH=/bin"],
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let build = |out: &Path, extra: &[&str]| {
+        let st = std::process::Command::new(common::DAEMON)
+            .args(["image", "build", "--config"])
+            .arg(tmp.join("config.json"))
+            .arg("--closure")
+            .arg(&closure_file)
+            .arg("--copy-to-root")
+            .arg(tmp.join("copy.json"))
+            .arg("--store-root")
+            .arg(&f.nix.root)
+            .args(extra)
+            .arg(out)
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    };
+    let (a, b) = (tmp.join("a.tar"), tmp.join("b.tar"));
+    build(&a, &["--ref", "docker.io/library/built:latest"]);
+    build(&b, &["--ref", "docker.io/library/built:latest"]);
+    assert_eq!(
+        std::fs::read(&a).unwrap(),
+        std::fs::read(&b).unwrap(),
+        "image build is not reproducible"
+    );
+
+    // On top of an ordinary image.
+    let base = tmp.join("base.tar");
+    image::busybox_two_layers(&base, "docker.io/library/base:latest");
+    let on_base = tmp.join("on-base.tar");
+    build(
+        &on_base,
+        &[
+            "--ref",
+            "docker.io/library/built-on-base:latest",
+            "--from-image",
+            base.to_str().unwrap(),
+        ],
+    );
+
+    let server = Server::start(f.cache.clone());
+    let cfg = config(&tmp.path, &server, &f.nix.public_key, "");
+    let sock = tmp.join("nix.sock");
+    let daemon = Daemon::start_with(&tmp.join("root"), &sock, &["--config", cfg.to_str().unwrap()], &[]);
+    let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
+    ctrd.ctr_ok(&["images", "import", "--snapshotter", "nix", a.to_str().unwrap()]);
+    let out = run(
+        &ctrd,
+        &daemon,
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "nix",
+            "docker.io/library/built:latest",
+            &unique("c"),
+        ],
+    );
+    assert_eq!(out.trim(), "hello from the nix store");
+    ctrd.ctr_ok(&["images", "import", "--snapshotter", "nix", on_base.to_str().unwrap()]);
+    let out = run(
+        &ctrd,
+        &daemon,
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "nix",
+            "docker.io/library/built-on-base:latest",
+            &unique("c"),
+            "sh",
+            "-c",
+            "cat /hello.txt; /bin/busybox ls /etc",
+        ],
+    );
+    assert!(
+        out.contains("hello from the top layer") && out.contains("kept") && !out.contains("doomed"),
+        "{out}"
+    );
+    drop(ctrd);
+    drop(daemon);
+}

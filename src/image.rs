@@ -1,0 +1,401 @@
+//! Nix images in the Go nix-snapshotter's format, as OCI image-layout tars.
+//!
+//! The Nix layer is an ordinary gzip tar holding only *mountpoints*: an empty
+//! directory (0755) per directory store path and an empty file (0555) per
+//! file store path, plus the copyToRoot symlinks (`/bin/x ->
+//! /nix/store/…/bin/x`); owner 0, mtime 0. Its descriptor carries
+//! `containerd.io/snapshot/nix-closure` (the closure-info store path) when
+//! the closure came from one, else the legacy `nix-layer` +
+//! `nix-store-path.<i>` annotations. It is the last layer. Output is
+//! reproducible: the same inputs give the same bytes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::nixfmt::StorePath;
+
+pub const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}: {msg}", path.display())]
+    Invalid { path: PathBuf, msg: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn invalid(path: &Path, msg: impl Into<String>) -> ImageError {
+    ImageError::Invalid {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+pub fn sha256_digest(data: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(data))
+}
+
+/// A layer ready to be written: its compressed blob and what describes it.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub gz: Vec<u8>,
+    /// Digest of the uncompressed tar.
+    pub diff_id: String,
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Layer {
+    pub fn from_tar(tar: &[u8], annotations: BTreeMap<String, String>) -> Layer {
+        // Level 6 and no header timestamp: deterministic output.
+        let mut enc = flate2::GzBuilder::new()
+            .mtime(0)
+            .write(Vec::new(), flate2::Compression::default());
+        // Writing to a Vec cannot fail.
+        let _ = enc.write_all(tar);
+        let gz = enc.finish().unwrap_or_default();
+        Layer {
+            gz,
+            diff_id: sha256_digest(tar),
+            annotations,
+        }
+    }
+}
+
+/// Entries of an image layer, for building tars.
+pub enum Entry {
+    Dir(String, u32),
+    File(String, u32, Vec<u8>),
+    Symlink(String, String),
+}
+
+/// An uncompressed tar of `entries`, owner 0, mtime 0, in the given order.
+pub fn layer_tar(entries: &[Entry]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let header = |kind: tar::EntryType, mode: u32, size: u64| {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h
+    };
+    for e in entries {
+        // Appending to a Vec cannot fail for valid (relative, short) names.
+        let _ = match e {
+            Entry::Dir(p, mode) => b.append_data(&mut header(tar::EntryType::Directory, *mode, 0), p, &[][..]),
+            Entry::File(p, mode, data) => b.append_data(
+                &mut header(tar::EntryType::Regular, *mode, data.len() as u64),
+                p,
+                &data[..],
+            ),
+            Entry::Symlink(p, target) => b.append_link(&mut header(tar::EntryType::Symlink, 0o777, 0), p, target),
+        };
+    }
+    b.into_inner().unwrap_or_default()
+}
+
+/// The Nix layer's entries: `nix/store/<path>` mountpoints (sorted), then
+/// the copyToRoot directories and symlinks.
+pub fn nix_layer_entries(closure: &[(String, bool)], symlinks: &BTreeMap<String, String>) -> Vec<Entry> {
+    let mut v = vec![Entry::Dir("nix".into(), 0o755), Entry::Dir("nix/store".into(), 0o755)];
+    let sorted: BTreeMap<&String, bool> = closure.iter().map(|(n, d)| (n, *d)).collect();
+    for (base, is_dir) in sorted {
+        let p = format!("nix/store/{base}");
+        v.push(if is_dir {
+            Entry::Dir(p, 0o755)
+        } else {
+            Entry::File(p, 0o555, Vec::new())
+        });
+    }
+    let mut dirs = BTreeSet::new();
+    for link in symlinks.keys() {
+        let mut p = Path::new(link).parent();
+        while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
+            dirs.insert(d.to_string_lossy().into_owned());
+            p = d.parent();
+        }
+    }
+    v.extend(dirs.into_iter().map(|d| Entry::Dir(d, 0o755)));
+    v.extend(symlinks.iter().map(|(l, t)| Entry::Symlink(l.clone(), t.clone())));
+    v
+}
+
+/// Writes an OCI image-layout tar: `config` is the image config without
+/// `rootfs` (filled in here), layers bottom first, `name` (if any) as
+/// `io.containerd.image.name`.
+pub fn write_archive(out: &Path, name: Option<&str>, mut config: Value, layers: &[Layer]) -> Result<(), ImageError> {
+    config["rootfs"] = json!({
+        "type": "layers",
+        "diff_ids": layers.iter().map(|l| l.diff_id.clone()).collect::<Vec<_>>(),
+    });
+    let config = serde_json::to_vec(&config).map_err(|e| invalid(out, e.to_string()))?;
+    let config_digest = sha256_digest(&config);
+    let layer_descs: Vec<Value> = layers
+        .iter()
+        .map(|l| {
+            let mut d = json!({ "mediaType": LAYER_MEDIA_TYPE, "digest": sha256_digest(&l.gz), "size": l.gz.len() });
+            if !l.annotations.is_empty() {
+                d["annotations"] = json!(l.annotations);
+            }
+            d
+        })
+        .collect();
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_MEDIA_TYPE,
+        "config": { "mediaType": CONFIG_MEDIA_TYPE, "digest": config_digest, "size": config.len() },
+        "layers": layer_descs,
+    }))
+    .map_err(|e| invalid(out, e.to_string()))?;
+    let manifest_digest = sha256_digest(&manifest);
+    let mut desc = json!({ "mediaType": MANIFEST_MEDIA_TYPE, "digest": manifest_digest, "size": manifest.len() });
+    if let Some(name) = name {
+        let tag = name
+            .rsplit_once(':')
+            .map(|(_, t)| t)
+            .filter(|t| !t.contains('/'))
+            .unwrap_or("latest");
+        desc["annotations"] = json!({ "io.containerd.image.name": name, "org.opencontainers.image.ref.name": tag });
+    }
+    let index = serde_json::to_vec(&json!({ "schemaVersion": 2, "manifests": [desc] }))
+        .map_err(|e| invalid(out, e.to_string()))?;
+
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for l in layers {
+        files.insert(blob_path(&sha256_digest(&l.gz)), l.gz.clone());
+    }
+    files.insert(blob_path(&config_digest), config);
+    files.insert(blob_path(&manifest_digest), manifest);
+    let tmp = out.with_extension("tmp");
+    let f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+    let mut b = tar::Builder::new(io::BufWriter::new(f));
+    let mut add = |path: &str, data: &[u8]| -> io::Result<()> {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o444);
+        h.set_size(data.len() as u64);
+        h.set_mtime(0);
+        b.append_data(&mut h, path, data)
+    };
+    add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io_err(&tmp))?;
+    add("index.json", &index).map_err(io_err(&tmp))?;
+    for (path, data) in &files {
+        add(path, data).map_err(io_err(&tmp))?;
+    }
+    let mut w = b.into_inner().map_err(io_err(&tmp))?;
+    w.flush().map_err(io_err(&tmp))?;
+    drop(w);
+    std::fs::rename(&tmp, out).map_err(io_err(out))
+}
+
+fn blob_path(digest: &str) -> String {
+    format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"))
+}
+
+/// An image read from an OCI image-layout tar (for `--from-image`).
+pub struct Archive {
+    pub config: Value,
+    pub layers: Vec<Layer>,
+}
+
+pub fn read_archive(path: &Path) -> Result<Archive, ImageError> {
+    let f = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for entry in tar::Archive::new(f).entries().map_err(io_err(path))? {
+        let mut e = entry.map_err(io_err(path))?;
+        let name = e
+            .path()
+            .map_err(io_err(path))?
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .to_string();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).map_err(io_err(path))?;
+        files.insert(name, data);
+    }
+    let json = |name: &str| -> Result<Value, ImageError> {
+        let bytes = files
+            .get(name)
+            .ok_or_else(|| invalid(path, format!("no {name} (not an OCI image layout)")))?;
+        serde_json::from_slice(bytes).map_err(|e| invalid(path, format!("{name}: {e}")))
+    };
+    let index = json("index.json")?;
+    let digest_of = |v: &Value, what: &str| -> Result<String, ImageError> {
+        v["digest"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| invalid(path, format!("{what} has no digest")))
+    };
+    let manifest_digest = digest_of(&index["manifests"][0], "index.json manifest")?;
+    let manifest = json(&blob_path(&manifest_digest))?;
+    let config = json(&blob_path(&digest_of(&manifest["config"], "manifest config")?))?;
+    let diff_ids = config["rootfs"]["diff_ids"].as_array().cloned().unwrap_or_default();
+    let descs = manifest["layers"].as_array().cloned().unwrap_or_default();
+    if diff_ids.len() != descs.len() {
+        return Err(invalid(path, "layer count and diff_ids disagree"));
+    }
+    let mut layers = Vec::new();
+    for (d, diff) in descs.iter().zip(diff_ids) {
+        if d["mediaType"].as_str().is_some_and(|m| {
+            !m.ends_with("tar+gzip") && !m.ends_with("tar.gzip") && !m.contains("rootfs.diff.tar.gzip")
+        }) {
+            return Err(invalid(
+                path,
+                format!("layer media type {} is not gzip tar", d["mediaType"]),
+            ));
+        }
+        let digest = digest_of(d, "layer")?;
+        let gz = files
+            .get(&blob_path(&digest))
+            .cloned()
+            .ok_or_else(|| invalid(path, format!("missing blob {digest}")))?;
+        let annotations = d["annotations"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        layers.push(Layer {
+            gz,
+            diff_id: diff.as_str().unwrap_or_default().to_string(),
+            annotations,
+        });
+    }
+    Ok(Archive { config, layers })
+}
+
+/// Inputs of `image build`.
+pub struct BuildOptions {
+    /// The image config's `config` object (Cmd, Entrypoint, Env, …).
+    pub config: PathBuf,
+    /// A file listing the closure's store paths, one per line
+    /// (closure-info's `store-paths`).
+    pub closure: PathBuf,
+    /// JSON list of store paths whose contents are linked into `/`.
+    pub copy_to_root: Option<PathBuf>,
+    pub from_image: Option<PathBuf>,
+    pub name: Option<String>,
+    /// Where store paths physically are (`/` normally; a chroot store's root otherwise).
+    pub store_root: PathBuf,
+}
+
+pub fn build(opts: &BuildOptions, out: &Path) -> Result<(), ImageError> {
+    let text = std::fs::read_to_string(&opts.closure).map_err(io_err(&opts.closure))?;
+    let mut paths = BTreeSet::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        paths.insert(StorePath::parse(line).map_err(|e| invalid(&opts.closure, e.to_string()))?);
+    }
+    let physical = |p: &StorePath| opts.store_root.join(p.absolute().trim_start_matches('/'));
+    let closure: Vec<(String, bool)> = paths
+        .iter()
+        .map(|p| {
+            // A path not present here is assumed to be a directory, as most are.
+            let is_dir = std::fs::symlink_metadata(physical(p))
+                .map(|m| m.is_dir())
+                .unwrap_or(true);
+            (p.base_name().to_string(), is_dir)
+        })
+        .collect();
+
+    let mut symlinks = BTreeMap::new();
+    if let Some(file) = &opts.copy_to_root {
+        let list: Vec<String> = serde_json::from_slice(&std::fs::read(file).map_err(io_err(file))?)
+            .map_err(|e| invalid(file, format!("expected a JSON list of store paths: {e}")))?;
+        for s in list {
+            let p = StorePath::parse(&s).map_err(|e| invalid(file, e.to_string()))?;
+            link_tree(&physical(&p), &p.absolute(), Path::new(""), &mut symlinks).map_err(io_err(&physical(&p)))?;
+        }
+    }
+
+    let mut annotations = BTreeMap::new();
+    let info = opts
+        .closure
+        .parent()
+        .and_then(|d| StorePath::parse(&d.to_string_lossy()).ok());
+    match info.filter(|_| opts.closure.file_name().is_some_and(|n| n == "store-paths")) {
+        Some(info) => {
+            annotations.insert(crate::snapshots::nix::LABEL_CLOSURE.to_string(), info.absolute());
+        }
+        None => {
+            annotations.insert(crate::snapshots::nix::LABEL_LAYER.to_string(), "true".into());
+            for (i, p) in paths.iter().enumerate() {
+                annotations.insert(format!("{}{i}", crate::snapshots::nix::LABEL_PATH_PREFIX), p.absolute());
+            }
+        }
+    }
+    let nix = Layer::from_tar(&layer_tar(&nix_layer_entries(&closure, &symlinks)), annotations);
+
+    let user: Value = serde_json::from_slice(&std::fs::read(&opts.config).map_err(io_err(&opts.config))?)
+        .map_err(|e| invalid(&opts.config, e.to_string()))?;
+    if !user.is_object() {
+        return Err(invalid(
+            &opts.config,
+            "expected a JSON object (the image config's `config`)",
+        ));
+    }
+    let (mut config, mut layers) = match &opts.from_image {
+        Some(base) => {
+            let a = read_archive(base)?;
+            (a.config, a.layers)
+        }
+        None => (
+            json!({ "architecture": "amd64", "os": "linux", "config": {} }),
+            Vec::new(),
+        ),
+    };
+    // The base image's settings, overridden key by key by ours.
+    if let (Some(base), Some(ours)) = (config["config"].as_object_mut(), user.as_object()) {
+        for (k, v) in ours {
+            base.insert(k.clone(), v.clone());
+        }
+    } else {
+        config["config"] = user;
+    }
+    if let Some(obj) = config.as_object_mut() {
+        obj.remove("history");
+        obj.remove("created");
+    }
+    layers.push(nix);
+    write_archive(out, opts.name.as_deref(), config, &layers)
+}
+
+/// Records `/<rel>` -> `<store>/<rel>` for every non-directory under `dir`.
+fn link_tree(dir: &Path, store: &str, rel: &Path, out: &mut BTreeMap<String, String>) -> io::Result<()> {
+    let here = dir.join(rel);
+    let meta = std::fs::symlink_metadata(&here)?;
+    if !meta.is_dir() {
+        if !rel.as_os_str().is_empty() {
+            out.insert(rel.to_string_lossy().into_owned(), format!("{store}/{}", rel.display()));
+        }
+        return Ok(());
+    }
+    let mut names: Vec<_> = std::fs::read_dir(&here)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()?;
+    names.sort();
+    for n in names {
+        link_tree(dir, store, &rel.join(n), out)?;
+    }
+    Ok(())
+}
