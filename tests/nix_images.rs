@@ -402,22 +402,42 @@ fn concurrent_cold_containers_share_downloads_and_restart_keeps_working() {
     let archive = tmp.join("conc.tar");
     let bb = format!("{}/bin/busybox", f.tool);
     let script = format!("cat {}/greeting {}/x", f.data, f.extra);
-    write_oci_archive(&archive, name, &[nix_layer(&f.closure, &[])], &[&bb, "sh", "-c", &script]);
+    write_oci_archive(
+        &archive,
+        name,
+        &[nix_layer(&f.closure, &[])],
+        &[&bb, "sh", "-c", &script],
+    );
     ctrd.ctr_ok(&["images", "import", "--snapshotter", "nix", archive.to_str().unwrap()]);
 
     // Eight containers at once on an empty store.
     let outs: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..8)
-            .map(|_| s.spawn(|| run(&ctrd, &daemon, &["run", "--rm", "--snapshotter", "nix", name, &unique("c")])))
+            .map(|_| {
+                s.spawn(|| {
+                    run(
+                        &ctrd,
+                        &daemon,
+                        &["run", "--rm", "--snapshotter", "nix", name, &unique("c")],
+                    )
+                })
+            })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for out in &outs {
-        assert!(out.contains("hello from the nix store") && out.contains("filler 7"), "{out}");
+        assert!(
+            out.contains("hello from the nix store") && out.contains("filler 7"),
+            "{out}"
+        );
     }
     let mut expected: Vec<String> = [&f.tool, &f.data, &f.extra].iter().map(|p| nar_url(p)).collect();
     expected.sort();
-    assert_eq!(nar_downloads(&server), expected, "a store path was downloaded more than once");
+    assert_eq!(
+        nar_downloads(&server),
+        expected,
+        "a store path was downloaded more than once"
+    );
 
     // Restart the daemon while idle: snapshots and views come back from disk.
     daemon.stop();
@@ -428,10 +448,17 @@ fn concurrent_cold_containers_share_downloads_and_restart_keeps_working() {
         if o.status.success() {
             break;
         }
-        assert!(start.elapsed() < std::time::Duration::from_secs(30), "containerd did not reconnect");
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "containerd did not reconnect"
+        );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    let out = run(&ctrd, &daemon, &["run", "--rm", "--snapshotter", "nix", name, &unique("c")]);
+    let out = run(
+        &ctrd,
+        &daemon,
+        &["run", "--rm", "--snapshotter", "nix", name, &unique("c")],
+    );
     assert!(out.contains("hello from the nix store"), "{out}");
     // Already local: nothing downloaded again.
     assert_eq!(nar_downloads(&server), expected);

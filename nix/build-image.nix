@@ -1,0 +1,44 @@
+# buildImage: Nix images in the nix-snapshotter format, with the arguments of
+# the Go project (name, tag, config, copyToRoot, fromImage, resolvedByNix).
+# Everything here is also doable with the CLI alone:
+#   nix-snapshotter image build --config CONFIG.json --closure STORE_PATHS \
+#     [--copy-to-root PATHS.json] [--from-image ARCHIVE] [--ref REF] OUT.tar
+{ pkgs, nix-snapshotter ? pkgs.nix-snapshotter }:
+
+let
+  inherit (pkgs) lib;
+in
+{
+  buildImage =
+    { name
+    , tag ? "latest"
+      # Name the image "nix:0<out path>" so that Kubernetes can resolve it
+      # through nix-snapshotter's image service (only the tag "latest").
+    , resolvedByNix ? false
+      # An OCI image-layout tar to build on; the Nix layer goes on top.
+    , fromImage ? null
+      # Store paths (a list, or one path such as a buildEnv) whose contents
+      # are linked into the image's root: /bin/x -> /nix/store/.../bin/x.
+    , copyToRoot ? null
+      # The image config's `config`: Cmd, Entrypoint, Env, WorkingDir, ...
+    , config ? { }
+    }:
+    let
+      roots = if copyToRoot == null then [ ] else lib.toList copyToRoot;
+      # Every store path the config mentions is in its string context, so the
+      # closure of this file covers them.
+      configFile = pkgs.writeText "nix-image-config-${name}.json" (builtins.toJSON config);
+      closure = pkgs.closureInfo { rootPaths = [ configFile ] ++ roots; };
+      copyToRootFile = pkgs.writeText "nix-image-copy-to-root-${name}.json" (builtins.toJSON (map toString roots));
+    in
+    assert resolvedByNix -> tag == "latest";
+    pkgs.runCommand "nix-image-${name}.tar" { nativeBuildInputs = [ nix-snapshotter ]; } ''
+      nix-snapshotter image build \
+        --config ${configFile} \
+        --closure ${closure}/store-paths \
+        ${lib.optionalString (roots != [ ]) "--copy-to-root ${copyToRootFile}"} \
+        ${lib.optionalString (fromImage != null) "--from-image ${fromImage}"} \
+        --ref ${if resolvedByNix then "nix:0$out" else lib.escapeShellArg "${name}:${tag}"} \
+        $out
+    '';
+}

@@ -1,0 +1,8 @@
+# overlays.default: pkgs.nix-snapshotter, with pkgs.nix-snapshotter.buildImage.
+final: prev: {
+  nix-snapshotter = (final.callPackage ./package.nix { }).overrideAttrs (old: {
+    passthru = (old.passthru or { }) // {
+      inherit (import ./build-image.nix { pkgs = final; }) buildImage;
+    };
+  });
+}

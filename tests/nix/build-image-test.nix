@@ -1,0 +1,15 @@
+# Builds an image with nix/build-image.nix against the mock pkgs.
+{ cli, resolvedByNix ? false }:
+let
+  pkgs = import ./mock-pkgs.nix { inherit cli; };
+  inherit (import ../../nix/build-image.nix { inherit pkgs; }) buildImage;
+in
+buildImage {
+  name = "hello";
+  inherit resolvedByNix;
+  copyToRoot = [ pkgs.hello ];
+  config = {
+    Cmd = [ "${pkgs.hello}/bin/hello" ];
+    Env = [ "PATH=/bin" ];
+  };
+}
