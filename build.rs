@@ -2,7 +2,12 @@
 //! protox, a pure-Rust protobuf compiler, so building needs no `protoc` binary.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/containerd/services/snapshots/v1/snapshots.proto"];
+    let files = [
+        "proto/containerd/services/snapshots/v1/snapshots.proto",
+        "proto/containerd/services/content/v1/content.proto",
+        "proto/containerd/services/images/v1/images.proto",
+        "proto/containerd/services/leases/v1/leases.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

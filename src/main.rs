@@ -17,7 +17,7 @@ struct Cli {
     #[arg(short, long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Unix socket to serve on (overrides `address`).
-    #[arg(short, long, global = true, value_name = "SOCK")]
+    #[arg(short, long, value_name = "SOCK")]
     address: Option<PathBuf>,
     /// State directory (overrides `root`).
     #[arg(long, global = true, value_name = "DIR")]
@@ -83,6 +83,29 @@ enum ImageCommand {
         store_root: PathBuf,
         /// Output archive.
         out: PathBuf,
+    },
+    /// Import an image archive into containerd and unpack it for a snapshotter,
+    /// passing the Nix layer's labels (no ctr or Transfer service needed).
+    Load {
+        /// containerd's socket.
+        #[arg(
+            short,
+            long,
+            value_name = "CONTAINERD_SOCK",
+            default_value = "/run/containerd/containerd.sock"
+        )]
+        address: PathBuf,
+        /// containerd namespace (Kubernetes uses k8s.io).
+        #[arg(short, long, value_name = "NS", default_value = "default")]
+        namespace: String,
+        /// Snapshotter to unpack for.
+        #[arg(long, default_value = "nix")]
+        snapshotter: String,
+        /// Image name, if the archive does not name one (or to rename it).
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+        /// OCI image-layout tar (as `image build` or buildImage writes).
+        archive: PathBuf,
     },
 }
 
@@ -170,6 +193,19 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
+        Some(Command::Image(ImageCommand::Load {
+            address,
+            namespace,
+            snapshotter,
+            name,
+            archive,
+        })) => run(async {
+            let name =
+                nix_snapshotter::image::load::load(&address, &namespace, &archive, &snapshotter, name.as_deref())
+                    .await?;
+            println!("{name}");
+            Ok::<(), nix_snapshotter::image::load::LoadError>(())
+        }),
         Some(Command::Gc { max_size, .. }) => run(async { nix_snapshotter::commands::gc(&cfg, max_size).await }),
         None => run(nix_snapshotter::daemon::run(cfg)),
     }

@@ -83,8 +83,10 @@ fn build_image_nix_builds_a_runnable_image() {
     let image = nix_snapshotter::image::read_archive(&archive).unwrap();
     let info = image.layers.last().unwrap().annotations["containerd.io/snapshot/nix-closure"].clone();
     let paths = std::fs::read_to_string(nix.real(&info).join("store-paths")).unwrap();
-    let paths: Vec<String> = paths.lines().map(str::to_string).collect();
+    let mut paths: Vec<String> = paths.lines().map(str::to_string).collect();
     assert!(paths.iter().any(|p| p.ends_with("-hello")), "{paths:?}");
+    // The closure-info path itself too: labels name it.
+    paths.push(info.clone());
     let cache = tmp.join("cache");
     nix.publish(&cache, "zstd", &paths);
 
@@ -109,6 +111,26 @@ fn build_image_nix_builds_a_runnable_image() {
     assert!(listed.lines().any(|l| l == name), "{listed}");
     let out = ctrd.ctr_ok(&["run", "--rm", "--snapshotter", "nix", &name, &unique("c")]);
     assert_eq!(out.trim(), "hello from buildImage", "{}", daemon.log_text());
+
+    // The same archive through `image load`: the Nix layer now arrives with
+    // its nix-closure label, so the closure comes from the closure-info path.
+    let ns = format!("{}-load", ctrd.namespace);
+    let load = Command::new(DAEMON)
+        .args(["image", "load", "--address"])
+        .arg(&ctrd.address)
+        .args(["--namespace", &ns])
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(load.status.success(), "{}", String::from_utf8_lossy(&load.stderr));
+    let out = ctrd.ctr_in(&ns, &["run", "--rm", "--snapshotter", "nix", &name, &unique("c")]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log_text()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hello from buildImage");
     drop(ctrd);
     drop(daemon);
 }

@@ -68,7 +68,17 @@ impl NixSupport {
     /// labels) is a Nix layer, and if so returns its closure.
     pub fn detect(&self, upper: &Path, labels: &BTreeMap<String, String>) -> Result<Option<Vec<NixPath>>> {
         if let Some(info) = labels.get(LABEL_CLOSURE) {
-            return self.closure_info(info).map(Some);
+            return match self.closure_info(info) {
+                Ok(c) => Ok(Some(c)),
+                // The layer's own mountpoints list the same closure.
+                Err(e) => match mountpoints(upper) {
+                    Some(c) => {
+                        tracing::warn!(error = %e, "closure-info unavailable; using the layer's mountpoints");
+                        Ok(Some(c))
+                    }
+                    None => Err(e),
+                },
+            };
         }
         if labels.get(LABEL_LAYER).is_some_and(|v| v == "true") {
             let paths: Result<Vec<NixPath>> = labels

@@ -316,10 +316,17 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     /// Runs `ctr` against this containerd in this test's namespace.
     pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_in(&self.namespace, args)
+    }
+
+    /// Runs `ctr` in namespace `ns` (which must start with this test's
+    /// namespace, so that Drop cleans its runc state).
+    pub fn ctr_in(&self, ns: &str, args: &[&str]) -> Output {
+        assert!(ns.starts_with(&self.namespace));
         Command::new("ctr")
             .arg("--address")
             .arg(&self.address)
-            .args(["--namespace", &self.namespace])
+            .args(["--namespace", ns])
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -346,9 +353,13 @@ impl Drop for Containerd {
         stop_child(&mut self.child, Duration::from_secs(10));
         kill_processes_mentioning(&self.dir);
         unmount_below(&self.dir);
-        // runc keeps per-namespace state host-wide; ours is unique to this test.
-        for base in ["/run/containerd/runc", "/run/containerd/io.containerd.runtime.v2.task"] {
-            let _ = std::fs::remove_dir_all(Path::new(base).join(&self.namespace));
+        // runc keeps per-namespace state host-wide; ours are unique to this test.
+        if let Ok(entries) = std::fs::read_dir("/run/containerd/runc") {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&self.namespace) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
         }
     }
 }

@@ -9,6 +9,8 @@
 //! `nix-store-path.<i>` annotations. It is the last layer. Output is
 //! reproducible: the same inputs give the same bytes.
 
+pub mod load;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};

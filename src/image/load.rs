@@ -1,0 +1,530 @@
+//! `image load`: imports an OCI image-layout tar into containerd through its
+//! gRPC API and unpacks it into a snapshotter itself, passing each layer's
+//! `containerd.io/snapshot/*` annotations as labels (so Nix layers are known
+//! by their closure-info), without `ctr` or containerd's Transfer service.
+//!
+//! Steps, all under one lease so nothing is collected half-way: write the
+//! blobs to the content store (with the GC references containerd's own
+//! unpacker records), then for each layer not yet unpacked Prepare a
+//! snapshot on its parent, mount it, apply the layer (whiteouts included),
+//! unmount and Commit it under its chain ID; finally create or update the
+//! image record.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::api::containerd::types::Descriptor;
+use crate::api::content::{self, content_client::ContentClient};
+use crate::api::images::{self, images_client::ImagesClient};
+use crate::api::leases::{self, leases_client::LeasesClient};
+use crate::api::snapshots::{self, snapshots_client::SnapshotsClient};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{}: {msg}", path.display())]
+    Archive { path: PathBuf, msg: String },
+    #[error("cannot reach containerd at {}: {source}", path.display())]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("containerd {call}: {status}")]
+    Api { call: &'static str, status: tonic::Status },
+    #[error("applying layer {digest}: {msg}")]
+    Apply { digest: String, msg: String },
+}
+
+fn api(call: &'static str) -> impl FnOnce(tonic::Status) -> LoadError {
+    move |status| LoadError::Api { call, status }
+}
+
+#[derive(Clone)]
+struct Headers {
+    namespace: MetadataValue<tonic::metadata::Ascii>,
+    lease: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl tonic::service::Interceptor for Headers {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut()
+            .insert("containerd-namespace", self.namespace.clone());
+        if let Some(l) = &self.lease {
+            req.metadata_mut().insert("containerd-lease", l.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Svc = InterceptedService<Channel, Headers>;
+
+/// An image as the archive has it: raw blobs, so digests stay what they are.
+struct RawImage {
+    name: String,
+    manifest: Descriptor,
+    manifest_bytes: Vec<u8>,
+    config_digest: String,
+    config_bytes: Vec<u8>,
+    /// (descriptor, blob, diff id)
+    layers: Vec<(Descriptor, Vec<u8>, String)>,
+}
+
+fn read_raw(path: &Path, name_override: Option<&str>) -> Result<RawImage, LoadError> {
+    let bad = |msg: String| LoadError::Archive {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let mut files: HashMap<String, Vec<u8>> = HashMap::new();
+    for entry in tar::Archive::new(f).entries().map_err(|e| bad(e.to_string()))? {
+        let mut e = entry.map_err(|e| bad(e.to_string()))?;
+        let name = e
+            .path()
+            .map_err(|e| bad(e.to_string()))?
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .to_string();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).map_err(|e| bad(e.to_string()))?;
+        files.insert(name, data);
+    }
+    let blob = |digest: &str| -> Result<Vec<u8>, LoadError> {
+        let data = files
+            .get(&format!("blobs/sha256/{}", digest.trim_start_matches("sha256:")))
+            .cloned()
+            .ok_or_else(|| bad(format!("missing blob {digest}")))?;
+        if super::sha256_digest(&data) != digest {
+            return Err(bad(format!("blob {digest} does not match its digest")));
+        }
+        Ok(data)
+    };
+    let json = |bytes: &[u8], what: &str| -> Result<serde_json::Value, LoadError> {
+        serde_json::from_slice(bytes).map_err(|e| bad(format!("{what}: {e}")))
+    };
+    let index = json(
+        files
+            .get("index.json")
+            .ok_or_else(|| bad("no index.json (not an OCI image layout)".into()))?,
+        "index.json",
+    )?;
+    let m = &index["manifests"][0];
+    let digest = m["digest"]
+        .as_str()
+        .ok_or_else(|| bad("index.json names no manifest".into()))?
+        .to_string();
+    let name = match name_override {
+        Some(n) => n.to_string(),
+        None => m["annotations"]["io.containerd.image.name"]
+            .as_str()
+            .ok_or_else(|| bad("the archive names no image (io.containerd.image.name); pass --name".into()))?
+            .to_string(),
+    };
+    let manifest_bytes = blob(&digest)?;
+    let manifest = json(&manifest_bytes, "manifest")?;
+    let config_digest = manifest["config"]["digest"]
+        .as_str()
+        .ok_or_else(|| bad("manifest has no config".into()))?
+        .to_string();
+    let config_bytes = blob(&config_digest)?;
+    let config = json(&config_bytes, "config")?;
+    let diff_ids = config["rootfs"]["diff_ids"].as_array().cloned().unwrap_or_default();
+    let descs = manifest["layers"].as_array().cloned().unwrap_or_default();
+    if descs.len() != diff_ids.len() {
+        return Err(bad("layer count and diff_ids disagree".into()));
+    }
+    let mut layers = Vec::new();
+    for (d, diff) in descs.iter().zip(diff_ids) {
+        let digest = d["digest"]
+            .as_str()
+            .ok_or_else(|| bad("layer without digest".into()))?
+            .to_string();
+        let annotations = d["annotations"]
+            .as_object()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let desc = Descriptor {
+            media_type: d["mediaType"].as_str().unwrap_or(super::LAYER_MEDIA_TYPE).to_string(),
+            digest: digest.clone(),
+            size: d["size"].as_i64().unwrap_or(0),
+            annotations,
+        };
+        layers.push((desc, blob(&digest)?, diff.as_str().unwrap_or_default().to_string()));
+    }
+    Ok(RawImage {
+        name,
+        manifest: Descriptor {
+            media_type: m["mediaType"]
+                .as_str()
+                .unwrap_or("application/vnd.oci.image.manifest.v1+json")
+                .to_string(),
+            digest,
+            size: manifest_bytes.len() as i64,
+            annotations: HashMap::new(),
+        },
+        manifest_bytes,
+        config_digest,
+        config_bytes,
+        layers,
+    })
+}
+
+/// The chain IDs of a layer stack: what containerd names unpacked snapshots.
+pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for d in diff_ids {
+        let next = match out.last() {
+            None => d.clone(),
+            Some(prev) => format!("sha256:{:x}", Sha256::digest(format!("{prev} {d}").as_bytes())),
+        };
+        out.push(next);
+    }
+    out
+}
+
+/// Imports `archive` into containerd at `address`, namespace `namespace`,
+/// unpacked for `snapshotter`. Returns the image name.
+pub async fn load(
+    address: &Path,
+    namespace: &str,
+    archive: &Path,
+    snapshotter: &str,
+    name: Option<&str>,
+) -> Result<String, LoadError> {
+    let archive_path = archive.to_path_buf();
+    let name = name.map(str::to_string);
+    let img = tokio::task::spawn_blocking(move || read_raw(&archive_path, name.as_deref()))
+        .await
+        .map_err(|e| LoadError::Archive {
+            path: archive.to_path_buf(),
+            msg: e.to_string(),
+        })??;
+    let channel = crate::uds::connect(address)
+        .await
+        .map_err(|source| LoadError::Connect {
+            path: address.to_path_buf(),
+            source,
+        })?;
+    let ns: MetadataValue<_> = namespace.parse().map_err(|_| LoadError::Archive {
+        path: archive.to_path_buf(),
+        msg: format!("invalid namespace {namespace:?}"),
+    })?;
+    let lease_id = format!(
+        "nix-snapshotter-load-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    let mut leases = LeasesClient::with_interceptor(
+        channel.clone(),
+        Headers {
+            namespace: ns.clone(),
+            lease: None,
+        },
+    );
+    leases
+        .create(leases::CreateRequest {
+            id: lease_id.clone(),
+            labels: HashMap::new(),
+        })
+        .await
+        .map_err(api("leases.Create"))?;
+    let headers = Headers {
+        namespace: ns,
+        lease: lease_id.parse().ok(),
+    };
+    let result = load_leased(channel, headers, &img, snapshotter).await;
+    let _ = leases
+        .delete(leases::DeleteRequest {
+            id: lease_id,
+            sync: false,
+        })
+        .await;
+    result.map(|()| img.name.clone())
+}
+
+async fn load_leased(channel: Channel, h: Headers, img: &RawImage, snapshotter: &str) -> Result<(), LoadError> {
+    let mut content: ContentClient<Svc> = ContentClient::with_interceptor(channel.clone(), h.clone());
+    let mut snaps: SnapshotsClient<Svc> = SnapshotsClient::with_interceptor(channel.clone(), h.clone());
+    let mut images: ImagesClient<Svc> = ImagesClient::with_interceptor(channel, h);
+
+    let diff_ids: Vec<String> = img.layers.iter().map(|(_, _, d)| d.clone()).collect();
+    let chains = chain_ids(&diff_ids);
+    let top = chains.last().cloned().unwrap_or_default();
+
+    // Blobs, with the references containerd's GC follows.
+    for (d, blob, _) in &img.layers {
+        write_blob(&mut content, &d.digest, blob, HashMap::new()).await?;
+    }
+    let mut config_labels = HashMap::new();
+    if !top.is_empty() {
+        config_labels.insert(format!("containerd.io/gc.ref.snapshot.{snapshotter}"), top.clone());
+    }
+    write_blob(&mut content, &img.config_digest, &img.config_bytes, config_labels).await?;
+    let mut manifest_labels = HashMap::from([(
+        "containerd.io/gc.ref.content.config".to_string(),
+        img.config_digest.clone(),
+    )]);
+    for (i, (d, _, _)) in img.layers.iter().enumerate() {
+        manifest_labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), d.digest.clone());
+    }
+    write_blob(&mut content, &img.manifest.digest, &img.manifest_bytes, manifest_labels).await?;
+
+    // Layers, bottom up.
+    for (i, ((desc, blob, _), chain)) in img.layers.iter().zip(&chains).enumerate() {
+        let exists = snaps
+            .stat(snapshots::StatSnapshotRequest {
+                snapshotter: snapshotter.to_string(),
+                key: chain.clone(),
+            })
+            .await
+            .is_ok();
+        if exists {
+            continue;
+        }
+        let labels: HashMap<String, String> = desc
+            .annotations
+            .iter()
+            .filter(|(k, _)| k.starts_with("containerd.io/snapshot/"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let key = format!("extract-{:08x} {chain}", rand::random::<u32>());
+        let parent = if i == 0 { String::new() } else { chains[i - 1].clone() };
+        let mounts = snaps
+            .prepare(snapshots::PrepareSnapshotRequest {
+                snapshotter: snapshotter.to_string(),
+                key: key.clone(),
+                parent,
+                labels: labels.clone(),
+            })
+            .await
+            .map_err(api("snapshots.Prepare"))?
+            .into_inner()
+            .mounts;
+        let digest = desc.digest.clone();
+        let blob = blob.clone();
+        let applied = tokio::task::spawn_blocking(move || apply(&mounts, &blob))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+        if let Err(msg) = applied {
+            let _ = snaps
+                .remove(snapshots::RemoveSnapshotRequest {
+                    snapshotter: snapshotter.to_string(),
+                    key,
+                })
+                .await;
+            return Err(LoadError::Apply { digest, msg });
+        }
+        snaps
+            .commit(snapshots::CommitSnapshotRequest {
+                snapshotter: snapshotter.to_string(),
+                name: chain.clone(),
+                key,
+                labels,
+            })
+            .await
+            .map_err(api("snapshots.Commit"))?;
+    }
+
+    let image = images::Image {
+        name: img.name.clone(),
+        labels: HashMap::new(),
+        target: Some(img.manifest.clone()),
+        created_at: None,
+        updated_at: None,
+    };
+    match images
+        .create(images::CreateImageRequest {
+            image: Some(image.clone()),
+        })
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == tonic::Code::AlreadyExists => images
+            .update(images::UpdateImageRequest {
+                image: Some(image),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["target".into()],
+                }),
+            })
+            .await
+            .map(|_| ())
+            .map_err(api("images.Update")),
+        Err(s) => Err(api("images.Create")(s)),
+    }
+}
+
+async fn write_blob(
+    c: &mut ContentClient<Svc>,
+    digest: &str,
+    data: &[u8],
+    labels: HashMap<String, String>,
+) -> Result<(), LoadError> {
+    if let Ok(info) = c
+        .info(content::InfoRequest {
+            digest: digest.to_string(),
+        })
+        .await
+    {
+        // Present: only make sure our GC references are on it.
+        if !labels.is_empty() {
+            let mut all = info.into_inner().info.map(|i| i.labels).unwrap_or_default();
+            let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
+            all.extend(labels);
+            c.update(content::UpdateRequest {
+                info: Some(content::Info {
+                    digest: digest.to_string(),
+                    labels: all,
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask { paths }),
+            })
+            .await
+            .map_err(api("content.Update"))?;
+        }
+        return Ok(());
+    }
+    let reference = format!("nix-snapshotter-load-{digest}");
+    let total = data.len() as i64;
+    let mut reqs = Vec::new();
+    for (i, chunk) in data.chunks(1 << 20).enumerate() {
+        reqs.push(content::WriteContentRequest {
+            action: content::WriteAction::Write as i32,
+            r#ref: reference.clone(),
+            total,
+            expected: digest.to_string(),
+            offset: (i << 20) as i64,
+            data: chunk.to_vec(),
+            labels: HashMap::new(),
+        });
+    }
+    reqs.push(content::WriteContentRequest {
+        action: content::WriteAction::Commit as i32,
+        r#ref: reference,
+        total,
+        expected: digest.to_string(),
+        offset: total,
+        data: Vec::new(),
+        labels,
+    });
+    let mut responses = match c.write(tokio_stream::iter(reqs)).await {
+        Ok(r) => r.into_inner(),
+        Err(s) if s.code() == tonic::Code::AlreadyExists => return Ok(()),
+        Err(s) => return Err(api("content.Write")(s)),
+    };
+    loop {
+        match responses.message().await {
+            Ok(Some(r)) if r.action == content::WriteAction::Commit as i32 => return Ok(()),
+            Ok(Some(_)) => {}
+            Ok(None) => return Ok(()),
+            Err(s) if s.code() == tonic::Code::AlreadyExists => return Ok(()),
+            Err(s) => return Err(api("content.Write")(s)),
+        }
+    }
+}
+
+/// Mounts `mounts` on a temporary directory, extracts the gzip tar `blob`
+/// into it (OCI whiteouts become deletions, which overlayfs records as its
+/// own whiteouts) and unmounts.
+fn apply(mounts: &[crate::api::Mount], blob: &[u8]) -> Result<(), String> {
+    use rustix::mount::{mount, mount_bind_recursive, unmount, MountFlags, UnmountFlags};
+    let m = mounts.first().ok_or("the snapshotter returned no mounts")?;
+    let dir = std::env::temp_dir().join(format!("nix-snapshotter-apply-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mounted = if m.r#type == "bind" {
+        mount_bind_recursive(m.source.as_str(), &dir)
+    } else {
+        let data = std::ffi::CString::new(m.options.join(",")).map_err(|e| e.to_string())?;
+        mount(
+            m.source.as_str(),
+            &dir,
+            m.r#type.as_str(),
+            MountFlags::empty(),
+            data.as_c_str(),
+        )
+    };
+    if let Err(e) = mounted {
+        let _ = std::fs::remove_dir(&dir);
+        return Err(format!("mounting {} at {}: {e}", m.r#type, dir.display()));
+    }
+    let result = extract(blob, &dir);
+    let _ = unmount(&dir, UnmountFlags::empty()).or_else(|_| unmount(&dir, UnmountFlags::DETACH));
+    let _ = std::fs::remove_dir(&dir);
+    result
+}
+
+fn extract(blob: &[u8], dest: &Path) -> Result<(), String> {
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(blob));
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(true);
+    archive.set_preserve_mtime(true);
+    archive.set_overwrite(true);
+    for entry in archive.entries().map_err(|e| e.to_string())? {
+        let mut e = entry.map_err(|e| e.to_string())?;
+        let path = e.path().map_err(|e| e.to_string())?.into_owned();
+        if path
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir))
+        {
+            return Err(format!("entry {} leaves the layer", path.display()));
+        }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let parent = dest.join(path.parent().unwrap_or(Path::new("")));
+        if name == ".wh..wh..opq" {
+            // Opaque directory: hide everything below from lower layers.
+            if let Ok(entries) = std::fs::read_dir(&parent) {
+                for c in entries.flatten() {
+                    remove_any(&c.path())?;
+                }
+            }
+            continue;
+        }
+        if let Some(target) = name.strip_prefix(".wh.") {
+            remove_any(&parent.join(target))?;
+            continue;
+        }
+        let target = dest.join(&path);
+        if let Ok(meta) = std::fs::symlink_metadata(&target) {
+            // Replace what lower layers had, except directory over directory.
+            if !(meta.is_dir() && e.header().entry_type().is_dir()) {
+                remove_any(&target)?;
+            }
+        }
+        e.unpack_in(dest).map_err(|err| format!("{}: {err}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn remove_any(p: &Path) -> Result<(), String> {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p).map_err(|e| format!("{}: {e}", p.display())),
+        Ok(_) => std::fs::remove_file(p).map_err(|e| format!("{}: {e}", p.display())),
+        Err(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_ids_follow_the_oci_definition() {
+        let d1 = "sha256:aaaa".to_string();
+        let d2 = "sha256:bbbb".to_string();
+        let c = chain_ids(&[d1.clone(), d2]);
+        assert_eq!(c[0], d1);
+        assert_eq!(c[1], format!("sha256:{:x}", Sha256::digest(b"sha256:aaaa sha256:bbbb")));
+    }
+}
