@@ -42,13 +42,20 @@ const PLAIN_IMAGE: &str = "docker.io/library/bench-python-plain:latest";
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -57,7 +64,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn du(path: &Path) -> u64 {
-    nix_snapshotter::snapshots::disk_usage(path).map(|u| u.size as u64).unwrap_or(0)
+    nix_snapshotter::snapshots::disk_usage(path)
+        .map(|u| u.size as u64)
+        .unwrap_or(0)
 }
 
 fn drop_caches() {
@@ -81,7 +90,11 @@ impl Drop for Guard {
         let needle = self.dir.to_string_lossy().into_owned();
         let _ = Command::new("pkill").args(["-9", "-f", &needle]).status();
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut points: Vec<&str> = mounts.lines().filter_map(|l| l.split(' ').nth(4)).filter(|p| p.starts_with(&needle)).collect();
+        let mut points: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|p| p.starts_with(&needle))
+            .collect();
         points.sort_by_key(|p| std::cmp::Reverse(p.len()));
         for p in points {
             let _ = rustix::mount::unmount(p, rustix::mount::UnmountFlags::DETACH);
@@ -96,25 +109,38 @@ impl Drop for Guard {
 fn wait_sock(p: &Path) {
     let start = Instant::now();
     while std::os::unix::net::UnixStream::connect(p).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(30), "{} not listening", p.display());
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{} not listening",
+            p.display()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
 /// A delaying, rate-limited TCP proxy: each direction's bytes arrive half an
 /// RTT late, and all bytes share one rate.
-fn shaped_proxy(rt: &tokio::runtime::Runtime, upstream: std::net::SocketAddr, rtt: Duration, bytes_per_sec: f64) -> String {
+fn shaped_proxy(
+    rt: &tokio::runtime::Runtime,
+    upstream: std::net::SocketAddr,
+    rtt: Duration,
+    bytes_per_sec: f64,
+) -> String {
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap();
     let bucket = Arc::new(tokio::sync::Mutex::new(Instant::now()));
     rt.spawn(async move {
         loop {
-            let Ok((client, _)) = listener.accept().await else { return };
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
             let bucket = bucket.clone();
             tokio::spawn(async move {
                 // Connection set-up costs a round trip.
                 tokio::time::sleep(rtt).await;
-                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { return };
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
                 tokio::spawn(pipe(cr, sw, rtt / 2, bucket.clone(), bytes_per_sec));
@@ -170,6 +196,29 @@ struct Env {
 }
 
 impl Env {
+    /// Imports the Nix image into `ns`, retrying while containerd reconnects
+    /// to a restarted daemon (it backs off up to a few seconds).
+    fn import(&self, ns: &str, archive: &Path) {
+        let start = Instant::now();
+        loop {
+            let out = self
+                .ctr(ns)
+                .args(["images", "import", "--snapshotter", "nix"])
+                .arg(archive)
+                .output()
+                .unwrap();
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "import failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     fn ctr(&self, ns: &str) -> Command {
         let mut c = Command::new("ctr");
         c.arg("--address").arg(&self.ctrd_sock).args(["--namespace", ns]);
@@ -187,12 +236,17 @@ impl Env {
             .spawn()
             .unwrap();
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         let t = start.elapsed().as_secs_f64();
         let status = child.wait().unwrap();
         let mut err = String::new();
         let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-        assert!(status.success() && line.trim() == "ready", "container failed ({line:?}): {err}");
+        assert!(
+            status.success() && line.trim() == "ready",
+            "container failed ({line:?}): {err}"
+        );
         t
     }
 }
@@ -210,14 +264,22 @@ fn main() {
 
     // --- The closure, built by real Nix from Debian's files.
     let mut bulk = Vec::new();
-    for org in std::fs::read_dir("/usr/share/gocode/src/github.com").expect("golang-github-containerd-containerd-dev is needed") {
+    for org in std::fs::read_dir("/usr/share/gocode/src/github.com")
+        .expect("golang-github-containerd-containerd-dev is needed")
+    {
         let org = org.unwrap().path();
         let name: String = org
             .file_name()
             .unwrap()
             .to_string_lossy()
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || "+-._".contains(c) { c } else { '-' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "+-._".contains(c) {
+                    c
+                } else {
+                    '-'
+                }
+            })
             .collect();
         bulk.push(format!("(cp \"bulk-{name}\" \"{}\")", org.display()));
     }
@@ -249,23 +311,53 @@ in sh "python-closure" "b mkdir $out; for d in $deps; do b echo $d >> $out/refs;
     let top = run(Command::new("nix-build")
         .arg("--store")
         .arg(&chroot)
-        .args(["--option", "extra-sandbox-paths", "/bin/sh=/bin/busybox /bin/busybox /usr /lib /lib64"])
-        .args(["--option", "build-users-group", "", "--option", "substituters", "", "--no-out-link"])
+        .args([
+            "--option",
+            "extra-sandbox-paths",
+            "/bin/sh=/bin/busybox /bin/busybox /usr /lib /lib64",
+        ])
+        .args([
+            "--option",
+            "build-users-group",
+            "",
+            "--option",
+            "substituters",
+            "",
+            "--no-out-link",
+        ])
         .arg(dir.join("closure.nix")))
     .trim()
     .to_string();
-    let paths = run(Command::new("nix").args(NIXFLAGS).arg("path-info").arg("--store").arg(&chroot).args(["-r", &top]));
+    let paths = run(Command::new("nix")
+        .args(NIXFLAGS)
+        .arg("path-info")
+        .arg("--store")
+        .arg(&chroot)
+        .args(["-r", &top]));
     let paths: Vec<String> = paths.lines().map(str::to_string).collect();
     let python = paths.iter().find(|p| p.ends_with("-python3-debian")).unwrap().clone();
     let closure_bytes = du(&chroot.join("nix/store"));
     std::fs::write(dir.join("store-paths"), paths.join("\n") + "\n").unwrap();
 
     let key = dir.join("key");
-    std::fs::write(&key, run(Command::new("nix").args(NIXFLAGS).args(["key", "generate-secret", "--key-name", "bench-1"]))).unwrap();
-    let public = run(Command::new("nix").args(NIXFLAGS).args(["key", "convert-secret-to-public"]).stdin(std::fs::File::open(&key).unwrap()))
-        .trim()
-        .to_string();
-    eprintln!("publishing ({} store paths, {} MiB) ...", paths.len(), closure_bytes >> 20);
+    std::fs::write(
+        &key,
+        run(Command::new("nix")
+            .args(NIXFLAGS)
+            .args(["key", "generate-secret", "--key-name", "bench-1"])),
+    )
+    .unwrap();
+    let public = run(Command::new("nix")
+        .args(NIXFLAGS)
+        .args(["key", "convert-secret-to-public"])
+        .stdin(std::fs::File::open(&key).unwrap()))
+    .trim()
+    .to_string();
+    eprintln!(
+        "publishing ({} store paths, {} MiB) ...",
+        paths.len(),
+        closure_bytes >> 20
+    );
     let cache = dir.join("cache");
     run(Command::new("nix")
         .args(NIXFLAGS)
@@ -273,7 +365,11 @@ in sh "python-closure" "b mkdir $out; for d in $deps; do b echo $d >> $out/refs;
         .arg("--store")
         .arg(&chroot)
         .arg("--to")
-        .arg(format!("file://{}?compression=zstd&secret-key={}", cache.display(), key.display()))
+        .arg(format!(
+            "file://{}?compression=zstd&secret-key={}",
+            cache.display(),
+            key.display()
+        ))
         .arg(&top));
 
     // --- Images: the Nix image, and the same python rootfs as a plain image.
@@ -300,7 +396,8 @@ in sh "python-closure" "b mkdir $out; for d in $deps; do b echo $d >> $out/refs;
         let mut tar = tar::Builder::new(Vec::new());
         tar.follow_symlinks(false);
         for p in paths.iter().filter(|p| !p.contains("-bulk-")) {
-            tar.append_dir_all(p.trim_start_matches('/'), chroot.join(p.trim_start_matches('/'))).unwrap();
+            tar.append_dir_all(p.trim_start_matches('/'), chroot.join(p.trim_start_matches('/')))
+                .unwrap();
         }
         let layer = nix_snapshotter::image::Layer::from_tar(&tar.into_inner().unwrap(), Default::default());
         let config = serde_json::json!({ "architecture": "amd64", "os": "linux",
@@ -314,7 +411,11 @@ in sh "python-closure" "b mkdir $out; for d in $deps; do b echo $d >> $out/refs;
     let shaped = shaped_proxy(&rt, server.addr, Duration::from_millis(50), 100e6 / 8.0);
     {
         // Check the link: one request's latency, and a large transfer's rate.
-        let big = std::fs::read_dir(cache.join("nar")).unwrap().map(|e| e.unwrap()).max_by_key(|e| e.metadata().unwrap().len()).unwrap();
+        let big = std::fs::read_dir(cache.join("nar"))
+            .unwrap()
+            .map(|e| e.unwrap())
+            .max_by_key(|e| e.metadata().unwrap().len())
+            .unwrap();
         let url = format!("{shaped}/nar/{}", big.file_name().to_string_lossy());
         let t = Instant::now();
         run(Command::new("curl").args(["-sf", "-o", "/dev/null", &format!("{shaped}/nix-cache-info")]));
@@ -322,7 +423,11 @@ in sh "python-closure" "b mkdir $out; for d in $deps; do b echo $d >> $out/refs;
         let t = Instant::now();
         run(Command::new("curl").args(["-sf", "-o", "/dev/null", &url]));
         let mbit = big.metadata().unwrap().len() as f64 * 8.0 / 1e6 / t.elapsed().as_secs_f64();
-        println!("shaped link check: small request {:.0} ms (2 RTT: connect + request), bulk {:.0} Mbit/s", latency * 1000.0, mbit);
+        println!(
+            "shaped link check: small request {:.0} ms (2 RTT: connect + request), bulk {:.0} Mbit/s",
+            latency * 1000.0,
+            mbit
+        );
     }
 
     let env = Env {
@@ -360,7 +465,10 @@ in sh "python-closure" "b mkdir $out; for d in $deps; do b echo $d >> $out/refs;
     };
     let stop_daemon = |guard: &mut Guard, i: usize| {
         let c = &mut guard.children[i];
-        let _ = rustix::process::kill_process(rustix::process::Pid::from_raw(c.id() as i32).unwrap(), rustix::process::Signal::TERM);
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(c.id() as i32).unwrap(),
+            rustix::process::Signal::TERM,
+        );
         let _ = c.wait();
     };
     let ctrd = Command::new("containerd")
@@ -376,10 +484,18 @@ in sh "python-closure" "b mkdir $out; for d in $deps; do b echo $d >> $out/refs;
     // (d) baseline: containerd's own overlayfs, image already unpacked.
     let base_ns = format!("nsb-{}-plain", std::process::id());
     guard.namespaces.push(base_ns.clone());
-    run(env.ctr(&base_ns).args(["images", "import", "--snapshotter", "overlayfs"]).arg(dir.join("plain.tar")));
+    run(env
+        .ctr(&base_ns)
+        .args(["images", "import", "--snapshotter", "overlayfs"])
+        .arg(dir.join("plain.tar")));
     let mut overlay = Vec::new();
     for r in 0..rounds + 1 {
-        let t = env.first_line(&base_ns, "overlayfs", PLAIN_IMAGE, &format!("nsb-{}-p{r}", std::process::id()));
+        let t = env.first_line(
+            &base_ns,
+            "overlayfs",
+            PLAIN_IMAGE,
+            &format!("nsb-{}-p{r}", std::process::id()),
+        );
         if r > 0 {
             overlay.push(t); // the first run warms the page cache
         }
@@ -390,18 +506,16 @@ in sh "python-closure" "b mkdir $out; for d in $deps; do b echo $d >> $out/refs;
     for (link, url) in [("loopback", server.url()), ("shaped 50ms/100Mbit", shaped.clone())] {
         let (mut cold, mut warm, mut eager, mut fetched) = (Vec::new(), Vec::new(), Vec::new(), 0u64);
         for r in 0..rounds {
-            let tag = format!("nsb-{}-{}-{r}", std::process::id(), if link == "loopback" { "l" } else { "s" });
+            let tag = format!(
+                "nsb-{}-{}-{r}",
+                std::process::id(),
+                if link == "loopback" { "l" } else { "s" }
+            );
             guard.namespaces.push(tag.clone());
             // (a) + (c): a fresh daemon root, so the store is empty.
             let root = dir.join(format!("{tag}-root"));
             let d = start_daemon(&mut guard, &root, &url, "");
-            // containerd reconnects to the restarted daemon.
-            let t0 = Instant::now();
-            while !env.ctr(&tag).args(["snapshots", "--snapshotter", "nix", "ls"]).output().unwrap().status.success() {
-                assert!(t0.elapsed() < Duration::from_secs(30));
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            run(env.ctr(&tag).args(["images", "import", "--snapshotter", "nix"]).arg(dir.join("nix.tar")));
+            env.import(&tag, &dir.join("nix.tar"));
             drop_caches();
             cold.push(env.first_line(&tag, "nix", IMAGE, &format!("{tag}-cold")));
             warm.push(env.first_line(&tag, "nix", IMAGE, &format!("{tag}-warm")));
@@ -415,20 +529,28 @@ in sh "python-closure" "b mkdir $out; for d in $deps; do b echo $d >> $out/refs;
             let t = Instant::now();
             run(Command::new("nix")
                 .args(NIXFLAGS)
-                .args(["copy", "--option", "trusted-public-keys", &public, "--from", &url, "--to"])
+                .args([
+                    "copy",
+                    "--option",
+                    "trusted-public-keys",
+                    &public,
+                    "--from",
+                    &url,
+                    "--to",
+                ])
                 .arg(&eager_store)
                 .arg(&top));
             let realise = t.elapsed().as_secs_f64();
             let root = dir.join(format!("{tag}-eroot"));
-            let d = start_daemon(&mut guard, &root, &url, &eager_store.join("nix/store").to_string_lossy());
-            let t0 = Instant::now();
+            let d = start_daemon(
+                &mut guard,
+                &root,
+                &url,
+                &eager_store.join("nix/store").to_string_lossy(),
+            );
             let etag = format!("{tag}e");
             guard.namespaces.push(etag.clone());
-            while !env.ctr(&etag).args(["snapshots", "--snapshotter", "nix", "ls"]).output().unwrap().status.success() {
-                assert!(t0.elapsed() < Duration::from_secs(30));
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            run(env.ctr(&etag).args(["images", "import", "--snapshotter", "nix"]).arg(dir.join("nix.tar")));
+            env.import(&etag, &dir.join("nix.tar"));
             let start = env.first_line(&etag, "nix", IMAGE, &format!("{tag}-eager"));
             eager.push(realise + start);
             stop_daemon(&mut guard, d);
@@ -459,14 +581,14 @@ in sh "python-closure" "b mkdir $out; for d in $deps; do b echo $d >> $out/refs;
     let d = start_daemon(&mut guard, &root, &server.url(), "");
     let ns = format!("nsb-{}-read", std::process::id());
     guard.namespaces.push(ns.clone());
-    let t0 = Instant::now();
-    while !env.ctr(&ns).args(["snapshots", "--snapshotter", "nix", "ls"]).output().unwrap().status.success() {
-        assert!(t0.elapsed() < Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    run(env.ctr(&ns).args(["images", "import", "--snapshotter", "nix"]).arg(dir.join("nix.tar")));
+    env.import(&ns, &dir.join("nix.tar"));
     env.first_line(&ns, "nix", IMAGE, &format!("{ns}-c"));
-    let view = std::fs::read_dir(root.join("fuse")).unwrap().next().unwrap().unwrap().path();
+    let view = std::fs::read_dir(root.join("fuse"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let rel = format!("{}/bin/python3.11", python.trim_start_matches("/nix/store/"));
     let through_fuse = view.join("nix/store").join(&rel);
     let local = root.join("store").join(&rel);
@@ -504,7 +626,11 @@ in sh "python-closure" "b mkdir $out; for d in $deps; do b echo $d >> $out/refs;
     report.insert("fuse_read_ratio".into(), serde_json::json!(fuse_rate / disk_rate));
 
     println!();
-    println!("closure: {} store paths, {} MiB; {rounds} rounds, medians", paths.len(), closure_bytes >> 20);
+    println!(
+        "closure: {} store paths, {} MiB; {rounds} rounds, medians",
+        paths.len(),
+        closure_bytes >> 20
+    );
     for s in summary {
         println!("{s}");
     }

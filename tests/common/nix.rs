@@ -61,12 +61,23 @@ impl NixStore {
 
     /// Builds a Nix expression, returns its output paths (`/nix/store/...`).
     pub fn build(&self, expr: &str) -> Vec<String> {
+        self.build_with(expr, "")
+    }
+
+    /// Like [`build`](Self::build), with the host's /usr, /lib and /lib64
+    /// visible in the sandbox (to package Debian binaries with patchelf).
+    pub fn build_with_host(&self, expr: &str) -> Vec<String> {
+        self.build_with(expr, " /usr /lib /lib64")
+    }
+
+    fn build_with(&self, expr: &str, extra_paths: &str) -> Vec<String> {
         let file = self.root.with_extension("nix");
         std::fs::write(&file, expr).unwrap();
         let out = Command::new("nix-build")
             .arg("--store")
             .arg(&self.root)
-            .args(["--option", "extra-sandbox-paths", "/bin/sh=/bin/busybox /bin/busybox"])
+            .args(["--option", "extra-sandbox-paths"])
+            .arg(format!("/bin/sh=/bin/busybox /bin/busybox{extra_paths}"))
             .args(["--option", "build-users-group", ""])
             .args(["--option", "substituters", ""])
             .arg("--no-out-link")
