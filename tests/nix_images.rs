@@ -201,7 +201,8 @@ fn nix_image_runs_lazily_and_sees_exact_store_paths() {
         expected,
         "fetched more (or less) than what was touched"
     );
-    assert_eq!(server.count(".narinfo"), 3, "{:?}", server.log());
+    // Metadata of the closure may be prefetched; nothing beyond it.
+    assert!(server.count(".narinfo") <= f.closure.len() + 3, "{:?}", server.log());
 
     // The write went to the container's upper layer, never into the store.
     let data_base = StorePath::parse(&f.data).unwrap().base_name().to_string();

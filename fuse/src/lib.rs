@@ -114,6 +114,9 @@ struct Open {
     _backing: Option<Arc<BackingId>>,
 }
 
+/// An open backing file and, with passthrough, its kernel backing id.
+type OpenFile = (Arc<File>, Option<Arc<BackingId>>);
+
 struct State {
     resolver: Arc<dyn Resolver>,
     inodes: RwLock<Inodes>,
@@ -122,9 +125,15 @@ struct State {
     resolved: RwLock<HashMap<Arc<str>, PathBuf>>,
     opens: Mutex<HashMap<u64, Open>>,
     next_fh: AtomicU64,
+    /// Recently opened store files: the open backing file and, with
+    /// passthrough, its backing id. Reusing them makes a repeated open (every
+    /// container start opens the same libraries) one round trip with no
+    /// syscalls here.
+    files: Mutex<lru::LruCache<u64, OpenFile>>,
     /// One backing id per inode while any open holds it (a second id for a
-    /// busy inode makes the kernel fail the open).
-    backing: Mutex<HashMap<u64, Weak<BackingId>>>,
+    /// busy inode makes the kernel fail the open), also after `files`
+    /// evicted it.
+    weak: Mutex<HashMap<u64, Weak<BackingId>>>,
     passthrough: AtomicBool,
     mountpoint: PathBuf,
     /// Store paths some view knows to be directories.
@@ -168,7 +177,10 @@ impl StoreFs {
             resolved: RwLock::new(HashMap::new()),
             opens: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            backing: Mutex::new(HashMap::new()),
+            files: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(4096).unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
+            weak: Mutex::new(HashMap::new()),
             passthrough: AtomicBool::new(cfg.passthrough),
             mountpoint: mountpoint.to_path_buf(),
             known_dirs: RwLock::new(Default::default()),
@@ -538,27 +550,30 @@ impl Filesystem for FsImpl {
             reply.error(Errno::EISDIR);
             return;
         };
-        let file = match self
-            .0
-            .real_path(&base, &rel)
-            .and_then(|p| File::open(p).map_err(Errno::from))
-        {
-            Ok(f) => Arc::new(f),
-            Err(e) => {
-                reply.error(e);
-                return;
-            }
+        let cached = self.0.files.lock().ok().and_then(|mut c| c.get(&ino.0).cloned());
+        let (file, mut backing) = match cached {
+            Some(entry) => entry,
+            None => match self
+                .0
+                .real_path(&base, &rel)
+                .and_then(|p| File::open(p).map_err(Errno::from))
+            {
+                Ok(f) => (Arc::new(f), None),
+                Err(e) => {
+                    reply.error(e);
+                    return;
+                }
+            },
         };
         let fh = self.0.next_fh.fetch_add(1, Ordering::Relaxed);
-        let mut backing = None;
-        if self.0.passthrough.load(Ordering::Relaxed) {
-            let mut cache = self.0.backing.lock().unwrap_or_else(|e| e.into_inner());
-            backing = cache.get(&ino.0).and_then(Weak::upgrade);
+        if backing.is_none() && self.0.passthrough.load(Ordering::Relaxed) {
+            let mut weak = self.0.weak.lock().unwrap_or_else(|e| e.into_inner());
+            backing = weak.get(&ino.0).and_then(Weak::upgrade);
             if backing.is_none() {
                 match reply.open_backing(file.as_ref()) {
                     Ok(id) => {
                         let id = Arc::new(id);
-                        cache.insert(ino.0, Arc::downgrade(&id));
+                        weak.insert(ino.0, Arc::downgrade(&id));
                         backing = Some(id);
                     }
                     Err(e) => {
@@ -567,6 +582,9 @@ impl Filesystem for FsImpl {
                     }
                 }
             }
+        }
+        if let Ok(mut c) = self.0.files.lock() {
+            c.put(ino.0, (file.clone(), backing.clone()));
         }
         let id = backing.clone();
         if let Ok(mut opens) = self.0.opens.lock() {

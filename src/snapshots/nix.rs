@@ -140,6 +140,18 @@ impl NixSupport {
         }
         let digest = h.finalize();
         let name: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+        let is_new = !self.fs.view_names().contains(&name);
+        if is_new {
+            if let Some(store) = self.store.get().cloned() {
+                let paths: Vec<StorePath> = closure
+                    .keys()
+                    .filter_map(|n| StorePath::from_base_name(n).ok())
+                    .collect();
+                // Metadata for the whole closure up front: a round trip saved
+                // on each path's first touch.
+                self.rt.spawn(async move { store.prefetch_narinfos(paths).await });
+            }
+        }
         let entries: Vec<ClosureEntry> = closure
             .into_iter()
             .map(|(n, dir)| ClosureEntry {

@@ -394,6 +394,21 @@ impl Store {
         Ok(info)
     }
 
+    /// Fetches and verifies the narinfos of `paths` not yet local, many in
+    /// flight, so that the first touch of each later costs only its NAR. Only
+    /// metadata: nothing is downloaded.
+    pub async fn prefetch_narinfos(&self, paths: Vec<StorePath>) {
+        futures::stream::iter(paths)
+            .for_each_concurrent(self.opts.max_parallel.max(1), |p| async move {
+                if self.local(&p).is_none() {
+                    if let Err(e) = self.narinfo(&p).await {
+                        tracing::debug!(error = %e, "narinfo prefetch");
+                    }
+                }
+            })
+            .await;
+    }
+
     /// The closure of `roots` (every path they reference, transitively),
     /// with many narinfo requests in flight.
     pub async fn closure(&self, roots: &[StorePath]) -> Result<Vec<StorePath>> {
