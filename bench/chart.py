@@ -29,7 +29,8 @@ for i, (key, label) in enumerate(series):
 ax.set_xticks(range(len(links)), links)
 ax.set_ylabel("seconds from ctr run to first output line")
 ax.set_yscale("log")
-ax.set_title("python3 from a ~450 MiB closure: time to first output")
+mib = results[links[0]]["closure_bytes"] / 2**20
+ax.set_title(f"python3 from a {mib:.0f} MiB closure: time to first output")
 ax.legend(fontsize=8)
 fig.tight_layout()
 fig.savefig(sys.argv[2], dpi=120)

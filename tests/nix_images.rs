@@ -563,3 +563,45 @@ fn redis_from_patched_debian_binaries_answers_pong() {
     drop(ctrd);
     drop(daemon);
 }
+
+#[test]
+fn tampered_nar_is_never_served() {
+    let f = fixture();
+    let tmp = TempRoot::new("nixtamper");
+    let cache = tmp.join("cache");
+    let st = std::process::Command::new("cp").arg("-r").arg(&f.cache).arg(&cache).status().unwrap();
+    assert!(st.success());
+    // Flip one byte in the middle of the greeting path's compressed NAR.
+    let p = StorePath::parse(&f.data).unwrap();
+    let info = NarInfo::parse(&std::fs::read_to_string(cache.join(format!("{}.narinfo", p.hash_part()))).unwrap()).unwrap();
+    let nar = cache.join(&info.url);
+    let mut bytes = std::fs::read(&nar).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&nar, bytes).unwrap();
+
+    let server = Server::start(cache);
+    let cfg = config(&tmp.path, &server, &f.nix.public_key, "[fuse]\nfetch_timeout = 10.0\n");
+    let sock = tmp.join("nix.sock");
+    let root = tmp.join("root");
+    let daemon = Daemon::start_with(&root, &sock, &["--config", cfg.to_str().unwrap()], &[]);
+    let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
+    let mut layers = image::busybox_layers();
+    layers.push(nix_layer(&f.closure, &[]));
+    let name = "docker.io/library/nix-tamper:latest";
+    let archive = tmp.join("tamper.tar");
+    let cmd = format!("cat {d}/greeting || echo READ-FAILED; ls {d} || echo LIST-FAILED", d = f.data);
+    write_oci_archive(&archive, name, &layers, &["/bin/sh", "-c", &cmd]);
+    ctrd.ctr_ok(&["images", "import", "--snapshotter", "nix", archive.to_str().unwrap()]);
+    let out = run(&ctrd, &daemon, &["run", "--rm", "--snapshotter", "nix", name, &unique("c")]);
+    assert!(out.contains("READ-FAILED") && out.contains("LIST-FAILED"), "{out}");
+    assert!(!out.contains("hello from"), "tampered content was served: {out}");
+    // Nothing of it reached the store, under its name or half-written.
+    let entries: Vec<String> = std::fs::read_dir(root.join("store"))
+        .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(!entries.iter().any(|e| e.contains(p.hash_part())), "{entries:?}");
+    assert!(daemon.log_text().contains("mismatch") || daemon.log_text().contains("decompress"), "no verification error logged");
+    drop(ctrd);
+    drop(daemon);
+}
