@@ -212,8 +212,30 @@ fn nix_image_runs_lazily_and_sees_exact_store_paths() {
         b"hello from the nix store\n"
     );
 
-    // What the view shows is byte-identical to the original, for every path
-    // of the closure (this fetches the rest).
+    // The container is gone: its view goes with its snapshot (containerd's
+    // GC removes the snapshot shortly after).
+    let start = std::time::Instant::now();
+    while std::fs::read_dir(root.join("fuse")).unwrap().count() > 0 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "view not dropped with its last snapshot"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    // What a view shows is byte-identical to the original, for every path of
+    // the closure (this fetches the rest). An active snapshot on the image
+    // brings the view back.
+    let snaps = ctrd.ctr_ok(&["snapshots", "--snapshotter", "nix", "ls"]);
+    let layer = snaps
+        .lines()
+        .find(|l| l.contains("Committed"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    ctrd.ctr_ok(&["snapshots", "--snapshotter", "nix", "prepare", "view-check", &layer]);
     let view = std::fs::read_dir(root.join("fuse"))
         .unwrap()
         .next()
@@ -569,11 +591,17 @@ fn tampered_nar_is_never_served() {
     let f = fixture();
     let tmp = TempRoot::new("nixtamper");
     let cache = tmp.join("cache");
-    let st = std::process::Command::new("cp").arg("-r").arg(&f.cache).arg(&cache).status().unwrap();
+    let st = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(&f.cache)
+        .arg(&cache)
+        .status()
+        .unwrap();
     assert!(st.success());
     // Flip one byte in the middle of the greeting path's compressed NAR.
     let p = StorePath::parse(&f.data).unwrap();
-    let info = NarInfo::parse(&std::fs::read_to_string(cache.join(format!("{}.narinfo", p.hash_part()))).unwrap()).unwrap();
+    let info =
+        NarInfo::parse(&std::fs::read_to_string(cache.join(format!("{}.narinfo", p.hash_part()))).unwrap()).unwrap();
     let nar = cache.join(&info.url);
     let mut bytes = std::fs::read(&nar).unwrap();
     let mid = bytes.len() / 2;
@@ -590,18 +618,31 @@ fn tampered_nar_is_never_served() {
     layers.push(nix_layer(&f.closure, &[]));
     let name = "docker.io/library/nix-tamper:latest";
     let archive = tmp.join("tamper.tar");
-    let cmd = format!("cat {d}/greeting || echo READ-FAILED; ls {d} || echo LIST-FAILED", d = f.data);
+    let cmd = format!(
+        "cat {d}/greeting || echo READ-FAILED; ls {d} || echo LIST-FAILED",
+        d = f.data
+    );
     write_oci_archive(&archive, name, &layers, &["/bin/sh", "-c", &cmd]);
     ctrd.ctr_ok(&["images", "import", "--snapshotter", "nix", archive.to_str().unwrap()]);
-    let out = run(&ctrd, &daemon, &["run", "--rm", "--snapshotter", "nix", name, &unique("c")]);
+    let out = run(
+        &ctrd,
+        &daemon,
+        &["run", "--rm", "--snapshotter", "nix", name, &unique("c")],
+    );
     assert!(out.contains("READ-FAILED") && out.contains("LIST-FAILED"), "{out}");
     assert!(!out.contains("hello from"), "tampered content was served: {out}");
     // Nothing of it reached the store, under its name or half-written.
     let entries: Vec<String> = std::fs::read_dir(root.join("store"))
-        .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     assert!(!entries.iter().any(|e| e.contains(p.hash_part())), "{entries:?}");
-    assert!(daemon.log_text().contains("mismatch") || daemon.log_text().contains("decompress"), "no verification error logged");
+    assert!(
+        daemon.log_text().contains("mismatch") || daemon.log_text().contains("decompress"),
+        "no verification error logged"
+    );
     drop(ctrd);
     drop(daemon);
 }

@@ -106,6 +106,9 @@ struct Inodes {
     /// (store path, relative path) -> inode: the same in every view.
     store: HashMap<(Arc<str>, PathBuf), u64>,
     views: HashMap<String, Arc<View>>,
+    /// Inode numbers ever given to each view name: a view dropped and added
+    /// again gets the same ones, so entries the kernel still caches stay right.
+    view_inos: HashMap<String, [u64; 3]>,
 }
 
 struct Open {
@@ -223,7 +226,11 @@ impl StoreFs {
             let mut closure = closure.to_vec();
             closure.sort();
             closure.dedup_by(|a, b| a.base_name == b.base_name);
-            let inos = [0, 1, 2].map(|_| self.state.next_ino.fetch_add(1, Ordering::Relaxed));
+            let next = &self.state.next_ino;
+            let inos = *inodes
+                .view_inos
+                .entry(name.to_string())
+                .or_insert_with(|| [0, 1, 2].map(|_| next.fetch_add(1, Ordering::Relaxed)));
             let view = Arc::new(View {
                 name: name.to_string(),
                 closure,

@@ -294,6 +294,21 @@ impl MetaStore {
         Ok(())
     }
 
+    /// The ancestor chains of every active snapshot and view.
+    pub fn live_chains(&self) -> Result<Vec<Vec<Ancestor>>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SNAPSHOTS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (_, v) = entry?;
+            let rec = decode(v.value())?;
+            if rec.kind != Kind::Committed && !rec.parent.is_empty() {
+                out.push(ancestors(&table, &rec.parent)?);
+            }
+        }
+        Ok(out)
+    }
+
     /// The ids of all snapshots: everything else under `snapshots/` is garbage.
     pub fn ids(&self) -> Result<HashSet<u64>> {
         let mut ids = HashSet::new();

@@ -353,6 +353,10 @@ impl Snapshotter {
         if let Err(e) = fs::remove_dir_all(&dir) {
             tracing::warn!(path = %dir.display(), error = %e, "cannot remove snapshot directory; Cleanup will retry");
         }
+        // A view goes with the last snapshot that needs it.
+        if let (Some(n), false) = (&self.nix, rec.kind == Kind::Committed) {
+            n.drop_unused_views(&self.db.live_chains()?);
+        }
         Ok(())
     }
 

@@ -124,22 +124,9 @@ impl NixSupport {
     /// The FUSE view for the union of the Nix closures among `ancestors`,
     /// or None when there is no Nix layer below.
     pub fn view_for(&self, ancestors: &[Ancestor]) -> Result<Option<PathBuf>> {
-        let mut closure: BTreeMap<&str, Option<bool>> = BTreeMap::new();
-        for a in ancestors {
-            for p in a.nix.iter().flatten() {
-                closure.insert(&p.name, p.dir);
-            }
-        }
-        if closure.is_empty() {
+        let Some((name, closure)) = view_of(ancestors) else {
             return Ok(None);
-        }
-        let mut h = Sha256::new();
-        for name in closure.keys() {
-            h.update(name.as_bytes());
-            h.update(b"\n");
-        }
-        let digest = h.finalize();
-        let name: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+        };
         let is_new = !self.fs.view_names().contains(&name);
         if is_new {
             if let Some(store) = self.store.get().cloned() {
@@ -153,10 +140,10 @@ impl NixSupport {
             }
         }
         let entries: Vec<ClosureEntry> = closure
-            .into_iter()
+            .iter()
             .map(|(n, dir)| ClosureEntry {
                 base_name: n.to_string(),
-                is_dir: dir,
+                is_dir: *dir,
             })
             .collect();
         self.fs
@@ -164,6 +151,39 @@ impl NixSupport {
             .map(Some)
             .map_err(|e| Error::Database(e.to_string()))
     }
+
+    /// Drops the views that none of `in_use` (the ancestor chains of the
+    /// remaining active snapshots and views) needs.
+    pub fn drop_unused_views(&self, in_use: &[Vec<Ancestor>]) {
+        let keep: BTreeSet<String> = in_use.iter().filter_map(|a| view_of(a).map(|(n, _)| n)).collect();
+        for name in self.fs.view_names() {
+            if !keep.contains(&name) {
+                tracing::debug!(view = %name, "dropping unused view");
+                self.fs.remove_view(&name);
+            }
+        }
+    }
+}
+
+/// The view a snapshot above `ancestors` needs: its name (a hash of the
+/// union of their Nix closures, so equal closures share a view) and closure.
+fn view_of(ancestors: &[Ancestor]) -> Option<(String, BTreeMap<String, Option<bool>>)> {
+    let mut closure: BTreeMap<String, Option<bool>> = BTreeMap::new();
+    for a in ancestors {
+        for p in a.nix.iter().flatten() {
+            closure.insert(p.name.clone(), p.dir);
+        }
+    }
+    if closure.is_empty() {
+        return None;
+    }
+    let mut h = Sha256::new();
+    for name in closure.keys() {
+        h.update(name.as_bytes());
+        h.update(b"\n");
+    }
+    let name: String = h.finalize()[..12].iter().map(|b| format!("{b:02x}")).collect();
+    Some((name, closure))
 }
 
 /// The closure of an image-format Nix layer: `nix/store/` holds only empty
