@@ -24,6 +24,7 @@
 //! Needs root, containerd, runc, nix-bin, patchelf, python3 and Debian's Go
 //! sources (scripts/bench installs them).
 
+mod common;
 #[allow(dead_code)]
 #[path = "../tests/common/http.rs"]
 mod http;
@@ -34,40 +35,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{arg, arg_or, du, median, nix_build, publish, run, signing_key, NIXFLAGS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const NIXFLAGS: [&str; 2] = ["--extra-experimental-features", "nix-command"];
 const IMAGE: &str = "docker.io/library/bench-python:latest";
 const PLAIN_IMAGE: &str = "docker.io/library/bench-python-plain:latest";
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-fn du(path: &Path) -> u64 {
-    nix_snapshotter::snapshots::disk_usage(path)
-        .map(|u| u.size as u64)
-        .unwrap_or(0)
-}
 
 fn drop_caches() {
     let _ = Command::new("sync").status();
@@ -252,7 +224,7 @@ impl Env {
 }
 
 fn main() {
-    let rounds: usize = arg("--rounds").and_then(|v| v.parse().ok()).unwrap_or(3);
+    let rounds = arg_or("--rounds", 3);
     let dir = PathBuf::from(format!("/tmp/nsb-cold-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut guard = Guard {
@@ -308,26 +280,7 @@ in sh "python-closure" "b mkdir $out; for d in $deps; do b echo $d >> $out/refs;
     );
     std::fs::write(dir.join("closure.nix"), expr).unwrap();
     eprintln!("building the closure ...");
-    let top = run(Command::new("nix-build")
-        .arg("--store")
-        .arg(&chroot)
-        .args([
-            "--option",
-            "extra-sandbox-paths",
-            "/bin/sh=/bin/busybox /bin/busybox /usr /lib /lib64",
-        ])
-        .args([
-            "--option",
-            "build-users-group",
-            "",
-            "--option",
-            "substituters",
-            "",
-            "--no-out-link",
-        ])
-        .arg(dir.join("closure.nix")))
-    .trim()
-    .to_string();
+    let top = nix_build(&chroot, &dir.join("closure.nix"), " /usr /lib /lib64");
     let paths = run(Command::new("nix")
         .args(NIXFLAGS)
         .arg("path-info")
@@ -339,38 +292,14 @@ in sh "python-closure" "b mkdir $out; for d in $deps; do b echo $d >> $out/refs;
     let closure_bytes = du(&chroot.join("nix/store"));
     std::fs::write(dir.join("store-paths"), paths.join("\n") + "\n").unwrap();
 
-    let key = dir.join("key");
-    std::fs::write(
-        &key,
-        run(Command::new("nix")
-            .args(NIXFLAGS)
-            .args(["key", "generate-secret", "--key-name", "bench-1"])),
-    )
-    .unwrap();
-    let public = run(Command::new("nix")
-        .args(NIXFLAGS)
-        .args(["key", "convert-secret-to-public"])
-        .stdin(std::fs::File::open(&key).unwrap()))
-    .trim()
-    .to_string();
+    let (key, public) = signing_key(&dir, "bench-1");
     eprintln!(
         "publishing ({} store paths, {} MiB) ...",
         paths.len(),
         closure_bytes >> 20
     );
     let cache = dir.join("cache");
-    run(Command::new("nix")
-        .args(NIXFLAGS)
-        .arg("copy")
-        .arg("--store")
-        .arg(&chroot)
-        .arg("--to")
-        .arg(format!(
-            "file://{}?compression=zstd&secret-key={}",
-            cache.display(),
-            key.display()
-        ))
-        .arg(&top));
+    publish(&chroot, &cache, "zstd", &key, &top);
 
     // --- Images: the Nix image, and the same python rootfs as a plain image.
     let cli = env!("CARGO_BIN_EXE_nix-snapshotter");

@@ -12,15 +12,16 @@
 //! Needs root, nix-bin, curl, zstd and golang-github-containerd-containerd-dev
 //! (scripts/bench installs them).
 
+mod common;
 #[allow(dead_code)]
 #[path = "../tests/common/http.rs"]
 mod http;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const NIXFLAGS: [&str; 2] = ["--extra-experimental-features", "nix-command"];
+use common::{arg_or, du, median, nix_build, publish, run, signing_key, NIXFLAGS};
 
 struct Guard(PathBuf);
 
@@ -30,38 +31,8 @@ impl Drop for Guard {
     }
 }
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-fn du(path: &Path) -> u64 {
-    nix_snapshotter::snapshots::disk_usage(path)
-        .map(|u| u.size as u64)
-        .unwrap_or(0)
-}
-
 fn main() {
-    let rounds = arg("--rounds", 3);
+    let rounds = arg_or("--rounds", 3);
     let dir = PathBuf::from(format!("/tmp/nsb-fetch-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let _guard = Guard(dir.clone());
@@ -106,22 +77,7 @@ fn main() {
     );
     std::fs::write(dir.join("closure.nix"), expr).unwrap();
     eprintln!("building the closure ({} imported paths) ...", imports.len());
-    let top = run(Command::new("nix-build")
-        .arg("--store")
-        .arg(&chroot)
-        .args(["--option", "extra-sandbox-paths", "/bin/sh=/bin/busybox /bin/busybox"])
-        .args([
-            "--option",
-            "build-users-group",
-            "",
-            "--option",
-            "substituters",
-            "",
-            "--no-out-link",
-        ])
-        .arg(dir.join("closure.nix")))
-    .trim()
-    .to_string();
+    let top = nix_build(&chroot, &dir.join("closure.nix"), "");
     let paths = run(Command::new("nix")
         .args(NIXFLAGS)
         .arg("path-info")
@@ -131,37 +87,13 @@ fn main() {
     let n_paths = paths.lines().count();
     let unpacked = du(&chroot.join("nix/store"));
 
-    let key = dir.join("key");
-    std::fs::write(
-        &key,
-        run(Command::new("nix")
-            .args(NIXFLAGS)
-            .args(["key", "generate-secret", "--key-name", "bench-1"])),
-    )
-    .unwrap();
-    let public = run(Command::new("nix")
-        .args(NIXFLAGS)
-        .args(["key", "convert-secret-to-public"])
-        .stdin(std::fs::File::open(&key).unwrap()))
-    .trim()
-    .to_string();
+    let (key, public) = signing_key(&dir, "bench-1");
 
     let mut results = Vec::new();
     for compression in ["zstd", "xz"] {
         let cache = dir.join(format!("cache-{compression}"));
         eprintln!("publishing with {compression} ...");
-        run(Command::new("nix")
-            .args(NIXFLAGS)
-            .arg("copy")
-            .arg("--store")
-            .arg(&chroot)
-            .arg("--to")
-            .arg(format!(
-                "file://{}?compression={compression}&secret-key={}",
-                cache.display(),
-                key.display()
-            ))
-            .arg(&top));
+        publish(&chroot, &cache, compression, &key, &top);
         let download: u64 = std::fs::read_dir(cache.join("nar"))
             .unwrap()
             .map(|e| e.unwrap().metadata().unwrap().len())

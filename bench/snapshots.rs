@@ -12,10 +12,13 @@
 //! Needs root (mounts), Go and Debian's containerd sources for the baseline
 //! (golang-go golang-github-containerd-containerd-dev).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{arg_or, median};
 use nix_snapshotter::api::snapshots::{self as pb, snapshots_client::SnapshotsClient};
 use nix_snapshotter::api::Mount;
 use tonic::transport::Channel;
@@ -50,15 +53,6 @@ impl Drop for Guard {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn build_baseline(dir: &Path) -> PathBuf {
@@ -196,14 +190,9 @@ async fn base(c: &mut SnapshotsClient<Channel>, mnt: &Path) {
     .unwrap();
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
 fn main() {
-    let n = arg("--cycles", 200);
-    let rounds = arg("--rounds", 5);
+    let n = arg_or("--cycles", 200);
+    let rounds = arg_or("--rounds", 5);
     let dir = PathBuf::from(format!("/tmp/nsb-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut guard = Guard {

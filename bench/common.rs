@@ -1,0 +1,100 @@
+//! Helpers shared by the benchmarks (each bench is its own crate root).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const NIXFLAGS: [&str; 2] = ["--extra-experimental-features", "nix-command"];
+
+/// Runs a command; panics with its stderr unless it succeeds.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The value after `--name` on the command line.
+pub fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+pub fn arg_or(name: &str, default: usize) -> usize {
+    arg(name).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Bytes allocated under `path`.
+pub fn du(path: &Path) -> u64 {
+    nix_snapshotter::snapshots::disk_usage(path)
+        .map(|u| u.size as u64)
+        .unwrap_or(0)
+}
+
+/// A fresh Nix signing key in `dir`: (secret key file, public key).
+pub fn signing_key(dir: &Path, name: &str) -> (PathBuf, String) {
+    let key = dir.join("key");
+    std::fs::write(
+        &key,
+        run(Command::new("nix")
+            .args(NIXFLAGS)
+            .args(["key", "generate-secret", "--key-name", name])),
+    )
+    .unwrap();
+    let public = run(Command::new("nix")
+        .args(NIXFLAGS)
+        .args(["key", "convert-secret-to-public"])
+        .stdin(std::fs::File::open(&key).unwrap()))
+    .trim()
+    .to_string();
+    (key, public)
+}
+
+/// Builds `expr_file` into the chroot store at `chroot` (busybox as /bin/sh,
+/// plus `extra_sandbox_paths`), returning the output path.
+pub fn nix_build(chroot: &Path, expr_file: &Path, extra_sandbox_paths: &str) -> String {
+    run(Command::new("nix-build")
+        .arg("--store")
+        .arg(chroot)
+        .args(["--option", "extra-sandbox-paths"])
+        .arg(format!("/bin/sh=/bin/busybox /bin/busybox{extra_sandbox_paths}"))
+        .args([
+            "--option",
+            "build-users-group",
+            "",
+            "--option",
+            "substituters",
+            "",
+            "--no-out-link",
+        ])
+        .arg(expr_file))
+    .trim()
+    .to_string()
+}
+
+/// `nix copy`s `path`'s closure from the chroot store to a signed file:// cache.
+pub fn publish(chroot: &Path, cache: &Path, compression: &str, key: &Path, path: &str) {
+    run(Command::new("nix")
+        .args(NIXFLAGS)
+        .arg("copy")
+        .arg("--store")
+        .arg(chroot)
+        .arg("--to")
+        .arg(format!(
+            "file://{}?compression={compression}&secret-key={}",
+            cache.display(),
+            key.display()
+        ))
+        .arg(path));
+}
