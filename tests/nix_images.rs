@@ -107,6 +107,16 @@ fn config(dir: &Path, server: &Server, key: &str, extra: &str) -> std::path::Pat
     cfg
 }
 
+/// Our daemon (root `<tmp>/root`, substituter `server`, extra config) and a
+/// private containerd using it.
+fn stack(tmp: &TempRoot, server: &Server, extra: &str) -> (std::path::PathBuf, Daemon, Containerd) {
+    let cfg = config(&tmp.path, server, &fixture().nix.public_key, extra);
+    let sock = tmp.join("nix.sock");
+    let daemon = Daemon::start_with(&tmp.join("root"), &sock, &["--config", cfg.to_str().unwrap()], &[]);
+    let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
+    (cfg, daemon, ctrd)
+}
+
 /// `ctr run`, failing with both containerd's and our daemon's logs.
 fn run(ctrd: &Containerd, daemon: &Daemon, args: &[&str]) -> String {
     let out = ctrd.ctr(args);
@@ -151,11 +161,8 @@ fn nix_image_runs_lazily_and_sees_exact_store_paths() {
     assert!(f.closure.len() >= 20, "closure has only {} paths", f.closure.len());
     let tmp = TempRoot::new("nixe2e");
     let server = Server::start(f.cache.clone());
-    let cfg = config(&tmp.path, &server, &f.nix.public_key, "[fuse]\nfetch_timeout = 20.0\n");
-    let sock = tmp.join("nix.sock");
     let root = tmp.join("root");
-    let daemon = Daemon::start_with(&root, &sock, &["--config", cfg.to_str().unwrap()], &[]);
-    let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
+    let (_cfg, daemon, ctrd) = stack(&tmp, &server, "[fuse]\nfetch_timeout = 20.0\n");
 
     // A pure Nix image: its only layer is the Nix layer.
     let bb = format!("{}/bin/busybox", f.tool);
@@ -278,15 +285,7 @@ fn unreachable_cache_gives_eio_then_recovers() {
     let tmp = TempRoot::new("nixfault");
     let server = Server::start(f.cache.clone());
     server.fault("", Fault::Status(503), None);
-    let cfg = config(
-        &tmp.path,
-        &server,
-        &f.nix.public_key,
-        "[fetch]\nattempts = 2\n[fuse]\nfetch_timeout = 5.0\n",
-    );
-    let sock = tmp.join("nix.sock");
-    let daemon = Daemon::start_with(&tmp.join("root"), &sock, &["--config", cfg.to_str().unwrap()], &[]);
-    let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
+    let (_cfg, daemon, ctrd) = stack(&tmp, &server, "[fetch]\nattempts = 2\n[fuse]\nfetch_timeout = 5.0\n");
     let mut layers = image::busybox_layers();
     layers.push(nix_layer(&f.closure, &[]));
     let name = "docker.io/library/nix-fault:latest";
@@ -369,10 +368,7 @@ fn image_build_cli_is_reproducible_and_its_images_run() {
     );
 
     let server = Server::start(f.cache.clone());
-    let cfg = config(&tmp.path, &server, &f.nix.public_key, "");
-    let sock = tmp.join("nix.sock");
-    let daemon = Daemon::start_with(&tmp.join("root"), &sock, &["--config", cfg.to_str().unwrap()], &[]);
-    let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
+    let (_cfg, daemon, ctrd) = stack(&tmp, &server, "");
     ctrd.ctr_ok(&["images", "import", "--snapshotter", "nix", a.to_str().unwrap()]);
     let out = run(
         &ctrd,
@@ -416,11 +412,8 @@ fn concurrent_cold_containers_share_downloads_and_restart_keeps_working() {
     let f = fixture();
     let tmp = TempRoot::new("nixconc");
     let server = Server::start(f.cache.clone());
-    let cfg = config(&tmp.path, &server, &f.nix.public_key, "");
-    let sock = tmp.join("nix.sock");
     let root = tmp.join("root");
-    let mut daemon = Daemon::start_with(&root, &sock, &["--config", cfg.to_str().unwrap()], &[]);
-    let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
+    let (cfg, mut daemon, ctrd) = stack(&tmp, &server, "");
     let name = "docker.io/library/nix-conc:latest";
     let archive = tmp.join("conc.tar");
     let bb = format!("{}/bin/busybox", f.tool);
@@ -464,7 +457,7 @@ fn concurrent_cold_containers_share_downloads_and_restart_keeps_working() {
 
     // Restart the daemon while idle: snapshots and views come back from disk.
     daemon.stop();
-    let daemon = Daemon::start_with(&root, &sock, &["--config", cfg.to_str().unwrap()], &[]);
+    let daemon = Daemon::start_with(&root, &tmp.join("nix.sock"), &["--config", cfg.to_str().unwrap()], &[]);
     let start = std::time::Instant::now();
     loop {
         let o = ctrd.ctr(&["snapshots", "--snapshotter", "nix", "ls"]);
@@ -557,10 +550,7 @@ fn redis_from_patched_debian_binaries_answers_pong() {
         .collect();
 
     let server = Server::start(cache);
-    let cfg = config(&tmp.path, &server, &f.nix.public_key, "");
-    let sock = tmp.join("nix.sock");
-    let daemon = Daemon::start_with(&tmp.join("root"), &sock, &["--config", cfg.to_str().unwrap()], &[]);
-    let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
+    let (_cfg, daemon, ctrd) = stack(&tmp, &server, "");
     let bb = format!("{}/bin/busybox", f.tool);
     let script = format!(
         "{r}/bin/redis-server --port 6399 --daemonize yes --save '' --logfile '' 2>&1; \
@@ -609,11 +599,8 @@ fn tampered_nar_is_never_served() {
     std::fs::write(&nar, bytes).unwrap();
 
     let server = Server::start(cache);
-    let cfg = config(&tmp.path, &server, &f.nix.public_key, "[fuse]\nfetch_timeout = 10.0\n");
-    let sock = tmp.join("nix.sock");
     let root = tmp.join("root");
-    let daemon = Daemon::start_with(&root, &sock, &["--config", cfg.to_str().unwrap()], &[]);
-    let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
+    let (_cfg, daemon, ctrd) = stack(&tmp, &server, "[fuse]\nfetch_timeout = 10.0\n");
     let mut layers = image::busybox_layers();
     layers.push(nix_layer(&f.closure, &[]));
     let name = "docker.io/library/nix-tamper:latest";
