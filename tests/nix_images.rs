@@ -192,7 +192,7 @@ fn nix_image_runs_lazily_and_sees_exact_store_paths() {
         "{out}\n{}",
         daemon.log_text()
     );
-    assert_eq!(lines.get(1), Some(&"filler 7"), "{out}");
+    assert_eq!(lines.get(1), Some(&"filler 7"), "{out}\n{}", daemon.log_text());
     assert_eq!(
         lines.get(2).map(|l| l.trim()),
         Some(f.closure.len().to_string().as_str()),

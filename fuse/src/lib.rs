@@ -523,6 +523,16 @@ impl Filesystem for FsImpl {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.0.lookup(parent, name) {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            // Below the root nothing ever appears (views and store paths are
+            // immutable): let the kernel cache the miss (node id 0), so the
+            // many probes for files that do not exist (the dynamic loader,
+            // interpreters, overlayfs looking up every name in this top-most
+            // lower layer) cost a round trip once, not on every container start.
+            Err(e) if e == Errno::ENOENT && parent != INodeNo::ROOT => {
+                let mut negative = dir_attr(0);
+                negative.ino = INodeNo(0);
+                reply.entry(&TTL, &negative, Generation(0))
+            }
             Err(e) => reply.error(e),
         }
     }
