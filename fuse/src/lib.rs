@@ -201,6 +201,9 @@ impl StoreFs {
         // Containers run as any uid (and in user namespaces).
         config.acl = SessionACL::All;
         config.n_threads = Some(cfg.threads.max(1));
+        // One /dev/fuse fd per worker (FUSE_DEV_IOC_CLONE): requests do not
+        // contend on a single queue.
+        config.clone_fd = true;
         let session =
             fuser::spawn_mount(FsImpl(state.clone()), mountpoint, &config).map_err(|source| FuseError::Mount {
                 path: mountpoint.to_path_buf(),
