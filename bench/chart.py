@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 results = json.load(open(sys.argv[1]))
-links = [k for k in results if isinstance(results[k], dict)]
+links = [k for k in results if isinstance(results[k], dict) and "cold_lazy" in results[k]]
 series = [
     ("cold_lazy", "cold, lazy (nix-snapshotter)"),
     ("cold_eager", "cold, eager (nix copy, then start)"),

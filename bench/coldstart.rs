@@ -512,6 +512,37 @@ in sh "python-closure" "b mkdir $out; for d in $deps; do b echo $d >> $out/refs;
     guard.namespaces.push(ns.clone());
     env.import(&ns, &dir.join("nix.tar"));
     env.first_line(&ns, "nix", IMAGE, &format!("{ns}-c"));
+
+    // --- Warm against overlayfs under the same conditions: alternating
+    // runs, after a warm-up of each, nothing else going on.
+    env.first_line(&ns, "nix", IMAGE, &format!("{ns}-w"));
+    env.first_line(&base_ns, "overlayfs", PLAIN_IMAGE, &format!("{ns}-o"));
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for i in 0..9 {
+        ours.push(env.first_line(&ns, "nix", IMAGE, &format!("{ns}-w{i}")));
+        theirs.push(env.first_line(&base_ns, "overlayfs", PLAIN_IMAGE, &format!("{ns}-o{i}")));
+    }
+    let (w, o) = (median(ours), median(theirs));
+    summary.push(format!(
+        "warm vs overlayfs, 9 alternating runs each: nix-snapshotter {w:.3} s, overlayfs {o:.3} s, ratio {:.2}x",
+        w / o
+    ));
+    report.insert(
+        "warm_alternating".into(),
+        serde_json::json!({ "warm": w, "overlayfs": o }),
+    );
+
+    // Views go with their last snapshot: hold one open for the read test.
+    let snaps = run(env.ctr(&ns).args(["snapshots", "--snapshotter", "nix", "ls"]));
+    let layer = snaps
+        .lines()
+        .find(|l| l.contains("Committed"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    run(env
+        .ctr(&ns)
+        .args(["snapshots", "--snapshotter", "nix", "prepare", "read-view", &layer]));
     let view = std::fs::read_dir(root.join("fuse"))
         .unwrap()
         .next()
