@@ -355,7 +355,10 @@ impl Snapshotter {
         }
         // A view goes with the last snapshot that needs it.
         if let (Some(n), false) = (&self.nix, rec.kind == Kind::Committed) {
-            n.drop_unused_views(&self.db.live_chains()?);
+            // Scanning every snapshot is only worth it when a view exists.
+            if n.has_views() {
+                n.drop_unused_views(&self.db.live_chains()?);
+            }
         }
         Ok(())
     }

@@ -152,6 +152,10 @@ impl NixSupport {
             .map_err(|e| Error::Database(e.to_string()))
     }
 
+    pub fn has_views(&self) -> bool {
+        !self.fs.view_names().is_empty()
+    }
+
     /// Drops the views that none of `in_use` (the ancestor chains of the
     /// remaining active snapshots and views) needs.
     pub fn drop_unused_views(&self, in_use: &[Vec<Ancestor>]) {
