@@ -11,7 +11,6 @@
 //! image record.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -19,7 +18,6 @@ use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use crate::api::containerd::types::Descriptor;
 use crate::api::content::{self, content_client::ContentClient};
 use crate::api::images::{self, images_client::ImagesClient};
 use crate::api::leases::{self, leases_client::LeasesClient};
@@ -37,6 +35,8 @@ pub enum LoadError {
     },
     #[error("containerd {call}: {status}")]
     Api { call: &'static str, status: tonic::Status },
+    #[error(transparent)]
+    Image(#[from] super::ImageError),
     #[error("applying layer {digest}: {msg}")]
     Apply { digest: String, msg: String },
 }
@@ -64,120 +64,6 @@ impl tonic::service::Interceptor for Headers {
 
 type Svc = InterceptedService<Channel, Headers>;
 
-/// An image as the archive has it: raw blobs, so digests stay what they are.
-struct RawImage {
-    name: String,
-    manifest: Descriptor,
-    manifest_bytes: Vec<u8>,
-    config_digest: String,
-    config_bytes: Vec<u8>,
-    /// (descriptor, blob, diff id)
-    layers: Vec<(Descriptor, Vec<u8>, String)>,
-}
-
-fn read_raw(path: &Path, name_override: Option<&str>) -> Result<RawImage, LoadError> {
-    let bad = |msg: String| LoadError::Archive {
-        path: path.to_path_buf(),
-        msg,
-    };
-    let f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
-    let mut files: HashMap<String, Vec<u8>> = HashMap::new();
-    for entry in tar::Archive::new(f).entries().map_err(|e| bad(e.to_string()))? {
-        let mut e = entry.map_err(|e| bad(e.to_string()))?;
-        let name = e
-            .path()
-            .map_err(|e| bad(e.to_string()))?
-            .to_string_lossy()
-            .trim_start_matches("./")
-            .to_string();
-        let mut data = Vec::new();
-        e.read_to_end(&mut data).map_err(|e| bad(e.to_string()))?;
-        files.insert(name, data);
-    }
-    let blob = |digest: &str| -> Result<Vec<u8>, LoadError> {
-        let data = files
-            .get(&format!("blobs/sha256/{}", digest.trim_start_matches("sha256:")))
-            .cloned()
-            .ok_or_else(|| bad(format!("missing blob {digest}")))?;
-        if super::sha256_digest(&data) != digest {
-            return Err(bad(format!("blob {digest} does not match its digest")));
-        }
-        Ok(data)
-    };
-    let json = |bytes: &[u8], what: &str| -> Result<serde_json::Value, LoadError> {
-        serde_json::from_slice(bytes).map_err(|e| bad(format!("{what}: {e}")))
-    };
-    let index = json(
-        files
-            .get("index.json")
-            .ok_or_else(|| bad("no index.json (not an OCI image layout)".into()))?,
-        "index.json",
-    )?;
-    let m = &index["manifests"][0];
-    let digest = m["digest"]
-        .as_str()
-        .ok_or_else(|| bad("index.json names no manifest".into()))?
-        .to_string();
-    let name = match name_override {
-        Some(n) => n.to_string(),
-        None => m["annotations"]["io.containerd.image.name"]
-            .as_str()
-            .ok_or_else(|| bad("the archive names no image (io.containerd.image.name); pass --name".into()))?
-            .to_string(),
-    };
-    let manifest_bytes = blob(&digest)?;
-    let manifest = json(&manifest_bytes, "manifest")?;
-    let config_digest = manifest["config"]["digest"]
-        .as_str()
-        .ok_or_else(|| bad("manifest has no config".into()))?
-        .to_string();
-    let config_bytes = blob(&config_digest)?;
-    let config = json(&config_bytes, "config")?;
-    let diff_ids = config["rootfs"]["diff_ids"].as_array().cloned().unwrap_or_default();
-    let descs = manifest["layers"].as_array().cloned().unwrap_or_default();
-    if descs.len() != diff_ids.len() {
-        return Err(bad("layer count and diff_ids disagree".into()));
-    }
-    let mut layers = Vec::new();
-    for (d, diff) in descs.iter().zip(diff_ids) {
-        let digest = d["digest"]
-            .as_str()
-            .ok_or_else(|| bad("layer without digest".into()))?
-            .to_string();
-        let annotations = d["annotations"]
-            .as_object()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let desc = Descriptor {
-            media_type: d["mediaType"].as_str().unwrap_or(super::LAYER_MEDIA_TYPE).to_string(),
-            digest: digest.clone(),
-            size: d["size"].as_i64().unwrap_or(0),
-            annotations,
-        };
-        layers.push((desc, blob(&digest)?, diff.as_str().unwrap_or_default().to_string()));
-    }
-    Ok(RawImage {
-        name,
-        manifest: Descriptor {
-            media_type: m["mediaType"]
-                .as_str()
-                .unwrap_or("application/vnd.oci.image.manifest.v1+json")
-                .to_string(),
-            digest,
-            size: manifest_bytes.len() as i64,
-            annotations: HashMap::new(),
-        },
-        manifest_bytes,
-        config_digest,
-        config_bytes,
-        layers,
-    })
-}
-
 /// The chain IDs of a layer stack: what containerd names unpacked snapshots.
 pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
@@ -202,12 +88,21 @@ pub async fn load(
 ) -> Result<String, LoadError> {
     let archive_path = archive.to_path_buf();
     let name = name.map(str::to_string);
-    let img = tokio::task::spawn_blocking(move || read_raw(&archive_path, name.as_deref()))
+    let mut img = tokio::task::spawn_blocking(move || super::read_raw(&archive_path))
         .await
         .map_err(|e| LoadError::Archive {
             path: archive.to_path_buf(),
             msg: e.to_string(),
         })??;
+    if let Some(n) = name {
+        img.name = Some(n);
+    }
+    let Some(image_name) = img.name.clone() else {
+        return Err(LoadError::Archive {
+            path: archive.to_path_buf(),
+            msg: "the archive names no image (io.containerd.image.name); pass --name".into(),
+        });
+    };
     let channel = crate::uds::connect(address)
         .await
         .map_err(|source| LoadError::Connect {
@@ -248,10 +143,10 @@ pub async fn load(
             sync: false,
         })
         .await;
-    result.map(|()| img.name.clone())
+    result.map(|()| image_name)
 }
 
-async fn load_leased(channel: Channel, h: Headers, img: &RawImage, snapshotter: &str) -> Result<(), LoadError> {
+async fn load_leased(channel: Channel, h: Headers, img: &super::RawImage, snapshotter: &str) -> Result<(), LoadError> {
     let mut content: ContentClient<Svc> = ContentClient::with_interceptor(channel.clone(), h.clone());
     let mut snaps: SnapshotsClient<Svc> = SnapshotsClient::with_interceptor(channel.clone(), h.clone());
     let mut images: ImagesClient<Svc> = ImagesClient::with_interceptor(channel, h);
@@ -336,7 +231,7 @@ async fn load_leased(channel: Channel, h: Headers, img: &RawImage, snapshotter: 
     }
 
     let image = images::Image {
-        name: img.name.clone(),
+        name: img.name.clone().unwrap_or_default(),
         labels: HashMap::new(),
         target: Some(img.manifest.clone()),
         created_at: None,

@@ -11,13 +11,14 @@
 
 pub mod load;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::api::containerd::types::Descriptor;
 use crate::nixfmt::StorePath;
 
 pub const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
@@ -220,8 +221,39 @@ pub struct Archive {
 }
 
 pub fn read_archive(path: &Path) -> Result<Archive, ImageError> {
+    let raw = read_raw(path)?;
+    let config = serde_json::from_slice(&raw.config_bytes).map_err(|e| invalid(path, format!("config: {e}")))?;
+    let mut layers = Vec::new();
+    for (desc, gz, diff_id) in raw.layers {
+        let m = &desc.media_type;
+        if !m.ends_with("tar+gzip") && !m.ends_with("tar.gzip") && !m.contains("rootfs.diff.tar.gzip") {
+            return Err(invalid(path, format!("layer media type {m} is not gzip tar")));
+        }
+        layers.push(Layer {
+            gz,
+            diff_id,
+            annotations: desc.annotations.into_iter().collect(),
+        });
+    }
+    Ok(Archive { config, layers })
+}
+
+/// An image as an OCI image-layout tar has it: raw blobs (each checked
+/// against its digest), so digests stay what they are.
+pub(crate) struct RawImage {
+    /// `io.containerd.image.name`, if the archive names the image.
+    pub name: Option<String>,
+    pub manifest: Descriptor,
+    pub manifest_bytes: Vec<u8>,
+    pub config_digest: String,
+    pub config_bytes: Vec<u8>,
+    /// (descriptor, blob, diff id), bottom first.
+    pub layers: Vec<(Descriptor, Vec<u8>, String)>,
+}
+
+pub(crate) fn read_raw(path: &Path) -> Result<RawImage, ImageError> {
     let f = std::fs::File::open(path).map_err(io_err(path))?;
-    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut files: HashMap<String, Vec<u8>> = HashMap::new();
     for entry in tar::Archive::new(f).entries().map_err(io_err(path))? {
         let mut e = entry.map_err(io_err(path))?;
         let name = e
@@ -234,57 +266,80 @@ pub fn read_archive(path: &Path) -> Result<Archive, ImageError> {
         e.read_to_end(&mut data).map_err(io_err(path))?;
         files.insert(name, data);
     }
-    let json = |name: &str| -> Result<Value, ImageError> {
-        let bytes = files
-            .get(name)
-            .ok_or_else(|| invalid(path, format!("no {name} (not an OCI image layout)")))?;
-        serde_json::from_slice(bytes).map_err(|e| invalid(path, format!("{name}: {e}")))
+    let blob = |digest: &str| -> Result<Vec<u8>, ImageError> {
+        let data = files
+            .get(&blob_path(digest))
+            .cloned()
+            .ok_or_else(|| invalid(path, format!("missing blob {digest}")))?;
+        if sha256_digest(&data) != digest {
+            return Err(invalid(path, format!("blob {digest} does not match its digest")));
+        }
+        Ok(data)
     };
-    let index = json("index.json")?;
-    let digest_of = |v: &Value, what: &str| -> Result<String, ImageError> {
-        v["digest"]
-            .as_str()
-            .map(str::to_string)
-            .ok_or_else(|| invalid(path, format!("{what} has no digest")))
+    let json = |bytes: &[u8], what: &str| -> Result<Value, ImageError> {
+        serde_json::from_slice(bytes).map_err(|e| invalid(path, format!("{what}: {e}")))
     };
-    let manifest_digest = digest_of(&index["manifests"][0], "index.json manifest")?;
-    let manifest = json(&blob_path(&manifest_digest))?;
-    let config = json(&blob_path(&digest_of(&manifest["config"], "manifest config")?))?;
+    let index = json(
+        files
+            .get("index.json")
+            .ok_or_else(|| invalid(path, "no index.json (not an OCI image layout)"))?,
+        "index.json",
+    )?;
+    let m = &index["manifests"][0];
+    let digest = m["digest"]
+        .as_str()
+        .ok_or_else(|| invalid(path, "index.json names no manifest"))?
+        .to_string();
+    let manifest_bytes = blob(&digest)?;
+    let manifest = json(&manifest_bytes, "manifest")?;
+    let config_digest = manifest["config"]["digest"]
+        .as_str()
+        .ok_or_else(|| invalid(path, "manifest has no config"))?
+        .to_string();
+    let config_bytes = blob(&config_digest)?;
+    let config = json(&config_bytes, "config")?;
     let diff_ids = config["rootfs"]["diff_ids"].as_array().cloned().unwrap_or_default();
     let descs = manifest["layers"].as_array().cloned().unwrap_or_default();
-    if diff_ids.len() != descs.len() {
+    if descs.len() != diff_ids.len() {
         return Err(invalid(path, "layer count and diff_ids disagree"));
     }
     let mut layers = Vec::new();
     for (d, diff) in descs.iter().zip(diff_ids) {
-        if d["mediaType"].as_str().is_some_and(|m| {
-            !m.ends_with("tar+gzip") && !m.ends_with("tar.gzip") && !m.contains("rootfs.diff.tar.gzip")
-        }) {
-            return Err(invalid(
-                path,
-                format!("layer media type {} is not gzip tar", d["mediaType"]),
-            ));
-        }
-        let digest = digest_of(d, "layer")?;
-        let gz = files
-            .get(&blob_path(&digest))
-            .cloned()
-            .ok_or_else(|| invalid(path, format!("missing blob {digest}")))?;
+        let digest = d["digest"]
+            .as_str()
+            .ok_or_else(|| invalid(path, "layer without digest"))?
+            .to_string();
         let annotations = d["annotations"]
             .as_object()
-            .map(|m| {
-                m.iter()
+            .map(|a| {
+                a.iter()
                     .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
                     .collect()
             })
             .unwrap_or_default();
-        layers.push(Layer {
-            gz,
-            diff_id: diff.as_str().unwrap_or_default().to_string(),
+        let desc = Descriptor {
+            media_type: d["mediaType"].as_str().unwrap_or(LAYER_MEDIA_TYPE).to_string(),
+            digest: digest.clone(),
+            size: d["size"].as_i64().unwrap_or(0),
             annotations,
-        });
+        };
+        layers.push((desc, blob(&digest)?, diff.as_str().unwrap_or_default().to_string()));
     }
-    Ok(Archive { config, layers })
+    Ok(RawImage {
+        name: m["annotations"]["io.containerd.image.name"]
+            .as_str()
+            .map(str::to_string),
+        manifest: Descriptor {
+            media_type: m["mediaType"].as_str().unwrap_or(MANIFEST_MEDIA_TYPE).to_string(),
+            digest,
+            size: manifest_bytes.len() as i64,
+            annotations: HashMap::new(),
+        },
+        manifest_bytes,
+        config_digest,
+        config_bytes,
+        layers,
+    })
 }
 
 /// Inputs of `image build`.
