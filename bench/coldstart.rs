@@ -35,7 +35,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{arg, arg_or, du, median, nix_build, publish, run, signing_key, NIXFLAGS};
+use common::{arg, arg_or, du, median, nix_build, publish, run, signing_key, store_name, NIXFLAGS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const IMAGE: &str = "docker.io/library/bench-python:latest";
@@ -240,19 +240,7 @@ fn main() {
         .expect("golang-github-containerd-containerd-dev is needed")
     {
         let org = org.unwrap().path();
-        let name: String = org
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || "+-._".contains(c) {
-                    c
-                } else {
-                    '-'
-                }
-            })
-            .collect();
+        let name = store_name(&org.file_name().unwrap().to_string_lossy());
         bulk.push(format!("(cp \"bulk-{name}\" \"{}\")", org.display()));
     }
     let expr = format!(

@@ -98,3 +98,16 @@ pub fn publish(chroot: &Path, cache: &Path, compression: &str, key: &Path, path:
         ))
         .arg(path));
 }
+
+/// `s` with every character a store path name cannot hold replaced by '-'.
+pub fn store_name(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "+-._".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{arg_or, du, median, nix_build, publish, run, signing_key, NIXFLAGS};
+use common::{arg_or, du, median, nix_build, publish, run, signing_key, store_name, NIXFLAGS};
 
 struct Guard(PathBuf);
 
@@ -29,6 +29,19 @@ impl Drop for Guard {
     fn drop(&mut self) {
         let _ = nix_snapshotter::store::gc::remove_tree(&self.0);
     }
+}
+
+/// Seconds `nix-snapshotter fetch ARGS` takes into an empty `root`.
+fn timed_fetch(cfg: &std::path::Path, root: &std::path::Path, args: &[&str]) -> f64 {
+    let t = Instant::now();
+    run(Command::new(env!("CARGO_BIN_EXE_nix-snapshotter"))
+        .arg("--config")
+        .arg(cfg)
+        .arg("--root")
+        .arg(root)
+        .args(["--log-level", "warn", "fetch"])
+        .args(args));
+    t.elapsed().as_secs_f64()
 }
 
 fn main() {
@@ -47,20 +60,11 @@ fn main() {
             if !org.is_dir() {
                 continue;
             }
-            let name: String = format!(
+            let name = store_name(&format!(
                 "gocode-{}-{}",
                 host.file_name().unwrap().to_string_lossy(),
                 org.file_name().unwrap().to_string_lossy()
-            )
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || "+-._".contains(c) {
-                    c
-                } else {
-                    '-'
-                }
-            })
-            .collect();
+            ));
             imports.push(format!(
                 "(builtins.path {{ path = {}; name = \"{name}\"; }})",
                 org.display()
@@ -109,14 +113,7 @@ fn main() {
         let (mut ours, mut nix) = (Vec::new(), Vec::new());
         for r in 0..rounds {
             let root = dir.join(format!("ours-{compression}-{r}"));
-            let t = Instant::now();
-            run(Command::new(env!("CARGO_BIN_EXE_nix-snapshotter"))
-                .arg("--config")
-                .arg(&cfg)
-                .arg("--root")
-                .arg(&root)
-                .args(["--log-level", "warn", "fetch", "--closure", &top]));
-            ours.push(t.elapsed().as_secs_f64());
+            ours.push(timed_fetch(&cfg, &root, &["--closure", &top]));
             let _ = nix_snapshotter::store::gc::remove_tree(&root);
 
             let dest = dir.join(format!("nix-{compression}-{r}"));
@@ -171,15 +168,7 @@ fn main() {
                     .arg(format!("curl -sf {url} | zstd -dc > /dev/null")));
                 curl.push(t.elapsed().as_secs_f64());
                 let root = dir.join(format!("single-{r}"));
-                let t = Instant::now();
-                run(Command::new(env!("CARGO_BIN_EXE_nix-snapshotter"))
-                    .arg("--config")
-                    .arg(&cfg)
-                    .arg("--root")
-                    .arg(&root)
-                    .args(["--log-level", "warn", "fetch"])
-                    .arg(info.store_path.to_string()));
-                single.push(t.elapsed().as_secs_f64());
+                single.push(timed_fetch(&cfg, &root, &[&info.store_path.to_string()]));
                 let _ = nix_snapshotter::store::gc::remove_tree(&root);
             }
             let mb = info.nar_size as f64 / (1 << 20) as f64;
