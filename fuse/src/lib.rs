@@ -42,6 +42,12 @@ pub trait Resolver: Send + Sync + 'static {
     /// fetching it if needed. Called from FUSE worker threads; may block,
     /// but must return (with an error) within a bounded time.
     fn resolve(&self, base_name: &str) -> Result<PathBuf, String>;
+
+    /// Whether `base_name` is a directory, if that can be known cheaply
+    /// without fetching it (e.g. from a NAR listing). Bounded like `resolve`.
+    fn is_dir(&self, _base_name: &str) -> Option<bool> {
+        None
+    }
 }
 
 /// One entry of a view's closure.
@@ -51,7 +57,8 @@ pub struct ClosureEntry {
     pub base_name: String,
     /// Whether the store path is a directory, if known (an image's Nix
     /// layer says so). A known directory is listed and stat'ed without
-    /// fetching it; an unknown type is fetched on first lookup.
+    /// fetching it; of an unknown type the resolver is asked
+    /// ([`Resolver::is_dir`]), and failing that it is fetched on first lookup.
     pub is_dir: Option<bool>,
 }
 
@@ -422,10 +429,22 @@ impl State {
     /// `ls -l /nix/store` stays lazy.
     fn root_attr(&self, base: &Arc<str>, is_dir: Option<bool>) -> Result<FileAttr, Errno> {
         let resolved = self.resolved.read().map(|r| r.contains_key(base)).unwrap_or(false);
-        if is_dir == Some(true) && !resolved {
+        if !resolved && is_dir.or_else(|| self.listed_dir(base)) == Some(true) {
             return Ok(dir_attr(self.store_ino(base, Path::new(""))));
         }
         self.store_attr(base, Path::new(""))
+    }
+
+    /// Asks the resolver whether a store path of unknown type is a
+    /// directory, remembering a yes.
+    fn listed_dir(&self, base: &Arc<str>) -> Option<bool> {
+        let dir = self.resolver.is_dir(base)?;
+        if dir {
+            if let Ok(mut d) = self.known_dirs.write() {
+                d.insert(base.clone());
+            }
+        }
+        Some(dir)
     }
 
     fn attr(&self, ino: INodeNo) -> Result<FileAttr, Errno> {

@@ -116,9 +116,18 @@ pub fn layer_tar(entries: &[Entry]) -> Vec<u8> {
     b.into_inner().unwrap_or_default()
 }
 
+/// What copyToRoot puts at one path relative to `/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootLink {
+    /// A directory of a copyToRoot path (0755), merged across paths.
+    Dir,
+    /// A symlink to the store file (or store symlink) of the same relative path.
+    Symlink(String),
+}
+
 /// The Nix layer's entries: `nix/store/<path>` mountpoints (sorted), then
 /// the copyToRoot directories and symlinks.
-pub fn nix_layer_entries(closure: &[(String, bool)], symlinks: &BTreeMap<String, String>) -> Vec<Entry> {
+pub fn nix_layer_entries(closure: &[(String, bool)], links: &BTreeMap<String, RootLink>) -> Vec<Entry> {
     let mut v = vec![Entry::Dir("nix".into(), 0o755), Entry::Dir("nix/store".into(), 0o755)];
     let sorted: BTreeMap<&String, bool> = closure.iter().map(|(n, d)| (n, *d)).collect();
     for (base, is_dir) in sorted {
@@ -130,15 +139,21 @@ pub fn nix_layer_entries(closure: &[(String, bool)], symlinks: &BTreeMap<String,
         });
     }
     let mut dirs = BTreeSet::new();
-    for link in symlinks.keys() {
-        let mut p = Path::new(link).parent();
+    for (path, link) in links {
+        if *link == RootLink::Dir {
+            dirs.insert(path.clone());
+        }
+        let mut p = Path::new(path).parent();
         while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
             dirs.insert(d.to_string_lossy().into_owned());
             p = d.parent();
         }
     }
     v.extend(dirs.into_iter().map(|d| Entry::Dir(d, 0o755)));
-    v.extend(symlinks.iter().map(|(l, t)| Entry::Symlink(l.clone(), t.clone())));
+    v.extend(links.iter().filter_map(|(l, t)| match t {
+        RootLink::Symlink(t) => Some(Entry::Symlink(l.clone(), t.clone())),
+        RootLink::Dir => None,
+    }));
     v
 }
 
@@ -375,22 +390,31 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<(), ImageError> {
         })
         .collect();
 
-    let mut symlinks = BTreeMap::new();
+    let mut links = BTreeMap::new();
+    let mut roots = Vec::new();
     if let Some(file) = &opts.copy_to_root {
         let list: Vec<String> = serde_json::from_slice(&std::fs::read(file).map_err(io_err(file))?)
             .map_err(|e| invalid(file, format!("expected a JSON list of store paths: {e}")))?;
         for s in list {
             let p = StorePath::parse(&s).map_err(|e| invalid(file, e.to_string()))?;
-            link_tree(&physical(&p), &p.absolute(), Path::new(""), &mut symlinks).map_err(io_err(&physical(&p)))?;
+            if !paths.contains(&p) {
+                return Err(invalid(file, format!("{s} is not in the closure")));
+            }
+            add_root_links(&physical(&p), &p.absolute(), &mut links).map_err(|e| invalid(file, format!("{s}: {e}")))?;
+            roots.push(p.absolute());
         }
     }
 
     let mut annotations = BTreeMap::new();
-    let info = opts
-        .closure
+    // Seen from the store, not from where the file physically is (a chroot store).
+    let logical = match opts.closure.strip_prefix(&opts.store_root) {
+        Ok(rel) if opts.store_root != Path::new("/") => Path::new("/").join(rel),
+        _ => opts.closure.clone(),
+    };
+    let info = logical
         .parent()
         .and_then(|d| StorePath::parse(&d.to_string_lossy()).ok());
-    match info.filter(|_| opts.closure.file_name().is_some_and(|n| n == "store-paths")) {
+    match info.filter(|_| logical.file_name().is_some_and(|n| n == "store-paths")) {
         Some(info) => {
             annotations.insert(crate::snapshots::nix::LABEL_CLOSURE.to_string(), info.absolute());
         }
@@ -401,7 +425,17 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<(), ImageError> {
             }
         }
     }
-    let nix = Layer::from_tar(&layer_tar(&nix_layer_entries(&closure, &symlinks)), annotations);
+    // Says the layer is exactly what the labels and these copyToRoot paths
+    // determine, so a snapshotter may build it without fetching it.
+    let marker = serde_json::to_string(&roots).unwrap_or_default();
+    if crate::snapshots::nix::LABEL_COPY_TO_ROOT.len() + marker.len() <= crate::snapshots::MAX_LABEL_SIZE {
+        annotations.insert(crate::snapshots::nix::LABEL_COPY_TO_ROOT.to_string(), marker);
+    } else {
+        tracing::warn!(
+            "the copyToRoot list is too long for a containerd label: the Nix layer will be fetched and applied"
+        );
+    }
+    let nix = Layer::from_tar(&layer_tar(&nix_layer_entries(&closure, &links)), annotations);
 
     let user: Value = serde_json::from_slice(&std::fs::read(&opts.config).map_err(io_err(&opts.config))?)
         .map_err(|e| invalid(&opts.config, e.to_string()))?;
@@ -437,15 +471,29 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<(), ImageError> {
     write_archive(out, opts.name.as_deref(), config, &layers)
 }
 
-/// Records `/<rel>` -> `<store>/<rel>` for every non-directory under `dir`.
-fn link_tree(dir: &Path, store: &str, rel: &Path, out: &mut BTreeMap<String, String>) -> io::Result<()> {
+/// copyToRoot as the Go project does it: every directory of the store path
+/// `store` (physically at `dir`) becomes a directory of `/`, and everything
+/// else a symlink `/<rel>` -> `<store>/<rel>`. A later path wins a conflict.
+pub fn add_root_links(dir: &Path, store: &str, out: &mut BTreeMap<String, RootLink>) -> io::Result<()> {
+    if !std::fs::symlink_metadata(dir)?.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a copyToRoot path must be a directory",
+        ));
+    }
+    link_tree(dir, store, Path::new(""), out)
+}
+
+fn link_tree(dir: &Path, store: &str, rel: &Path, out: &mut BTreeMap<String, RootLink>) -> io::Result<()> {
     let here = dir.join(rel);
     let meta = std::fs::symlink_metadata(&here)?;
+    let key = rel.to_string_lossy().into_owned();
     if !meta.is_dir() {
-        if !rel.as_os_str().is_empty() {
-            out.insert(rel.to_string_lossy().into_owned(), format!("{store}/{}", rel.display()));
-        }
+        out.insert(key, RootLink::Symlink(format!("{store}/{}", rel.display())));
         return Ok(());
+    }
+    if !key.is_empty() {
+        out.insert(key, RootLink::Dir);
     }
     let mut names: Vec<_> = std::fs::read_dir(&here)?
         .map(|e| e.map(|e| e.file_name()))

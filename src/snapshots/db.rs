@@ -56,6 +56,28 @@ pub struct Ancestor {
     pub nix: Option<Vec<NixPath>>,
 }
 
+/// What a new snapshot starts with.
+pub struct NewRecord {
+    pub kind: Kind,
+    pub labels: BTreeMap<String, String>,
+    pub usage: Usage,
+    pub nix: Option<Vec<NixPath>>,
+}
+
+impl NewRecord {
+    pub fn empty(kind: Kind, labels: BTreeMap<String, String>) -> Self {
+        NewRecord {
+            kind,
+            labels,
+            usage: Usage::default(),
+            nix: None,
+        }
+    }
+}
+
+/// containerd labels a layer's snapshot with its chain id under this key.
+pub const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
+
 impl Record {
     pub fn info(&self, name: &str) -> Info {
         Info {
@@ -105,16 +127,16 @@ impl MetaStore {
         Ok(Some((rec, ancestors)))
     }
 
-    /// Inserts a new active or view snapshot. `publish` runs inside the
-    /// transaction after every check passed, with the new record and its
-    /// ancestors' ids; the transaction commits only if it succeeds, so the
-    /// directory and the record appear together or not at all.
+    /// Inserts a new snapshot: active, view, or (for a remote snapshot)
+    /// committed. `publish` runs inside the transaction after every check
+    /// passed, with the new record and its ancestors' ids; the transaction
+    /// commits only if it succeeds, so the directory and the record appear
+    /// together or not at all.
     pub fn create<T>(
         &self,
-        kind: Kind,
+        new: NewRecord,
         key: &str,
         parent: &str,
-        labels: BTreeMap<String, String>,
         publish: impl FnOnce(&Record, &[Ancestor]) -> Result<T>,
     ) -> Result<T> {
         let txn = self.db.begin_write()?;
@@ -122,6 +144,16 @@ impl MetaStore {
             let mut snaps = txn.open_table(SNAPSHOTS)?;
             if snaps.get(key)?.is_some() {
                 return Err(Error::AlreadyExists(format!("snapshot {key:?} already exists")));
+            }
+            // Two pulls of one layer may race to make it remotely: one wins.
+            if new.kind == Kind::Committed {
+                if let Some(target) = new.labels.get(LABEL_SNAPSHOT_REF) {
+                    if let Some(existing) = find_ref(&snaps, target, parent)? {
+                        return Err(Error::AlreadyExists(format!(
+                            "target snapshot {target:?} already exists as {existing:?}"
+                        )));
+                    }
+                }
             }
             let parents = if parent.is_empty() {
                 Vec::new()
@@ -144,13 +176,13 @@ impl MetaStore {
             let now = SystemTime::now();
             let rec = Record {
                 id,
-                kind,
+                kind: new.kind,
                 parent: parent.to_string(),
                 created: now,
                 updated: now,
-                labels,
-                usage: Usage::default(),
-                nix: None,
+                labels: new.labels,
+                usage: new.usage,
+                nix: new.nix,
             };
             snaps.insert(key, encode(&rec)?.as_slice())?;
             if !parent.is_empty() {
@@ -309,6 +341,13 @@ impl MetaStore {
         Ok(out)
     }
 
+    /// The committed snapshot that stands for layer chain `target` on top of
+    /// `parent`, if there is one (made by an earlier pull, in any namespace).
+    pub fn find_ref(&self, target: &str, parent: &str) -> Result<Option<String>> {
+        let txn = self.db.begin_read()?;
+        find_ref(&txn.open_table(SNAPSHOTS)?, target, parent)
+    }
+
     /// The ids of all snapshots: everything else under `snapshots/` is garbage.
     pub fn ids(&self) -> Result<HashSet<u64>> {
         let mut ids = HashSet::new();
@@ -343,6 +382,24 @@ fn ancestors(table: &impl ReadableTable<&'static str, &'static [u8]>, first: &st
         name = rec.parent;
     }
     Ok(out)
+}
+
+fn find_ref(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    target: &str,
+    parent: &str,
+) -> Result<Option<String>> {
+    for entry in table.iter()? {
+        let (k, v) = entry?;
+        let rec = decode(v.value())?;
+        if rec.kind == Kind::Committed
+            && rec.parent == parent
+            && rec.labels.get(LABEL_SNAPSHOT_REF).is_some_and(|t| t == target)
+        {
+            return Ok(Some(k.value().to_string()));
+        }
+    }
+    Ok(None)
 }
 
 fn encode(rec: &Record) -> Result<Vec<u8>> {

@@ -299,6 +299,26 @@ mod tests {
         assert!(matches(&[""], &a));
     }
 
+    /// The filter containerd's metadata store sends after a remote snapshot
+    /// answered ALREADY_EXISTS (parent quoted, possibly empty).
+    #[test]
+    fn remote_snapshot_lookup() {
+        let chain = "sha256:0123abcd";
+        let top = info("1/2/x", "", Kind::Committed, &[("containerd.io/snapshot.ref", chain)]);
+        let child = info(
+            "1/3/y",
+            "1/2/x",
+            Kind::Committed,
+            &[("containerd.io/snapshot.ref", chain)],
+        );
+        let f = format!(r#"labels."containerd.io/snapshot.ref"=={chain},parent=="""#);
+        assert!(matches(&[f.as_str()], &top));
+        assert!(!matches(&[f.as_str()], &child));
+        let f = format!(r#"labels."containerd.io/snapshot.ref"=={chain},parent=="1/2/x""#);
+        assert!(matches(&[f.as_str()], &child));
+        assert!(!matches(&[f.as_str()], &top));
+    }
+
     #[test]
     fn errors_name_the_filter() {
         for bad in ["kind=", "kind==", "labels.\"x", "name==a b", "=="] {

@@ -22,11 +22,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::Mount;
 use crate::error::{Error, Result};
-use db::{Ancestor, MetaStore};
+use db::{Ancestor, MetaStore, NewRecord, LABEL_SNAPSHOT_REF};
 pub use usage::disk_usage;
 
 /// Maximum size of one label's key plus value, as containerd enforces.
-const MAX_LABEL_SIZE: usize = 4096;
+pub const MAX_LABEL_SIZE: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Kind {
@@ -212,18 +212,90 @@ impl Snapshotter {
             validate_key("parent", parent)?;
         }
         let labels = clean_labels(key, labels)?;
+        if kind == Kind::Active {
+            if let Some(target) = labels.get(LABEL_SNAPSHOT_REF) {
+                self.remote_shortcut(key, parent, target, &labels)?;
+            }
+        }
         let _guard = self.dirs.read().map_err(|_| Error::Database("lock poisoned".into()))?;
-
         // Build the directory under a temporary name first; it becomes
         // `snapshots/<id>` only inside the transaction that records it.
         let tmp = tempdir_in(&self.snapshots_dir())?;
-        let mut published = None;
-        let result = self.db.create(kind, key, parent, labels, |rec, parents| {
-            let fs_dir = tmp.join("fs");
-            mkdir(&fs_dir, 0o755, self.umask)?;
-            if kind == Kind::Active {
-                mkdir(&tmp.join("work"), 0o711, self.umask)?;
+        let built = mkdir(&tmp.join("fs"), 0o755, self.umask).and_then(|()| match kind {
+            Kind::Active => mkdir(&tmp.join("work"), 0o711, self.umask),
+            _ => Ok(()),
+        });
+        if let Err(e) = built {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        self.publish(NewRecord::empty(kind, labels), key, parent, tmp, |rec, parents| {
+            self.mounts_for(kind, rec.id, parents)
+        })
+    }
+
+    /// The remote-snapshot shortcut, for a Prepare that names the layer chain
+    /// it unpacks (`containerd.io/snapshot.ref`). If a committed snapshot of
+    /// that chain on the same parent exists (an earlier pull, in any
+    /// namespace), or the layer is a Nix layer whose labels determine its
+    /// whole content, answers ALREADY_EXISTS with the committed snapshot in
+    /// place, and containerd neither fetches nor applies the layer.
+    /// Returns Ok when the layer must be fetched and applied as usual.
+    fn remote_shortcut(&self, key: &str, parent: &str, target: &str, labels: &BTreeMap<String, String>) -> Result<()> {
+        if let Some(existing) = self.db.find_ref(target, parent)? {
+            return Err(Error::AlreadyExists(format!(
+                "target snapshot {target:?} already exists as {existing:?}"
+            )));
+        }
+        let Some(layer) = (match &self.nix {
+            Some(n) => n.remote_layer(labels)?,
+            None => None,
+        }) else {
+            return Ok(());
+        };
+        let _guard = self.dirs.read().map_err(|_| Error::Database("lock poisoned".into()))?;
+        let tmp = tempdir_in(&self.snapshots_dir())?;
+        let fs_dir = tmp.join("fs");
+        let usage = mkdir(&fs_dir, 0o755, self.umask)
+            .and_then(|()| nix::materialize(&fs_dir, &layer.links))
+            .and_then(|()| disk_usage(&fs_dir));
+        let usage = match usage {
+            Ok(u) => u,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp);
+                tracing::warn!(target, error = %e, "cannot build the Nix layer from its labels; it will be fetched");
+                return Ok(());
             }
+        };
+        let paths = layer.closure.len();
+        let new = NewRecord {
+            kind: Kind::Committed,
+            labels: labels.clone(),
+            usage,
+            nix: Some(layer.closure),
+        };
+        self.publish(new, key, parent, tmp, |_, _| Ok(()))?;
+        tracing::info!(key, target, paths, "made a Nix layer from its labels (remote snapshot)");
+        Err(Error::AlreadyExists(format!(
+            "target snapshot {target:?} was made from its Nix closure without fetching the layer"
+        )))
+    }
+
+    /// Records a new snapshot whose tree was built in `tmp` (holding `fs/`
+    /// and, for an active snapshot, `work/`), renaming it into place inside
+    /// the recording transaction; `then` runs there too and its result is
+    /// returned. On failure nothing is recorded and `tmp` is removed.
+    fn publish<T>(
+        &self,
+        new: NewRecord,
+        key: &str,
+        parent: &str,
+        tmp: PathBuf,
+        then: impl FnOnce(&db::Record, &[Ancestor]) -> Result<T>,
+    ) -> Result<T> {
+        let mut published = None;
+        let result = self.db.create(new, key, parent, |rec, parents| {
+            let fs_dir = tmp.join("fs");
             if let Some(pid) = parents.first().map(|a| a.id) {
                 // The new upper starts owned like the parent's root, so a
                 // layer's root ownership survives into its children.
@@ -242,7 +314,7 @@ impl Snapshotter {
                 fs::rename(&tmp, &dest).map_err(Error::io("cannot publish", &dest))?;
             }
             published = Some(dest);
-            self.mounts_for(kind, rec.id, parents)
+            then(rec, parents)
         });
         if result.is_err() {
             // Nothing was recorded: remove what we built, wherever it is now.

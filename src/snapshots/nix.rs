@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::db::{Ancestor, NixPath};
 use crate::error::{Error, Result};
+use crate::image::RootLink;
 use crate::nixfmt::StorePath;
 use crate::store::Store;
 use nix_snapshotter_fuse::{ClosureEntry, Resolver, StoreFs};
@@ -23,6 +24,18 @@ use nix_snapshotter_fuse::{ClosureEntry, Resolver, StoreFs};
 pub const LABEL_CLOSURE: &str = "containerd.io/snapshot/nix-closure";
 pub const LABEL_LAYER: &str = "containerd.io/snapshot/nix-layer";
 pub const LABEL_PATH_PREFIX: &str = "containerd.io/snapshot/nix-store-path.";
+/// Ours: a JSON list of the image's copyToRoot store paths. Its presence says
+/// the layer is exactly the closure's mountpoints plus those paths' links,
+/// so the layer can be made without fetching it (the remote-snapshot
+/// shortcut). Images without it (the Go project's) are fetched and applied.
+pub const LABEL_COPY_TO_ROOT: &str = "containerd.io/snapshot/nix-copy-to-root";
+
+/// A Nix layer made from its labels alone.
+pub struct RemoteLayer {
+    pub closure: Vec<NixPath>,
+    /// What copyToRoot puts under `/`.
+    pub links: BTreeMap<String, RootLink>,
+}
 
 /// The store, once the daemon has opened it (it opens in the background so
 /// an unreachable cache never delays serving).
@@ -53,6 +66,15 @@ impl Resolver for StoreResolver {
             Err(_) => Err(format!("fetching {base_name} took longer than {:?}", self.timeout)),
         }
     }
+
+    fn is_dir(&self, base_name: &str) -> Option<bool> {
+        let path = StorePath::from_base_name(base_name).ok()?;
+        let store = self.store.get()?.clone();
+        self.rt
+            .block_on(async { tokio::time::timeout(self.timeout, store.listed_is_dir(&path)).await })
+            .ok()
+            .flatten()
+    }
 }
 
 /// Everything the snapshotter needs for Nix layers.
@@ -67,18 +89,24 @@ impl NixSupport {
     /// Decides whether the layer being committed (its upper directory and
     /// labels) is a Nix layer, and if so returns its closure.
     pub fn detect(&self, upper: &Path, labels: &BTreeMap<String, String>) -> Result<Option<Vec<NixPath>>> {
+        match self.closure_from_labels(labels) {
+            Some(Ok(c)) => Ok(Some(c)),
+            // The layer's own mountpoints list the same closure.
+            Some(Err(e)) => match mountpoints(upper) {
+                Some(c) => {
+                    tracing::warn!(error = %e, "Nix layer labels unusable; using the layer's mountpoints");
+                    Ok(Some(c))
+                }
+                None => Err(e),
+            },
+            None => Ok(mountpoints(upper)),
+        }
+    }
+
+    /// The closure the labels name, or None when they do not name one.
+    fn closure_from_labels(&self, labels: &BTreeMap<String, String>) -> Option<Result<Vec<NixPath>>> {
         if let Some(info) = labels.get(LABEL_CLOSURE) {
-            return match self.closure_info(info) {
-                Ok(c) => Ok(Some(c)),
-                // The layer's own mountpoints list the same closure.
-                Err(e) => match mountpoints(upper) {
-                    Some(c) => {
-                        tracing::warn!(error = %e, "closure-info unavailable; using the layer's mountpoints");
-                        Ok(Some(c))
-                    }
-                    None => Err(e),
-                },
-            };
+            return Some(self.closure_info(info));
         }
         if labels.get(LABEL_LAYER).is_some_and(|v| v == "true") {
             let paths: Result<Vec<NixPath>> = labels
@@ -93,21 +121,66 @@ impl NixSupport {
                     })
                 })
                 .collect();
-            return paths.map(Some);
+            return Some(paths);
         }
-        Ok(mountpoints(upper))
+        None
+    }
+
+    /// For the remote-snapshot shortcut: the layer, when its labels say what
+    /// it holds (closure labels plus [`LABEL_COPY_TO_ROOT`]). The copyToRoot
+    /// paths are fetched to list them. None (the layer is then fetched and
+    /// applied as usual, with a warning) when the labels do not determine
+    /// it or what they name cannot be fetched now; an error only when the
+    /// marker label itself is malformed.
+    pub fn remote_layer(&self, labels: &BTreeMap<String, String>) -> Result<Option<RemoteLayer>> {
+        let Some(raw) = labels.get(LABEL_COPY_TO_ROOT) else {
+            return Ok(None);
+        };
+        let bad = |m: String| Error::InvalidArgument(format!("label {LABEL_COPY_TO_ROOT}={raw:?}: {m}"));
+        let roots: Vec<String> =
+            serde_json::from_str(raw).map_err(|e| bad(format!("expected a JSON list of store paths: {e}")))?;
+        let roots: Vec<StorePath> = roots
+            .iter()
+            .map(|r| StorePath::parse(r).map_err(|e| bad(e.to_string())))
+            .collect::<Result<_>>()?;
+        let closure = match self.closure_from_labels(labels) {
+            Some(Ok(c)) => c,
+            None => return Err(bad("no nix-closure or nix-layer label says which closure".into())),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read the closure now; the Nix layer will be fetched");
+                return Ok(None);
+            }
+        };
+        let resolver = self.resolver();
+        let mut links = BTreeMap::new();
+        for root in &roots {
+            if !closure.iter().any(|p| p.name == root.base_name()) {
+                return Err(bad(format!("{} is not in the closure", root.absolute())));
+            }
+            let listed = resolver.resolve(root.base_name()).and_then(|dir| {
+                crate::image::add_root_links(&dir, &root.absolute(), &mut links).map_err(|e| e.to_string())
+            });
+            if let Err(e) = listed {
+                tracing::warn!(path = %root.absolute(), error = %e, "cannot list a copyToRoot path now; the Nix layer will be fetched");
+                return Ok(None);
+            }
+        }
+        Ok(Some(RemoteLayer { closure, links }))
+    }
+
+    fn resolver(&self) -> StoreResolver {
+        StoreResolver {
+            store: self.store.clone(),
+            rt: self.rt.clone(),
+            timeout: self.timeout,
+        }
     }
 
     /// Reads `store-paths` of a closure-info store path, fetched through the store.
     fn closure_info(&self, path: &str) -> Result<Vec<NixPath>> {
         let bad = |m: String| Error::InvalidArgument(format!("label {LABEL_CLOSURE}={path:?}: {m}"));
         let sp = StorePath::parse(path).map_err(|e| bad(e.to_string()))?;
-        let resolver = StoreResolver {
-            store: self.store.clone(),
-            rt: self.rt.clone(),
-            timeout: self.timeout,
-        };
-        let dir = resolver.resolve(sp.base_name()).map_err(bad)?;
+        let dir = self.resolver().resolve(sp.base_name()).map_err(bad)?;
         let text = std::fs::read_to_string(dir.join("store-paths")).map_err(|e| bad(format!("store-paths: {e}")))?;
         text.lines()
             .filter(|l| !l.is_empty())
@@ -188,6 +261,29 @@ fn view_of(ancestors: &[Ancestor]) -> Option<(String, BTreeMap<String, Option<bo
     }
     let name: String = h.finalize()[..12].iter().map(|b| format!("{b:02x}")).collect();
     Some((name, closure))
+}
+
+/// Makes copyToRoot's directories and symlinks under `fs_dir`, as applying
+/// the layer would (its mountpoints are not needed: the FUSE view is above).
+pub fn materialize(fs_dir: &Path, links: &BTreeMap<String, RootLink>) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    // Sorted, so every directory comes before what it holds.
+    for (rel, link) in links {
+        let path = fs_dir.join(rel);
+        let dir = match link {
+            RootLink::Dir => path.as_path(),
+            RootLink::Symlink(_) => path.parent().unwrap_or(fs_dir),
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(Error::io("cannot create", dir))?;
+        if let RootLink::Symlink(target) = link {
+            std::os::unix::fs::symlink(target, &path).map_err(Error::io("cannot create symlink", &path))?;
+        }
+    }
+    Ok(())
 }
 
 /// The closure of an image-format Nix layer: `nix/store/` holds only empty

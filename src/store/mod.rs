@@ -122,6 +122,8 @@ pub struct Store {
     db: PathDb,
     /// narinfos verified this run (also the closure walk's memo).
     narinfos: Mutex<HashMap<StorePath, Arc<Found>>>,
+    /// Whether a store path is a directory, as its `.ls` listing says.
+    listed_dirs: Mutex<HashMap<StorePath, bool>>,
     inflight: Mutex<HashMap<StorePath, Flight>>,
     /// Paths being read or otherwise in use right now: never evicted.
     leases: Mutex<HashMap<StorePath, usize>>,
@@ -186,6 +188,7 @@ impl Store {
             ordered: OnceCell::new(),
             db,
             narinfos: Mutex::new(HashMap::new()),
+            listed_dirs: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
             leases: Mutex::new(HashMap::new()),
             pinned: Mutex::new(HashSet::new()),
@@ -392,6 +395,36 @@ impl Store {
             })?;
         }
         Ok(info)
+    }
+
+    /// Whether `path` is a directory, from the `.ls` NAR listing of the cache
+    /// that serves it, so that a stat needs no NAR download. None when that
+    /// cache has no (readable) listing. Listings carry no signature: only
+    /// this one bit is taken from them, and content is still verified.
+    pub async fn listed_is_dir(&self, path: &StorePath) -> Option<bool> {
+        if let Some(d) = self.listed_dirs.lock().ok()?.get(path) {
+            return Some(*d);
+        }
+        let found = self.narinfo(path).await.ok()?;
+        let cache = self.caches().await.ok()?.get(found.cache)?;
+        let rel = format!("{}.ls", path.hash_part());
+        let root = match cache.get(&rel).await {
+            Ok(Some(bytes)) => match crate::nixfmt::listing::parse(&bytes) {
+                Ok(root) => root,
+                Err(e) => {
+                    tracing::debug!(path = %path, cache = cache.url(), error = %e, "unreadable NAR listing");
+                    return None;
+                }
+            },
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::debug!(path = %path, error = %e, "no NAR listing");
+                return None;
+            }
+        };
+        let is_dir = matches!(root, crate::nixfmt::listing::Node::Directory { .. });
+        self.listed_dirs.lock().ok()?.insert(path.clone(), is_dir);
+        Some(is_dir)
     }
 
     /// Fetches and verifies the narinfos of `paths` not yet local, many in

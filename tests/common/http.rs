@@ -1,6 +1,7 @@
 //! A small HTTP/1.1 file server on 127.0.0.1 for binary-cache tests: serves
-//! a directory, honours Range, keeps connections alive, logs every request,
-//! and injects faults (status codes, dropped connections, stalls) on demand.
+//! a directory (and fixed routes, for a registry), honours Range and HEAD,
+//! keeps connections alive, logs every request, and injects faults (status
+//! codes, dropped connections, stalls) on demand.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -26,9 +27,18 @@ struct Rule {
     remaining: Option<usize>,
 }
 
+/// A fixed response: content type, body and extra headers.
+#[derive(Clone, Debug)]
+struct Route {
+    content_type: String,
+    body: Vec<u8>,
+    headers: Vec<(String, String)>,
+}
+
 #[derive(Default)]
 struct Shared {
     rules: Vec<Rule>,
+    routes: std::collections::HashMap<String, Route>,
     log: Vec<String>,
 }
 
@@ -71,11 +81,23 @@ impl Server {
         });
     }
 
+    /// Serves `body` at `path` (before any file), with a content type and headers.
+    pub fn route(&self, path: &str, content_type: &str, body: Vec<u8>, headers: &[(&str, &str)]) {
+        self.shared.lock().unwrap().routes.insert(
+            path.to_string(),
+            Route {
+                content_type: content_type.to_string(),
+                body,
+                headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            },
+        );
+    }
+
     pub fn clear_faults(&self) {
         self.shared.lock().unwrap().rules.clear();
     }
 
-    /// Request paths so far ("GET /x" or "GET /x bytes=N-").
+    /// Requests so far ("GET /x", "HEAD /x" or "GET /x bytes=N-").
     pub fn log(&self) -> Vec<String> {
         self.shared.lock().unwrap().log.clone()
     }
@@ -104,6 +126,7 @@ fn serve(conn: TcpStream, root: &std::path::Path, shared: &Mutex<Shared>, stop: 
         if reader.read_line(&mut line).unwrap_or(0) == 0 || stop.load(Ordering::SeqCst) {
             return;
         }
+        let method = line.split_whitespace().next().unwrap_or("GET").to_string();
         let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
         let mut range_start = 0usize;
         let mut ranged = false;
@@ -127,9 +150,9 @@ fn serve(conn: TcpStream, root: &std::path::Path, shared: &Mutex<Shared>, stop: 
         let fault = {
             let mut s = shared.lock().unwrap();
             s.log.push(if ranged {
-                format!("GET {path} bytes={range_start}-")
+                format!("{method} {path} bytes={range_start}-")
             } else {
-                format!("GET {path}")
+                format!("{method} {path}")
             });
             let mut found = None;
             for r in s.rules.iter_mut() {
@@ -147,10 +170,23 @@ fn serve(conn: TcpStream, root: &std::path::Path, shared: &Mutex<Shared>, stop: 
             let _ = write!(out, "HTTP/1.1 {code} Fault\r\ncontent-length: 0\r\n\r\n");
             continue;
         }
-        let file = root.join(path.trim_start_matches('/'));
-        let Ok(mut body) = std::fs::read(&file) else {
-            let _ = write!(out, "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n");
-            continue;
+        let route = shared.lock().unwrap().routes.get(&path).cloned();
+        let mut extra = String::new();
+        let mut body = match route {
+            Some(r) => {
+                extra = format!("content-type: {}\r\n", r.content_type);
+                for (k, v) in &r.headers {
+                    extra.push_str(&format!("{k}: {v}\r\n"));
+                }
+                r.body
+            }
+            None => match std::fs::read(root.join(path.trim_start_matches('/'))) {
+                Ok(b) => b,
+                Err(_) => {
+                    let _ = write!(out, "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n");
+                    continue;
+                }
+            },
         };
         let status = if ranged && range_start > 0 {
             body.drain(..range_start.min(body.len()));
@@ -158,7 +194,14 @@ fn serve(conn: TcpStream, root: &std::path::Path, shared: &Mutex<Shared>, stop: 
         } else {
             "200 OK"
         };
-        let _ = write!(out, "HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n", body.len());
+        let _ = write!(
+            out,
+            "HTTP/1.1 {status}\r\n{extra}content-length: {}\r\n\r\n",
+            body.len()
+        );
+        if method == "HEAD" {
+            continue;
+        }
         match fault {
             Some(Fault::DropAfter(n)) => {
                 let _ = out.write_all(&body[..n.min(body.len())]);

@@ -32,7 +32,10 @@ pub fn whiteout(p: &str) -> Entry {
 /// copyToRoot-style symlinks, and no annotations (as `ctr images import`
 /// on containerd 1.6 sees it).
 pub fn nix_layer(closure: &[(String, bool)], symlinks: &[(&str, String)]) -> Vec<Entry> {
-    let links: BTreeMap<String, String> = symlinks.iter().map(|(l, t)| (l.to_string(), t.clone())).collect();
+    let links: BTreeMap<String, lib::RootLink> = symlinks
+        .iter()
+        .map(|(l, t)| (l.to_string(), lib::RootLink::Symlink(t.clone())))
+        .collect();
     lib::nix_layer_entries(closure, &links)
 }
 

@@ -6,6 +6,7 @@
 pub mod http;
 pub mod image;
 pub mod nix;
+pub mod registry;
 
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
@@ -163,6 +164,45 @@ pub fn stop_child(child: &mut Child, grace: Duration) -> Option<std::process::Ex
     let _ = child.kill();
     let _ = child.wait();
     None
+}
+
+/// Debian's containerd 1.6 Go sources, for programs that use its client.
+pub const GOCODE: &str = "/usr/share/gocode";
+
+/// Builds the Go program `tests/<dir>/<file>` (package main) with Debian's Go
+/// in GOPATH mode against Debian's containerd sources; returns the binary,
+/// placed under `out`.
+pub fn go_build(dir: &str, file: &str, out: &Path) -> PathBuf {
+    assert!(
+        have("go")
+            && Path::new(GOCODE)
+                .join("src/github.com/containerd/containerd/client.go")
+                .is_file(),
+        "needs golang-go and golang-github-containerd-containerd-dev (installed by .ci/run)"
+    );
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let gopath = out.join("gopath");
+    let pkg = gopath.join("src").join(dir);
+    std::fs::create_dir_all(&pkg).unwrap();
+    std::fs::copy(manifest.join("tests").join(dir).join(file), pkg.join(file)).unwrap();
+    let bin = out.join(dir);
+    let build = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(".")
+        .current_dir(&pkg)
+        .env("GO111MODULE", "off")
+        .env("GOPATH", format!("{}:{GOCODE}", gopath.display()))
+        // Kept between runs: containerd's client is large to compile.
+        .env("GOCACHE", manifest.join("target/go-cache"))
+        .output()
+        .unwrap();
+    assert!(
+        build.status.success(),
+        "go build of tests/{dir}/{file} failed:\n{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    bin
 }
 
 /// Our daemon as a child process.

@@ -1,0 +1,369 @@
+//! The remote-snapshot shortcut, end to end: containerd's Go client pulls a
+//! Nix image from a registry on 127.0.0.1 and unpacks it to our snapshotter
+//! (the path CRI and nerdctl take), so Prepare carries
+//! `containerd.io/snapshot.ref` and the layer's annotations. The registry's
+//! access log shows which blobs were fetched; containerd's own garbage
+//! collector decides what stays.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::http::Server;
+use common::nix::{derivation, NixStore};
+use common::registry::{serve_image, Served};
+use common::{unique, Containerd, Daemon, TempRoot};
+use nix_snapshotter::image;
+
+const COPY_TO_ROOT: &str = "containerd.io/snapshot/nix-copy-to-root";
+
+/// A small closure with a copyToRoot environment, and its closure-info.
+struct Fixture {
+    _dir: TempRoot,
+    nix: NixStore,
+    cache: PathBuf,
+    /// `<closure-info>/store-paths`, physically
+    store_paths: PathBuf,
+    /// The copyToRoot path: bin/hello, bin/sh, share/empty/
+    env: String,
+    fillers: Vec<String>,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = TempRoot::leaked("remotefix");
+        let nix = NixStore::new(&dir.join("nix"), "remote-1");
+        let mut attrs = vec![
+            format!("tool = {};", derivation("tool", "b mkdir -p $out/bin; b cp /bin/busybox $out/bin/busybox", &[])),
+            format!(
+                "data = {};",
+                derivation("data", "b mkdir $out; b printf 'hello from a remote snapshot\\n' > $out/greeting", &[])
+            ),
+            format!(
+                "env = {};",
+                derivation(
+                    "env",
+                    "b mkdir -p $out/bin $out/share/empty; b printf '#!${tool}/bin/busybox sh\\ncat ${data}/greeting\\n' > $out/bin/hello; b chmod 555 $out/bin/hello; b ln -s ${tool}/bin/busybox $out/bin/sh",
+                    &["tool", "data"]
+                )
+            ),
+        ];
+        let mut refs = vec!["env".to_string()];
+        for i in 0..4 {
+            attrs.push(format!(
+                "filler{i} = {};",
+                derivation(&format!("filler{i}"), &format!("b mkdir $out; b echo {i} > $out/x"), &[])
+            ));
+            refs.push(format!("filler{i}"));
+        }
+        let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+        let expr = format!(
+            r#"rec {{ {} top = {}; info = derivation {{
+  name = "closure-info"; system = "x86_64-linux"; builder = "/bin/sh";
+  exportReferencesGraph = [ "graph" top ];
+  args = [ "-c" "/bin/busybox mkdir $out; /bin/busybox grep '^/nix/store/' graph | /bin/busybox grep -v '[.]drv$' | /bin/busybox sort -u > $out/store-paths" ];
+}}; }}"#,
+            attrs.join("\n"),
+            derivation("top", "b mkdir $out; for r in $deps; do b echo $r >> $out/refs; done", &refs),
+        );
+        let outs = nix.build(&expr);
+        let find = |s: &str| outs.iter().find(|o| o.ends_with(s)).unwrap().clone();
+        let info = find("-closure-info");
+        let cache = dir.join("cache");
+        nix.publish(&cache, "zstd", std::slice::from_ref(&info));
+        Fixture {
+            store_paths: nix.real(&info).join("store-paths"),
+            env: find("-env"),
+            fillers: (0..4).map(|i| find(&format!("-filler{i}"))).collect(),
+            cache,
+            _dir: dir,
+            nix,
+        }
+    })
+}
+
+/// Builds the Nix image with our CLI: closure from closure-info, copyToRoot `env`.
+fn build_image(dir: &Path, name: &str) -> PathBuf {
+    let f = fixture();
+    std::fs::write(dir.join("copy.json"), serde_json::to_vec(&[&f.env]).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec(&serde_json::json!({ "Cmd": ["/bin/hello"] })).unwrap(),
+    )
+    .unwrap();
+    let out = dir.join(format!("{name}.tar"));
+    let st = std::process::Command::new(common::DAEMON)
+        .args(["image", "build", "--config"])
+        .arg(dir.join("config.json"))
+        .arg("--closure")
+        .arg(&f.store_paths)
+        .arg("--copy-to-root")
+        .arg(dir.join("copy.json"))
+        .arg("--store-root")
+        .arg(&f.nix.root)
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    out
+}
+
+/// The image as the Go project builds it: no copyToRoot marker.
+fn without_marker(archive: &Path, out: &Path) {
+    let mut a = image::read_archive(archive).unwrap();
+    let nix = a.layers.last_mut().unwrap();
+    assert!(
+        nix.annotations.remove(COPY_TO_ROOT).is_some(),
+        "our builder sets {COPY_TO_ROOT}"
+    );
+    image::write_archive(out, None, a.config, &a.layers).unwrap();
+}
+
+struct Stack {
+    daemon: Daemon,
+    ctrd: Containerd,
+    puller: PathBuf,
+    root: PathBuf,
+}
+
+fn stack(tmp: &TempRoot, cache: &Server) -> Stack {
+    let f = fixture();
+    let cfg = tmp.join("nix-snapshotter.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "substituters = [\"{}\"]\ntrusted_public_keys = [\"{}\"]\nhost_store = \"\"\n",
+            cache.url(),
+            f.nix.public_key
+        ),
+    )
+    .unwrap();
+    let sock = tmp.join("nix.sock");
+    let root = tmp.join("root");
+    let daemon = Daemon::start_with(&root, &sock, &["--config", cfg.to_str().unwrap()], &[]);
+    let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
+    let puller = common::go_build("remote", "pull.go", &tmp.join("go"));
+    Stack {
+        daemon,
+        ctrd,
+        puller,
+        root,
+    }
+}
+
+impl Stack {
+    fn pull(&self, ns: &str, reference: &str) {
+        let out = std::process::Command::new(&self.puller)
+            .arg(&self.ctrd.address)
+            .arg(ns)
+            .arg(reference)
+            .arg("nix")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pull of {reference} failed: {}\n--- nix-snapshotter log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            common::tail(&self.daemon.log_text(), 40)
+        );
+    }
+
+    fn run(&self, ns: &str, reference: &str, args: &[&str]) -> String {
+        let id = unique("c");
+        let mut all = vec!["run", "--rm", "--snapshotter", "nix", reference, id.as_str()];
+        all.extend_from_slice(args);
+        let out = self.ctrd.ctr_in(ns, &all);
+        assert!(
+            out.status.success(),
+            "ctr run failed: {}\n--- nix-snapshotter log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            common::tail(&self.daemon.log_text(), 40)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Snapshot directories our daemon holds (one per snapshot it knows).
+    fn backend_snapshots(&self) -> usize {
+        std::fs::read_dir(self.root.join("snapshots"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().parse::<u64>().is_ok())
+            })
+            .count()
+    }
+
+    /// Waits for containerd's collector to bring our snapshots to `n`.
+    fn wait_backend_snapshots(&self, n: usize) {
+        let start = Instant::now();
+        while self.backend_snapshots() != n {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "expected {n} snapshots in the daemon, have {}",
+                self.backend_snapshots()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn fetched(registry: &Server, digest: &str) -> usize {
+    registry
+        .log()
+        .iter()
+        .filter(|l| l.starts_with("GET ") && l.contains(&format!("/blobs/{digest}")))
+        .count()
+}
+
+fn nar_downloads(cache: &Server) -> usize {
+    cache.log().iter().filter(|l| l.contains("/nar/")).count()
+}
+
+#[test]
+fn pulled_nix_layer_is_made_from_its_labels_and_containerd_gc_keeps_it() {
+    let f = fixture();
+    let tmp = TempRoot::new("remote");
+    let cache = Server::start(f.cache.clone());
+    let registry = Server::start(tmp.join("no-files"));
+    let s = stack(&tmp, &cache);
+    let served: Served = serve_image(&registry, "nix/hello", "latest", &build_image(&tmp.path, "hello"));
+    let nix_layer = served.layers.last().unwrap().clone();
+
+    s.pull(&s.ctrd.namespace, &served.reference);
+    assert_eq!(
+        fetched(&registry, &nix_layer),
+        0,
+        "the Nix layer was fetched: {:#?}",
+        registry.log()
+    );
+    assert!(fetched(&registry, &served.manifest) + registry.count(&format!("manifests/{}", served.manifest)) > 0);
+    assert!(
+        s.daemon.log_text().contains("remote snapshot"),
+        "{}",
+        s.daemon.log_text()
+    );
+    assert_eq!(s.backend_snapshots(), 1);
+
+    // copyToRoot's links and directories are there, the whole closure is
+    // listed, and only what runs is fetched.
+    let out = s.run(
+        &s.ctrd.namespace,
+        &served.reference,
+        &[
+            "/bin/sh",
+            "-c",
+            "/bin/hello; test -d /share/empty && echo has-empty-dir; ls /nix/store",
+        ],
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[..2], ["hello from a remote snapshot", "has-empty-dir"], "{out}");
+    for filler in &f.fillers {
+        assert!(
+            lines.contains(&&filler["/nix/store/".len()..]),
+            "{filler} not listed: {out}"
+        );
+    }
+    // closure-info, env (listed for copyToRoot), and what /bin/hello runs:
+    // tool and data. The fillers' narinfos may be prefetched, never their NARs.
+    assert_eq!(nar_downloads(&cache), 4, "{:#?}", cache.log());
+
+    // Another image comes and goes with a synchronous collection: ours stays.
+    let other = tmp.join("other.tar");
+    common::image::busybox_two_layers(&other, "docker.io/library/other:latest");
+    s.ctrd
+        .ctr_ok(&["images", "import", "--snapshotter", "nix", other.to_str().unwrap()]);
+    s.ctrd
+        .ctr_ok(&["images", "rm", "--sync", "docker.io/library/other:latest"]);
+    s.wait_backend_snapshots(1);
+    let nars = nar_downloads(&cache);
+    assert_eq!(
+        s.run(&s.ctrd.namespace, &served.reference, &["/bin/hello"]),
+        "hello from a remote snapshot\n"
+    );
+    assert_eq!(nar_downloads(&cache), nars, "warm run fetched again");
+
+    // A second namespace shares the same snapshot: nothing fetched, nothing made.
+    let ns2 = format!("{}-two", s.ctrd.namespace);
+    s.pull(&ns2, &served.reference);
+    assert_eq!(fetched(&registry, &nix_layer), 0);
+    s.wait_backend_snapshots(1);
+    assert_eq!(
+        s.run(&ns2, &served.reference, &["/bin/hello"]),
+        "hello from a remote snapshot\n"
+    );
+
+    // Gone from one namespace it is still used by the other; gone from both, collected.
+    s.ctrd.ctr_ok(&["images", "rm", "--sync", &served.reference]);
+    s.wait_backend_snapshots(1);
+    let rm = s.ctrd.ctr_in(&ns2, &["images", "rm", "--sync", &served.reference]);
+    assert!(rm.status.success(), "{}", String::from_utf8_lossy(&rm.stderr));
+    s.wait_backend_snapshots(0);
+}
+
+#[test]
+fn pulled_go_format_nix_layer_is_applied_then_shared() {
+    let f = fixture();
+    let tmp = TempRoot::new("remotego");
+    let cache = Server::start(f.cache.clone());
+    let registry = Server::start(tmp.join("no-files"));
+    let s = stack(&tmp, &cache);
+    let go_format = tmp.join("go-format.tar");
+    without_marker(&build_image(&tmp.path, "hello"), &go_format);
+    let served = serve_image(&registry, "nix/go-format", "latest", &go_format);
+    let nix_layer = served.layers.last().unwrap().clone();
+
+    // Without the marker the layer may carry anything: fetched and applied.
+    s.pull(&s.ctrd.namespace, &served.reference);
+    assert_eq!(fetched(&registry, &nix_layer), 1, "{:#?}", registry.log());
+    assert!(s.daemon.log_text().contains("committed a Nix layer"));
+    assert_eq!(
+        s.run(&s.ctrd.namespace, &served.reference, &["/bin/hello"]),
+        "hello from a remote snapshot\n"
+    );
+
+    // The committed layer carries its chain id: another namespace reuses it.
+    let ns2 = format!("{}-two", s.ctrd.namespace);
+    s.pull(&ns2, &served.reference);
+    assert_eq!(
+        fetched(&registry, &nix_layer),
+        1,
+        "{:#?}\n{}",
+        registry.log(),
+        s.daemon.log_text()
+    );
+    s.wait_backend_snapshots(1);
+    assert_eq!(
+        s.run(&ns2, &served.reference, &["/bin/hello"]),
+        "hello from a remote snapshot\n"
+    );
+}
+
+#[test]
+fn malformed_copy_to_root_label_is_refused_by_name() {
+    let f = fixture();
+    let tmp = TempRoot::new("remotebad");
+    let cache = Server::start(f.cache.clone());
+    let registry = Server::start(tmp.join("no-files"));
+    let s = stack(&tmp, &cache);
+    let mut a = image::read_archive(&build_image(&tmp.path, "hello")).unwrap();
+    let nix = a.layers.last_mut().unwrap();
+    nix.annotations
+        .insert(COPY_TO_ROOT.to_string(), "/nix/store/not-json".to_string());
+    let bad = tmp.join("bad.tar");
+    image::write_archive(&bad, None, a.config, &a.layers).unwrap();
+    let served = serve_image(&registry, "nix/bad", "latest", &bad);
+    let out = std::process::Command::new(&s.puller)
+        .arg(&s.ctrd.address)
+        .arg(&s.ctrd.namespace)
+        .arg(&served.reference)
+        .arg("nix")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a malformed label was accepted");
+    assert!(err.contains(COPY_TO_ROOT) && err.contains("not-json"), "{err}");
+    assert_eq!(s.backend_snapshots(), 0, "a refused pull left a snapshot behind");
+}
