@@ -113,7 +113,7 @@ fn build_image_nix_builds_a_runnable_image() {
     assert_eq!(out.trim(), "hello from buildImage", "{}", daemon.log_text());
 
     // The same archive through `image load`: the Nix layer now arrives with
-    // its nix-closure label, so the closure comes from the closure-info path.
+    // its labels, so it is made from the closure-info path and copyToRoot.
     let ns = format!("{}-load", ctrd.namespace);
     let load = Command::new(DAEMON)
         .args(["image", "load", "--address"])
@@ -123,6 +123,12 @@ fn build_image_nix_builds_a_runnable_image() {
         .output()
         .unwrap();
     assert!(load.status.success(), "{}", String::from_utf8_lossy(&load.stderr));
+    // buildImage marks the layer (copyToRoot listed): made, not applied.
+    assert!(
+        daemon.log_text().contains("made a Nix layer from its labels"),
+        "{}",
+        daemon.log_text()
+    );
     let out = ctrd.ctr_in(&ns, &["run", "--rm", "--snapshotter", "nix", &name, &unique("c")]);
     assert!(
         out.status.success(),

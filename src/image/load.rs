@@ -6,9 +6,11 @@
 //! Steps, all under one lease so nothing is collected half-way: write the
 //! blobs to the content store (with the GC references containerd's own
 //! unpacker records), then for each layer not yet unpacked Prepare a
-//! snapshot on its parent, mount it, apply the layer (whiteouts included),
-//! unmount and Commit it under its chain ID; finally create or update the
-//! image record.
+//! snapshot on its parent with `containerd.io/snapshot.ref` = its chain ID
+//! (a snapshotter that can make the layer itself, as ours does for marked
+//! Nix layers, answers ALREADY_EXISTS and the layer is skipped), else mount
+//! it, apply the layer (whiteouts included), unmount and Commit it under its
+//! chain ID; finally create or update the image record.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -185,25 +187,33 @@ async fn load_leased(channel: Channel, h: Headers, img: &super::RawImage, snapsh
         if exists {
             continue;
         }
-        let labels: HashMap<String, String> = desc
+        let mut labels: HashMap<String, String> = desc
             .annotations
             .iter()
             .filter(|(k, _)| k.starts_with("containerd.io/snapshot/"))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        // As containerd's unpacker does: a snapshotter that can make the
+        // layer itself (a Nix layer, or one it already has) answers
+        // ALREADY_EXISTS and containerd records the chain for us.
+        labels.insert("containerd.io/snapshot.ref".to_string(), chain.clone());
         let key = format!("extract-{:08x} {chain}", rand::random::<u32>());
         let parent = if i == 0 { String::new() } else { chains[i - 1].clone() };
-        let mounts = snaps
+        let prepared = snaps
             .prepare(snapshots::PrepareSnapshotRequest {
                 snapshotter: snapshotter.to_string(),
                 key: key.clone(),
                 parent,
                 labels: labels.clone(),
             })
-            .await
-            .map_err(api("snapshots.Prepare"))?
-            .into_inner()
-            .mounts;
+            .await;
+        let mounts = match prepared {
+            Err(s) if s.code() == tonic::Code::AlreadyExists => {
+                tracing::info!(layer = %desc.digest, "layer made by the snapshotter; not applied");
+                continue;
+            }
+            other => other.map_err(api("snapshots.Prepare"))?.into_inner().mounts,
+        };
         let digest = desc.digest.clone();
         let blob = blob.clone();
         let applied = tokio::task::spawn_blocking(move || apply(&mounts, &blob))
