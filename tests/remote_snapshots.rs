@@ -104,6 +104,7 @@ fn build_image(dir: &Path, name: &str) -> PathBuf {
         .arg(dir.join("copy.json"))
         .arg("--store-root")
         .arg(&f.nix.root)
+        .args(["--ref", &format!("docker.io/library/{name}:latest")])
         .arg(&out)
         .output()
         .unwrap();
@@ -130,6 +131,11 @@ struct Stack {
 }
 
 fn stack(tmp: &TempRoot, cache: &Server) -> Stack {
+    stack_from(tmp, cache, None)
+}
+
+/// With containerd from `bin` (another Debian release's) instead of the installed one.
+fn stack_from(tmp: &TempRoot, cache: &Server, bin: Option<&Path>) -> Stack {
     let f = fixture();
     let cfg = tmp.join("nix-snapshotter.toml");
     std::fs::write(
@@ -144,7 +150,7 @@ fn stack(tmp: &TempRoot, cache: &Server) -> Stack {
     let sock = tmp.join("nix.sock");
     let root = tmp.join("root");
     let daemon = Daemon::start_with(&root, &sock, &["--config", cfg.to_str().unwrap()], &[]);
-    let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
+    let ctrd = Containerd::start_from(&tmp.join("ctrd"), &sock, bin);
     let puller = common::go_build("remote", "pull.go", &tmp.join("go"));
     Stack {
         daemon,
@@ -366,4 +372,60 @@ fn malformed_copy_to_root_label_is_refused_by_name() {
     assert!(!out.status.success(), "a malformed label was accepted");
     assert!(err.contains(COPY_TO_ROOT) && err.contains("not-json"), "{err}");
     assert_eq!(s.backend_snapshots(), 0, "a refused pull left a snapshot behind");
+}
+
+/// Nix images under another containerd: `ctr images import` (1.7 unpacks
+/// client-side without labels, so the layer is applied and recognised by its
+/// content; 2.x imports through the Transfer service, whose unpacker passes
+/// labels, so the layer is made from them), `ctr run`, and a pull through the
+/// Go client with the shortcut.
+fn nix_images_run_under(suite: &str, import_labels: bool) {
+    let f = fixture();
+    let tmp = TempRoot::new(&format!("ctrd-{suite}"));
+    let cache = Server::start(f.cache.clone());
+    let registry = Server::start(tmp.join("no-files"));
+    let s = stack_from(&tmp, &cache, Some(&common::containerd_of(suite)));
+    let version = s.ctrd.ctr_ok(&["version"]);
+    println!("{version}");
+
+    let archive = build_image(&tmp.path, "hello");
+    s.ctrd
+        .ctr_ok(&["images", "import", "--snapshotter", "nix", archive.to_str().unwrap()]);
+    let expected = if import_labels {
+        "made a Nix layer from its labels"
+    } else {
+        "committed a Nix layer"
+    };
+    assert!(s.daemon.log_text().contains(expected), "{}", s.daemon.log_text());
+    let out = s.run(&s.ctrd.namespace, "docker.io/library/hello:latest", &[]);
+    assert_eq!(out, "hello from a remote snapshot\n", "{version}");
+
+    let served = serve_image(&registry, "nix/hello", "latest", &archive);
+    let ns2 = format!("{}-pull", s.ctrd.namespace);
+    s.pull(&ns2, &served.reference);
+    assert_eq!(
+        fetched(&registry, served.layers.last().unwrap()),
+        0,
+        "{:#?}",
+        registry.log()
+    );
+    assert_eq!(
+        s.run(&ns2, &served.reference, &["/bin/sh", "-c", "/bin/hello; ls /share"]),
+        "hello from a remote snapshot\nempty\n"
+    );
+    s.ctrd
+        .ctr_ok(&["images", "rm", "--sync", "docker.io/library/hello:latest"]);
+    let rm = s.ctrd.ctr_in(&ns2, &["images", "rm", "--sync", &served.reference]);
+    assert!(rm.status.success(), "{}", String::from_utf8_lossy(&rm.stderr));
+    s.wait_backend_snapshots(0);
+}
+
+#[test]
+fn nix_images_run_under_containerd_1_7() {
+    nix_images_run_under("trixie", false);
+}
+
+#[test]
+fn nix_images_run_under_containerd_2() {
+    nix_images_run_under("sid", true);
 }

@@ -302,10 +302,31 @@ pub struct Containerd {
     pub address: PathBuf,
     pub namespace: String,
     pub log: PathBuf,
+    /// Where its containerd, shims and ctr are; None: the installed ones.
+    pub bin: Option<PathBuf>,
+}
+
+/// The containerd of Debian release `suite` (`trixie`: 1.7, `sid`: 2.x),
+/// unpacked by `scripts/fetch-containerd`.
+pub fn containerd_of(suite: &str) -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target/containerd")
+        .join(suite)
+        .join("usr/bin");
+    assert!(
+        bin.join("containerd").is_file(),
+        "containerd of Debian {suite} missing: run scripts/fetch-containerd {suite} (scripts/test does)"
+    );
+    bin
 }
 
 impl Containerd {
     pub fn start(dir: &Path, nix_socket: &Path) -> Containerd {
+        Self::start_from(dir, nix_socket, None)
+    }
+
+    /// Like [`start`](Self::start), with containerd, its shims and ctr from `bin`.
+    pub fn start_from(dir: &Path, nix_socket: &Path, bin: Option<&Path>) -> Containerd {
         assert!(
             have("containerd") && have("ctr") && have("runc"),
             "containerd, ctr and runc must be installed (see .ci/run)"
@@ -319,7 +340,7 @@ impl Containerd {
                 r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"]
 
 [grpc]
   address = "{address}"
@@ -327,6 +348,15 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [proxy_plugins.nix]
   type = "snapshot"
   address = "{nix}"
+
+# containerd 2.x imports and pulls through its Transfer service, which
+# unpacks only to the snapshotters listed here (1.6 has no such plugin).
+[[plugins."io.containerd.transfer.v1.local".unpack_config]]
+  platform = "linux/amd64"
+  snapshotter = "nix"
+[[plugins."io.containerd.transfer.v1.local".unpack_config]]
+  platform = "linux/amd64"
+  snapshotter = "overlayfs"
 "#,
                 root = dir.join("root").display(),
                 state = dir.join("state").display(),
@@ -337,7 +367,13 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         .unwrap();
         let log = dir.join("containerd.log");
         let logf = std::fs::File::create(&log).unwrap();
-        let mut child = Command::new("containerd")
+        let path = match bin {
+            // Its own shims first: containerd finds them on PATH.
+            Some(b) => format!("{}:{}", b.display(), std::env::var("PATH").unwrap_or_default()),
+            None => std::env::var("PATH").unwrap_or_default(),
+        };
+        let mut child = Command::new(bin.map_or(PathBuf::from("containerd"), |b| b.join("containerd")))
+            .env("PATH", path)
             .arg("--config")
             .arg(&config)
             .stdout(logf.try_clone().unwrap())
@@ -351,6 +387,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             address,
             namespace: unique("ns"),
             log,
+            bin: bin.map(Path::to_path_buf),
         }
     }
 
@@ -363,7 +400,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     /// namespace, so that Drop cleans its runc state).
     pub fn ctr_in(&self, ns: &str, args: &[&str]) -> Output {
         assert!(ns.starts_with(&self.namespace));
-        Command::new("ctr")
+        Command::new(self.bin.as_ref().map_or(PathBuf::from("ctr"), |b| b.join("ctr")))
             .arg("--address")
             .arg(&self.address)
             .args(["--namespace", ns])
