@@ -5,49 +5,19 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-const GOCODE: &str = "/usr/share/gocode";
 
 #[test]
 fn containerd_snapshotter_conformance() {
     assert!(
-        common::have("go")
-            && Path::new(GOCODE)
-                .join("src/github.com/containerd/containerd/snapshots/testsuite")
-                .is_dir(),
-        "needs golang-go and golang-github-containerd-containerd-dev (installed by .ci/run)"
+        Path::new(common::GOCODE)
+            .join("src/github.com/containerd/containerd/snapshots/testsuite")
+            .is_dir(),
+        "needs golang-github-containerd-containerd-dev (installed by .ci/run)"
     );
     let tmp = common::TempRoot::new("conf");
-    let gopath = tmp.join("gopath");
-    let pkg = gopath.join("src/conformance");
-    std::fs::create_dir_all(&pkg).unwrap();
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    std::fs::copy(
-        manifest.join("tests/conformance/conformance_test.go"),
-        pkg.join("conformance_test.go"),
-    )
-    .unwrap();
-    // Keep Go's build cache between runs: the suite's dependencies are large.
-    let gocache = manifest.join("target/go-cache");
-
-    let bin = tmp.join("conformance.test");
-    let build = Command::new("go")
-        .args(["test", "-c", "-o"])
-        .arg(&bin)
-        .arg(".")
-        .current_dir(&pkg)
-        .env("GO111MODULE", "off")
-        .env("GOPATH", format!("{}:{GOCODE}", gopath.display()))
-        .env("GOCACHE", &gocache)
-        .output()
-        .unwrap();
-    assert!(
-        build.status.success(),
-        "building the suite failed:\n{}",
-        String::from_utf8_lossy(&build.stderr)
-    );
+    let bin = common::go_build("conformance", "conformance_test.go", &tmp.path);
 
     let run = Command::new(&bin)
         .args(["-test.v", "-test.root", "-test.timeout", "20m"])

@@ -123,20 +123,28 @@ fn without_marker(archive: &Path, out: &Path) {
     image::write_archive(out, None, a.config, &a.layers).unwrap();
 }
 
+/// Our daemon and a private containerd, the cache and the registry they
+/// use, and the Go puller; dropped in this order, the directory last.
 struct Stack {
-    daemon: Daemon,
     ctrd: Containerd,
+    daemon: Daemon,
     puller: PathBuf,
     root: PathBuf,
+    cache: Server,
+    registry: Server,
+    tmp: TempRoot,
 }
 
-fn stack(tmp: &TempRoot, cache: &Server) -> Stack {
-    stack_from(tmp, cache, None)
+fn stack(name: &str) -> Stack {
+    stack_from(name, None)
 }
 
 /// With containerd from `bin` (another Debian release's) instead of the installed one.
-fn stack_from(tmp: &TempRoot, cache: &Server, bin: Option<&Path>) -> Stack {
+fn stack_from(name: &str, bin: Option<&Path>) -> Stack {
     let f = fixture();
+    let tmp = TempRoot::new(name);
+    let cache = Server::start(f.cache.clone());
+    let registry = Server::start(tmp.join("no-files"));
     let cfg = tmp.join("nix-snapshotter.toml");
     std::fs::write(
         &cfg,
@@ -153,22 +161,29 @@ fn stack_from(tmp: &TempRoot, cache: &Server, bin: Option<&Path>) -> Stack {
     let ctrd = Containerd::start_from(&tmp.join("ctrd"), &sock, bin);
     let puller = common::go_build("remote", "pull.go", &tmp.join("go"));
     Stack {
-        daemon,
         ctrd,
+        daemon,
         puller,
         root,
+        cache,
+        registry,
+        tmp,
     }
 }
 
 impl Stack {
-    fn pull(&self, ns: &str, reference: &str) {
-        let out = std::process::Command::new(&self.puller)
+    fn try_pull(&self, ns: &str, reference: &str) -> std::process::Output {
+        std::process::Command::new(&self.puller)
             .arg(&self.ctrd.address)
             .arg(ns)
             .arg(reference)
             .arg("nix")
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    fn pull(&self, ns: &str, reference: &str) {
+        let out = self.try_pull(ns, reference);
         assert!(
             out.status.success(),
             "pull of {reference} failed: {}\n--- nix-snapshotter log:\n{}",
@@ -231,21 +246,19 @@ fn nar_downloads(cache: &Server) -> usize {
 #[test]
 fn pulled_nix_layer_is_made_from_its_labels_and_containerd_gc_keeps_it() {
     let f = fixture();
-    let tmp = TempRoot::new("remote");
-    let cache = Server::start(f.cache.clone());
-    let registry = Server::start(tmp.join("no-files"));
-    let s = stack(&tmp, &cache);
-    let served: Served = serve_image(&registry, "nix/hello", "latest", &build_image(&tmp.path, "hello"));
+    let s = stack("remote");
+    let (cache, registry) = (&s.cache, &s.registry);
+    let served: Served = serve_image(registry, "nix/hello", "latest", &build_image(&s.tmp.path, "hello"));
     let nix_layer = served.layers.last().unwrap().clone();
 
     s.pull(&s.ctrd.namespace, &served.reference);
     assert_eq!(
-        fetched(&registry, &nix_layer),
+        fetched(registry, &nix_layer),
         0,
         "the Nix layer was fetched: {:#?}",
         registry.log()
     );
-    assert!(fetched(&registry, &served.manifest) + registry.count(&format!("manifests/{}", served.manifest)) > 0);
+    assert!(fetched(registry, &served.manifest) + registry.count(&format!("manifests/{}", served.manifest)) > 0);
     assert!(
         s.daemon.log_text().contains("remote snapshot"),
         "{}",
@@ -274,27 +287,27 @@ fn pulled_nix_layer_is_made_from_its_labels_and_containerd_gc_keeps_it() {
     }
     // closure-info, env (listed for copyToRoot), and what /bin/hello runs:
     // tool and data. The fillers' narinfos may be prefetched, never their NARs.
-    assert_eq!(nar_downloads(&cache), 4, "{:#?}", cache.log());
+    assert_eq!(nar_downloads(cache), 4, "{:#?}", cache.log());
 
     // Another image comes and goes with a synchronous collection: ours stays.
-    let other = tmp.join("other.tar");
+    let other = s.tmp.join("other.tar");
     common::image::busybox_two_layers(&other, "docker.io/library/other:latest");
     s.ctrd
         .ctr_ok(&["images", "import", "--snapshotter", "nix", other.to_str().unwrap()]);
     s.ctrd
         .ctr_ok(&["images", "rm", "--sync", "docker.io/library/other:latest"]);
     s.wait_backend_snapshots(1);
-    let nars = nar_downloads(&cache);
+    let nars = nar_downloads(cache);
     assert_eq!(
         s.run(&s.ctrd.namespace, &served.reference, &["/bin/hello"]),
         "hello from a remote snapshot\n"
     );
-    assert_eq!(nar_downloads(&cache), nars, "warm run fetched again");
+    assert_eq!(nar_downloads(cache), nars, "warm run fetched again");
 
     // A second namespace shares the same snapshot: nothing fetched, nothing made.
     let ns2 = format!("{}-two", s.ctrd.namespace);
     s.pull(&ns2, &served.reference);
-    assert_eq!(fetched(&registry, &nix_layer), 0);
+    assert_eq!(fetched(registry, &nix_layer), 0);
     s.wait_backend_snapshots(1);
     assert_eq!(
         s.run(&ns2, &served.reference, &["/bin/hello"]),
@@ -311,19 +324,16 @@ fn pulled_nix_layer_is_made_from_its_labels_and_containerd_gc_keeps_it() {
 
 #[test]
 fn pulled_go_format_nix_layer_is_applied_then_shared() {
-    let f = fixture();
-    let tmp = TempRoot::new("remotego");
-    let cache = Server::start(f.cache.clone());
-    let registry = Server::start(tmp.join("no-files"));
-    let s = stack(&tmp, &cache);
-    let go_format = tmp.join("go-format.tar");
-    without_marker(&build_image(&tmp.path, "hello"), &go_format);
-    let served = serve_image(&registry, "nix/go-format", "latest", &go_format);
+    let s = stack("remotego");
+    let registry = &s.registry;
+    let go_format = s.tmp.join("go-format.tar");
+    without_marker(&build_image(&s.tmp.path, "hello"), &go_format);
+    let served = serve_image(registry, "nix/go-format", "latest", &go_format);
     let nix_layer = served.layers.last().unwrap().clone();
 
     // Without the marker the layer may carry anything: fetched and applied.
     s.pull(&s.ctrd.namespace, &served.reference);
-    assert_eq!(fetched(&registry, &nix_layer), 1, "{:#?}", registry.log());
+    assert_eq!(fetched(registry, &nix_layer), 1, "{:#?}", registry.log());
     assert!(s.daemon.log_text().contains("committed a Nix layer"));
     assert_eq!(
         s.run(&s.ctrd.namespace, &served.reference, &["/bin/hello"]),
@@ -334,7 +344,7 @@ fn pulled_go_format_nix_layer_is_applied_then_shared() {
     let ns2 = format!("{}-two", s.ctrd.namespace);
     s.pull(&ns2, &served.reference);
     assert_eq!(
-        fetched(&registry, &nix_layer),
+        fetched(registry, &nix_layer),
         1,
         "{:#?}\n{}",
         registry.log(),
@@ -349,25 +359,15 @@ fn pulled_go_format_nix_layer_is_applied_then_shared() {
 
 #[test]
 fn malformed_copy_to_root_label_is_refused_by_name() {
-    let f = fixture();
-    let tmp = TempRoot::new("remotebad");
-    let cache = Server::start(f.cache.clone());
-    let registry = Server::start(tmp.join("no-files"));
-    let s = stack(&tmp, &cache);
-    let mut a = image::read_archive(&build_image(&tmp.path, "hello")).unwrap();
+    let s = stack("remotebad");
+    let mut a = image::read_archive(&build_image(&s.tmp.path, "hello")).unwrap();
     let nix = a.layers.last_mut().unwrap();
     nix.annotations
         .insert(COPY_TO_ROOT.to_string(), "/nix/store/not-json".to_string());
-    let bad = tmp.join("bad.tar");
+    let bad = s.tmp.join("bad.tar");
     image::write_archive(&bad, None, a.config, &a.layers).unwrap();
-    let served = serve_image(&registry, "nix/bad", "latest", &bad);
-    let out = std::process::Command::new(&s.puller)
-        .arg(&s.ctrd.address)
-        .arg(&s.ctrd.namespace)
-        .arg(&served.reference)
-        .arg("nix")
-        .output()
-        .unwrap();
+    let served = serve_image(&s.registry, "nix/bad", "latest", &bad);
+    let out = s.try_pull(&s.ctrd.namespace, &served.reference);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a malformed label was accepted");
     assert!(err.contains(COPY_TO_ROOT) && err.contains("not-json"), "{err}");
@@ -380,15 +380,12 @@ fn malformed_copy_to_root_label_is_refused_by_name() {
 /// labels, so the layer is made from them), `ctr run`, and a pull through the
 /// Go client with the shortcut.
 fn nix_images_run_under(suite: &str, import_labels: bool) {
-    let f = fixture();
-    let tmp = TempRoot::new(&format!("ctrd-{suite}"));
-    let cache = Server::start(f.cache.clone());
-    let registry = Server::start(tmp.join("no-files"));
-    let s = stack_from(&tmp, &cache, Some(&common::containerd_of(suite)));
+    let s = stack_from(&format!("ctrd-{suite}"), Some(&common::containerd_of(suite)));
+    let registry = &s.registry;
     let version = s.ctrd.ctr_ok(&["version"]);
     println!("{version}");
 
-    let archive = build_image(&tmp.path, "hello");
+    let archive = build_image(&s.tmp.path, "hello");
     s.ctrd
         .ctr_ok(&["images", "import", "--snapshotter", "nix", archive.to_str().unwrap()]);
     let expected = if import_labels {
@@ -400,11 +397,11 @@ fn nix_images_run_under(suite: &str, import_labels: bool) {
     let out = s.run(&s.ctrd.namespace, "docker.io/library/hello:latest", &[]);
     assert_eq!(out, "hello from a remote snapshot\n", "{version}");
 
-    let served = serve_image(&registry, "nix/hello", "latest", &archive);
+    let served = serve_image(registry, "nix/hello", "latest", &archive);
     let ns2 = format!("{}-pull", s.ctrd.namespace);
     s.pull(&ns2, &served.reference);
     assert_eq!(
-        fetched(&registry, served.layers.last().unwrap()),
+        fetched(registry, served.layers.last().unwrap()),
         0,
         "{:#?}",
         registry.log()

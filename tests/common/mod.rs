@@ -169,9 +169,9 @@ pub fn stop_child(child: &mut Child, grace: Duration) -> Option<std::process::Ex
 /// Debian's containerd 1.6 Go sources, for programs that use its client.
 pub const GOCODE: &str = "/usr/share/gocode";
 
-/// Builds the Go program `tests/<dir>/<file>` (package main) with Debian's Go
-/// in GOPATH mode against Debian's containerd sources; returns the binary,
-/// placed under `out`.
+/// Builds the Go program `tests/<dir>/<file>` (package main; a `_test.go`
+/// file is built as a test binary) with Debian's Go in GOPATH mode against
+/// Debian's containerd sources; returns the binary, placed under `out`.
 pub fn go_build(dir: &str, file: &str, out: &Path) -> PathBuf {
     assert!(
         have("go")
@@ -187,7 +187,11 @@ pub fn go_build(dir: &str, file: &str, out: &Path) -> PathBuf {
     std::fs::copy(manifest.join("tests").join(dir).join(file), pkg.join(file)).unwrap();
     let bin = out.join(dir);
     let build = Command::new("go")
-        .args(["build", "-o"])
+        .args(if file.ends_with("_test.go") {
+            &["test", "-c", "-o"][..]
+        } else {
+            &["build", "-o"][..]
+        })
         .arg(&bin)
         .arg(".")
         .current_dir(&pkg)
