@@ -143,6 +143,11 @@ pub struct Snapshotter {
     /// Creates and removes hold it shared; Cleanup holds it exclusively, so
     /// it never deletes a directory that an in-flight Prepare is publishing.
     dirs: RwLock<()>,
+    /// Held while recording a snapshot that may need a FUSE view and while
+    /// removing one (which may drop views): a Remove that read the live
+    /// snapshots before a concurrent Prepare committed would otherwise drop
+    /// the view that Prepare just took.
+    views: std::sync::Mutex<()>,
     /// Read once: mkdir only needs a chmod when the umask narrows its mode.
     umask: u32,
     /// Nix layer support; without it Nix layers are ordinary layers.
@@ -166,6 +171,7 @@ impl Snapshotter {
             db,
             opts,
             dirs: RwLock::new(()),
+            views: std::sync::Mutex::new(()),
             umask: current_umask(),
             nix: None,
         };
@@ -229,6 +235,7 @@ impl Snapshotter {
             let _ = fs::remove_dir_all(&tmp);
             return Err(e);
         }
+        let _views = self.views.lock().map_err(|_| Error::Database("lock poisoned".into()))?;
         self.publish(NewRecord::empty(kind, labels), key, parent, tmp, |rec, parents| {
             self.mounts_for(kind, rec.id, parents)
         })
@@ -335,6 +342,7 @@ impl Snapshotter {
                 "snapshot {key:?} is committed: only active snapshots and views have mounts"
             )));
         }
+        let _views = self.views.lock().map_err(|_| Error::Database("lock poisoned".into()))?;
         self.mounts_for(rec.kind, rec.id, &parents)
     }
 
@@ -418,19 +426,23 @@ impl Snapshotter {
 
     pub fn remove(&self, key: &str) -> Result<()> {
         let _guard = self.dirs.read().map_err(|_| Error::Database("lock poisoned".into()))?;
-        let rec = self.db.remove(key)?;
+        let rec = {
+            let _views = self.views.lock().map_err(|_| Error::Database("lock poisoned".into()))?;
+            let rec = self.db.remove(key)?;
+            // A view goes with the last snapshot that needs it.
+            if let (Some(n), false) = (&self.nix, rec.kind == Kind::Committed) {
+                // Scanning every snapshot is only worth it when a view exists.
+                if n.has_views() {
+                    n.drop_unused_views(&self.db.live_chains()?);
+                }
+            }
+            rec
+        };
         // The record is gone, so the directory is already garbage: a failure
         // here only delays its removal to the next Cleanup.
         let dir = self.snapshots_dir().join(rec.id.to_string());
         if let Err(e) = fs::remove_dir_all(&dir) {
             tracing::warn!(path = %dir.display(), error = %e, "cannot remove snapshot directory; Cleanup will retry");
-        }
-        // A view goes with the last snapshot that needs it.
-        if let (Some(n), false) = (&self.nix, rec.kind == Kind::Committed) {
-            // Scanning every snapshot is only worth it when a view exists.
-            if n.has_views() {
-                n.drop_unused_views(&self.db.live_chains()?);
-            }
         }
         Ok(())
     }
