@@ -444,7 +444,8 @@ fn concurrent_cold_containers_share_downloads_and_restart_keeps_working() {
     for out in &outs {
         assert!(
             out.contains("hello from the nix store") && out.contains("filler 7"),
-            "{out}"
+            "{out}\n--- daemon problems:\n{}",
+            daemon.log_problems()
         );
     }
     let mut expected: Vec<String> = [&f.tool, &f.data, &f.extra].iter().map(|p| nar_url(p)).collect();

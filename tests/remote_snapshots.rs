@@ -192,18 +192,30 @@ impl Stack {
         );
     }
 
+    /// `ctr run`, which must succeed; returns its output.
     fn run(&self, ns: &str, reference: &str, args: &[&str]) -> String {
+        self.run_checked(ns, reference, args, |_| true)
+    }
+
+    /// `ctr run`; its output must be `expected`.
+    fn run_expect(&self, ns: &str, reference: &str, args: &[&str], expected: &str) {
+        self.run_checked(ns, reference, args, |out| out == expected);
+    }
+
+    fn run_checked(&self, ns: &str, reference: &str, args: &[&str], ok: impl Fn(&str) -> bool) -> String {
         let id = unique("c");
         let mut all = vec!["run", "--rm", "--snapshotter", "nix", reference, id.as_str()];
         all.extend_from_slice(args);
         let out = self.ctrd.ctr_in(ns, &all);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
-            out.status.success(),
-            "ctr run failed: {}\n--- nix-snapshotter log:\n{}",
+            out.status.success() && ok(&stdout),
+            "ctr run {args:?} ({}) printed {stdout:?}\nstderr: {}\n--- daemon problems:\n{}",
+            out.status,
             String::from_utf8_lossy(&out.stderr),
-            common::tail(&self.daemon.log_text(), 40)
+            self.daemon.log_problems()
         );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        stdout
     }
 
     /// Snapshot directories our daemon holds (one per snapshot it knows).
@@ -298,9 +310,11 @@ fn pulled_nix_layer_is_made_from_its_labels_and_containerd_gc_keeps_it() {
         .ctr_ok(&["images", "rm", "--sync", "docker.io/library/other:latest"]);
     s.wait_backend_snapshots(1);
     let nars = nar_downloads(cache);
-    assert_eq!(
-        s.run(&s.ctrd.namespace, &served.reference, &["/bin/hello"]),
-        "hello from a remote snapshot\n"
+    s.run_expect(
+        &s.ctrd.namespace,
+        &served.reference,
+        &["/bin/hello"],
+        "hello from a remote snapshot\n",
     );
     assert_eq!(nar_downloads(cache), nars, "warm run fetched again");
 
@@ -309,9 +323,11 @@ fn pulled_nix_layer_is_made_from_its_labels_and_containerd_gc_keeps_it() {
     s.pull(&ns2, &served.reference);
     assert_eq!(fetched(registry, &nix_layer), 0);
     s.wait_backend_snapshots(1);
-    assert_eq!(
-        s.run(&ns2, &served.reference, &["/bin/hello"]),
-        "hello from a remote snapshot\n"
+    s.run_expect(
+        &ns2,
+        &served.reference,
+        &["/bin/hello"],
+        "hello from a remote snapshot\n",
     );
 
     // Gone from one namespace it is still used by the other; gone from both, collected.
@@ -335,9 +351,11 @@ fn pulled_go_format_nix_layer_is_applied_then_shared() {
     s.pull(&s.ctrd.namespace, &served.reference);
     assert_eq!(fetched(registry, &nix_layer), 1, "{:#?}", registry.log());
     assert!(s.daemon.log_text().contains("committed a Nix layer"));
-    assert_eq!(
-        s.run(&s.ctrd.namespace, &served.reference, &["/bin/hello"]),
-        "hello from a remote snapshot\n"
+    s.run_expect(
+        &s.ctrd.namespace,
+        &served.reference,
+        &["/bin/hello"],
+        "hello from a remote snapshot\n",
     );
 
     // The committed layer carries its chain id: another namespace reuses it.
@@ -351,9 +369,11 @@ fn pulled_go_format_nix_layer_is_applied_then_shared() {
         s.daemon.log_text()
     );
     s.wait_backend_snapshots(1);
-    assert_eq!(
-        s.run(&ns2, &served.reference, &["/bin/hello"]),
-        "hello from a remote snapshot\n"
+    s.run_expect(
+        &ns2,
+        &served.reference,
+        &["/bin/hello"],
+        "hello from a remote snapshot\n",
     );
 }
 
@@ -394,8 +414,12 @@ fn nix_images_run_under(suite: &str, import_labels: bool) {
         "committed a Nix layer"
     };
     assert!(s.daemon.log_text().contains(expected), "{}", s.daemon.log_text());
-    let out = s.run(&s.ctrd.namespace, "docker.io/library/hello:latest", &[]);
-    assert_eq!(out, "hello from a remote snapshot\n", "{version}");
+    s.run_expect(
+        &s.ctrd.namespace,
+        "docker.io/library/hello:latest",
+        &[],
+        "hello from a remote snapshot\n",
+    );
 
     let served = serve_image(registry, "nix/hello", "latest", &archive);
     let ns2 = format!("{}-pull", s.ctrd.namespace);
@@ -406,9 +430,11 @@ fn nix_images_run_under(suite: &str, import_labels: bool) {
         "{:#?}",
         registry.log()
     );
-    assert_eq!(
-        s.run(&ns2, &served.reference, &["/bin/sh", "-c", "/bin/hello; ls /share"]),
-        "hello from a remote snapshot\nempty\n"
+    s.run_expect(
+        &ns2,
+        &served.reference,
+        &["/bin/sh", "-c", "/bin/hello; ls /share"],
+        "hello from a remote snapshot\nempty\n",
     );
     s.ctrd
         .ctr_ok(&["images", "rm", "--sync", "docker.io/library/hello:latest"]);

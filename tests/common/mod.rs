@@ -279,6 +279,16 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The log's warnings and errors, and anything about passthrough: what
+    /// to print when a container saw the wrong thing.
+    pub fn log_problems(&self) -> String {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("passthrough"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     pub async fn client(&self) -> SnapshotsClient<Channel> {
         SnapshotsClient::new(nix_snapshotter::uds::connect(&self.address).await.unwrap())
     }
