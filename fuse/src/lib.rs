@@ -550,7 +550,10 @@ impl Filesystem for FsImpl {
             // many probes for files that do not exist (the dynamic loader,
             // interpreters, overlayfs looking up every name in this top-most
             // lower layer) cost a round trip once, not on every container start.
-            Err(e) if e == Errno::ENOENT && parent != INodeNo::ROOT => {
+            // Only for a parent we still know: a lookup in a view that was
+            // just dropped must not be cached as a miss for a view that
+            // comes back with the same inode numbers.
+            Err(e) if e == Errno::ENOENT && parent != INodeNo::ROOT && self.0.node(parent).is_some() => {
                 let mut negative = dir_attr(0);
                 negative.ino = INodeNo(0);
                 reply.entry(&TTL, &negative, Generation(0))
