@@ -119,7 +119,12 @@ fn stack(tmp: &TempRoot, server: &Server, extra: &str) -> (std::path::PathBuf, D
 
 /// `ctr run`, failing with both containerd's and our daemon's logs.
 fn run(ctrd: &Containerd, daemon: &Daemon, args: &[&str]) -> String {
-    let out = ctrd.ctr(args);
+    run_in(ctrd, daemon, &ctrd.namespace, args)
+}
+
+/// [`run`] in namespace `ns`.
+fn run_in(ctrd: &Containerd, daemon: &Daemon, ns: &str, args: &[&str]) -> String {
+    let out = ctrd.ctr_in(ns, args);
     assert!(
         out.status.success(),
         "ctr {args:?} failed: {}\n--- nix-snapshotter log:\n{}",
@@ -135,6 +140,24 @@ fn run(ctrd: &Containerd, daemon: &Daemon, args: &[&str]) -> String {
         )
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `nix-snapshotter image load` of `archive` into namespace `ns` (our loader,
+/// which unpacks through containerd's API itself, instead of `ctr`).
+fn load(ctrd: &Containerd, ns: &str, archive: &Path) {
+    let out = std::process::Command::new(common::DAEMON)
+        .args(["image", "load", "--address"])
+        .arg(&ctrd.address)
+        .args(["--namespace", ns])
+        .arg(archive)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "image load {}: {}",
+        archive.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn nar_downloads(server: &Server) -> Vec<String> {
@@ -270,6 +293,20 @@ fn nix_image_runs_lazily_and_sees_exact_store_paths() {
     let out = run(
         &ctrd,
         &daemon,
+        &["run", "--rm", "--snapshotter", "nix", mixed, &unique("c")],
+    );
+    assert!(out.contains("hello from the top layer"), "{out}");
+    assert!(out.contains("kept") && !out.contains("doomed"), "{out}");
+    assert!(out.contains("hello from the nix store"), "{out}");
+
+    // The same through `image load`: our loader applies the ordinary layers
+    // (the whiteout included) and the Nix layer, no labels on either.
+    let ns = format!("{}-load", ctrd.namespace);
+    load(&ctrd, &ns, &archive);
+    let out = run_in(
+        &ctrd,
+        &daemon,
+        &ns,
         &["run", "--rm", "--snapshotter", "nix", mixed, &unique("c")],
     );
     assert!(out.contains("hello from the top layer"), "{out}");
@@ -570,6 +607,17 @@ fn redis_from_patched_debian_binaries_answers_pong() {
     let out = run(
         &ctrd,
         &daemon,
+        &["run", "--rm", "--snapshotter", "nix", name, &unique("c")],
+    );
+    assert!(out.lines().any(|l| l.trim() == "PONG"), "{out}");
+
+    // And through `image load`.
+    let ns = format!("{}-load", ctrd.namespace);
+    load(&ctrd, &ns, &archive);
+    let out = run_in(
+        &ctrd,
+        &daemon,
+        &ns,
         &["run", "--rm", "--snapshotter", "nix", name, &unique("c")],
     );
     assert!(out.lines().any(|l| l.trim() == "PONG"), "{out}");
