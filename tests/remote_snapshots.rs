@@ -74,6 +74,21 @@ fn fixture() -> &'static Fixture {
         let info = find("-closure-info");
         let cache = dir.join("cache");
         nix.publish(&cache, "zstd", std::slice::from_ref(&info));
+        // Listings as cache.nixos.org stores them: brotli-compressed (served
+        // with Content-Encoding: br, which our client does not undo).
+        for e in std::fs::read_dir(&cache).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "ls") {
+                let st = std::process::Command::new("brotli")
+                    .args(["-f", "-o"])
+                    .arg(p.with_extension("br"))
+                    .arg(&p)
+                    .status()
+                    .expect("brotli must be installed (see .ci/run)");
+                assert!(st.success());
+                std::fs::rename(p.with_extension("br"), &p).unwrap();
+            }
+        }
         Fixture {
             store_paths: nix.real(&info).join("store-paths"),
             env: find("-env"),
@@ -298,7 +313,8 @@ fn pulled_nix_layer_is_made_from_its_labels_and_containerd_gc_keeps_it() {
         );
     }
     // closure-info, env (listed for copyToRoot), and what /bin/hello runs:
-    // tool and data. The fillers' narinfos may be prefetched, never their NARs.
+    // tool and data. The fillers' narinfos may be prefetched, never their
+    // NARs: `ls` stats them from their (brotli) listings.
     assert_eq!(nar_downloads(cache), 4, "{:#?}", cache.log());
 
     // Another image comes and goes with a synchronous collection: ours stays.

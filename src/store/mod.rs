@@ -409,7 +409,7 @@ impl Store {
         let cache = self.caches().await.ok()?.get(found.cache)?;
         let rel = format!("{}.ls", path.hash_part());
         let root = match cache.get(&rel).await {
-            Ok(Some(bytes)) => match crate::nixfmt::listing::parse(&bytes) {
+            Ok(Some(bytes)) => match decode_listing(&bytes) {
                 Ok(root) => root,
                 Err(e) => {
                     tracing::debug!(path = %path, cache = cache.url(), error = %e, "unreadable NAR listing");
@@ -668,4 +668,50 @@ pub async fn open_from_config(
             msg: e.to_string(),
         })??;
     Ok(Arc::new(store))
+}
+
+/// Largest listing we decompress: a listing is a few hundred bytes per file.
+const MAX_LISTING: u64 = 64 << 20;
+
+/// A `.ls` listing as a cache serves it: plain JSON, or brotli-compressed
+/// (stored with `Content-Encoding: br`, which our HTTP client does not undo).
+fn decode_listing(bytes: &[u8]) -> Result<crate::nixfmt::listing::Node, crate::nixfmt::listing::ListingError> {
+    use crate::nixfmt::listing::{parse, ListingError};
+    use std::io::Read;
+    if bytes.first() == Some(&b'{') {
+        return parse(bytes);
+    }
+    let mut json = Vec::new();
+    brotli_decompressor::Decompressor::new(bytes, 4096)
+        .take(MAX_LISTING)
+        .read_to_end(&mut json)
+        .map_err(|e| ListingError(format!("neither JSON nor brotli: {e}")))?;
+    parse(&json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_listing;
+    use crate::nixfmt::listing::Node;
+
+    const JSON: &[u8] =
+        br#"{"version":1,"root":{"type":"directory","entries":{"a":{"type":"regular","size":3,"narOffset":96}}}}"#;
+    /// `JSON` compressed by the `brotli` command-line tool.
+    const BROTLI: &str = "a1180380e03870cee5f123085db79ac20872477e602dcaf021eddb2f699f3a362cd1e79403d624c0a42d91243988df036ecaf2462977d4e48b91ca7cb4f7ef465364f8d202c2b4c5769839515f11b0d6";
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn listings_plain_or_brotli() {
+        let plain = decode_listing(JSON).unwrap();
+        assert!(matches!(plain, Node::Directory { .. }));
+        assert_eq!(decode_listing(&unhex(BROTLI)).unwrap(), plain);
+        let err = decode_listing(b"\x00garbage").unwrap_err();
+        assert!(err.to_string().contains("neither JSON nor brotli"), "{err}");
+    }
 }
