@@ -30,7 +30,7 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     BackingId, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyOpen, Request, SessionACL,
+    ReplyOpen, ReplyXattr, Request, SessionACL,
 };
 
 /// Store paths never change: the kernel may cache what we say for good.
@@ -679,6 +679,21 @@ impl Filesystem for FsImpl {
             }
         }
         reply.data(&buf[..filled]);
+    }
+
+    // Store paths carry no extended attributes and nothing is ever written:
+    // ENOSYS tells the kernel never to ask again (without fuser's
+    // "not implemented" warning on every mount).
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _owner: LockOwner, reply: ReplyEmpty) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
