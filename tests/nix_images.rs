@@ -142,6 +142,27 @@ fn run_in(ctrd: &Containerd, daemon: &Daemon, ns: &str, args: &[&str]) -> String
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Image `name` from `archive`, imported with `ctr images import` into the
+/// test's namespace and with our `image load` into a second one, run once
+/// from each: the two outputs.
+fn import_and_load_then_run(ctrd: &Containerd, daemon: &Daemon, archive: &Path, name: &str) -> [String; 2] {
+    ctrd.ctr_ok(&["images", "import", "--snapshotter", "nix", archive.to_str().unwrap()]);
+    let imported = run(
+        ctrd,
+        daemon,
+        &["run", "--rm", "--snapshotter", "nix", name, &unique("c")],
+    );
+    let ns = format!("{}-load", ctrd.namespace);
+    load(ctrd, &ns, archive);
+    let loaded = run_in(
+        ctrd,
+        daemon,
+        &ns,
+        &["run", "--rm", "--snapshotter", "nix", name, &unique("c")],
+    );
+    [imported, loaded]
+}
+
 /// `nix-snapshotter image load` of `archive` into namespace `ns` (our loader,
 /// which unpacks through containerd's API itself, instead of `ctr`).
 fn load(ctrd: &Containerd, ns: &str, archive: &Path) {
@@ -289,29 +310,13 @@ fn nix_image_runs_lazily_and_sees_exact_store_paths() {
     let mixed = "docker.io/library/nix-mixed:latest";
     let archive = tmp.join("mixed.tar");
     write_oci_archive(&archive, mixed, &layers, &[&f.exe]);
-    ctrd.ctr_ok(&["images", "import", "--snapshotter", "nix", archive.to_str().unwrap()]);
-    let out = run(
-        &ctrd,
-        &daemon,
-        &["run", "--rm", "--snapshotter", "nix", mixed, &unique("c")],
-    );
-    assert!(out.contains("hello from the top layer"), "{out}");
-    assert!(out.contains("kept") && !out.contains("doomed"), "{out}");
-    assert!(out.contains("hello from the nix store"), "{out}");
-
-    // The same through `image load`: our loader applies the ordinary layers
-    // (the whiteout included) and the Nix layer, no labels on either.
-    let ns = format!("{}-load", ctrd.namespace);
-    load(&ctrd, &ns, &archive);
-    let out = run_in(
-        &ctrd,
-        &daemon,
-        &ns,
-        &["run", "--rm", "--snapshotter", "nix", mixed, &unique("c")],
-    );
-    assert!(out.contains("hello from the top layer"), "{out}");
-    assert!(out.contains("kept") && !out.contains("doomed"), "{out}");
-    assert!(out.contains("hello from the nix store"), "{out}");
+    // Our loader applies the ordinary layers (the whiteout included) and
+    // the Nix layer just as `ctr` does; no labels on either.
+    for out in import_and_load_then_run(&ctrd, &daemon, &archive, mixed) {
+        assert!(out.contains("hello from the top layer"), "{out}");
+        assert!(out.contains("kept") && !out.contains("doomed"), "{out}");
+        assert!(out.contains("hello from the nix store"), "{out}");
+    }
     drop(ctrd);
     drop(daemon);
 }
@@ -603,24 +608,9 @@ fn redis_from_patched_debian_binaries_answers_pong() {
         &[nix_layer(&closure, &[("bin/sh", bb.clone())])],
         &[&bb, "sh", "-c", &script],
     );
-    ctrd.ctr_ok(&["images", "import", "--snapshotter", "nix", archive.to_str().unwrap()]);
-    let out = run(
-        &ctrd,
-        &daemon,
-        &["run", "--rm", "--snapshotter", "nix", name, &unique("c")],
-    );
-    assert!(out.lines().any(|l| l.trim() == "PONG"), "{out}");
-
-    // And through `image load`.
-    let ns = format!("{}-load", ctrd.namespace);
-    load(&ctrd, &ns, &archive);
-    let out = run_in(
-        &ctrd,
-        &daemon,
-        &ns,
-        &["run", "--rm", "--snapshotter", "nix", name, &unique("c")],
-    );
-    assert!(out.lines().any(|l| l.trim() == "PONG"), "{out}");
+    for out in import_and_load_then_run(&ctrd, &daemon, &archive, name) {
+        assert!(out.lines().any(|l| l.trim() == "PONG"), "{out}");
+    }
     drop(ctrd);
     drop(daemon);
 }
