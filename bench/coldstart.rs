@@ -35,7 +35,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{arg, arg_or, du, median, nix_build, publish, run, signing_key, store_name, NIXFLAGS};
+use common::{arg, arg_or, du, median, nix_build, nix_copy_from, publish, run, signing_key, store_name, NIXFLAGS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const IMAGE: &str = "docker.io/library/bench-python:latest";
@@ -444,19 +444,7 @@ in sh "python-closure" "b mkdir $out; for d in $deps; do b echo $d >> $out/refs;
             let eager_store = dir.join(format!("{tag}-eager"));
             drop_caches();
             let t = Instant::now();
-            run(Command::new("nix")
-                .args(NIXFLAGS)
-                .args([
-                    "copy",
-                    "--option",
-                    "trusted-public-keys",
-                    &public,
-                    "--from",
-                    &url,
-                    "--to",
-                ])
-                .arg(&eager_store)
-                .arg(&top));
+            nix_copy_from(&url, &public, &eager_store, &top);
             let realise = t.elapsed().as_secs_f64();
             let root = dir.join(format!("{tag}-eroot"));
             let d = start_daemon(

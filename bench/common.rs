@@ -100,6 +100,16 @@ pub fn publish(chroot: &Path, cache: &Path, compression: &str, key: &Path, path:
 }
 
 /// `s` with every character a store path name cannot hold replaced by '-'.
+/// Real Nix substituting `path`'s closure from the cache at `url` (trusting
+/// `public`) into the chroot store `to`: the eager baseline both benchmarks use.
+pub fn nix_copy_from(url: &str, public: &str, to: &Path, path: &str) {
+    run(Command::new("nix")
+        .args(NIXFLAGS)
+        .args(["copy", "--option", "trusted-public-keys", public, "--from", url, "--to"])
+        .arg(to)
+        .arg(path));
+}
+
 pub fn store_name(s: &str) -> String {
     s.chars()
         .map(|c| {

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{arg_or, du, median, nix_build, publish, run, signing_key, store_name, NIXFLAGS};
+use common::{arg_or, du, median, nix_build, nix_copy_from, publish, run, signing_key, store_name, NIXFLAGS};
 
 struct Guard(PathBuf);
 
@@ -118,19 +118,7 @@ fn main() {
 
             let dest = dir.join(format!("nix-{compression}-{r}"));
             let t = Instant::now();
-            run(Command::new("nix")
-                .args(NIXFLAGS)
-                .args([
-                    "copy",
-                    "--option",
-                    "trusted-public-keys",
-                    &public,
-                    "--from",
-                    &server.url(),
-                    "--to",
-                ])
-                .arg(&dest)
-                .arg(&top));
+            nix_copy_from(&server.url(), &public, &dest, &top);
             nix.push(t.elapsed().as_secs_f64());
             let _ = nix_snapshotter::store::gc::remove_tree(&dest);
             eprintln!(
