@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/containerd/services/content/v1/content.proto",
         "proto/containerd/services/images/v1/images.proto",
         "proto/containerd/services/leases/v1/leases.proto",
+        "proto/containerd/services/diff/v1/diff.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -23,6 +23,11 @@ pub mod containerd {
                 tonic::include_proto!("containerd.services.images.v1");
             }
         }
+        pub mod diff {
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.diff.v1");
+            }
+        }
         pub mod leases {
             pub mod v1 {
                 tonic::include_proto!("containerd.services.leases.v1");
@@ -32,6 +37,7 @@ pub mod containerd {
 }
 
 pub use containerd::services::content::v1 as content;
+pub use containerd::services::diff::v1 as diff;
 pub use containerd::services::images::v1 as images;
 pub use containerd::services::leases::v1 as leases;
 pub use containerd::services::snapshots::v1 as snapshots;

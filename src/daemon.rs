@@ -71,6 +71,22 @@ pub fn bind(address: &Path) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
+/// Raises the soft limit on open files to the hard limit (systemd's default
+/// soft limit, 1024, is far below what a store serving many containers
+/// keeps open) and returns the limit now in force.
+pub fn raise_nofile() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum {
+        lim.current = lim.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, lim) {
+            tracing::warn!(error = %e, "cannot raise the open file limit");
+        }
+    }
+    let now = getrlimit(Resource::Nofile);
+    now.current.unwrap_or(1 << 20)
+}
+
 /// Opens the database and the snapshotter, and mounts the FUSE store for
 /// Nix layers (without it, Nix layers are served as ordinary layers).
 fn open_state(
@@ -96,6 +112,10 @@ fn open_state(
     let mount_cfg = MountConfig {
         threads: cfg.fuse.threads,
         passthrough: cfg.fuse.passthrough,
+        // Half the descriptors for backing files kept open; the rest for
+        // sockets, the database, fetches and containerd's connections.
+        open_files: (raise_nofile() / 2).clamp(64, 1 << 20) as usize,
+        ..Default::default()
     };
     match StoreFs::mount(&mnt, Arc::new(resolver), &mount_cfg) {
         Ok(fs) => {
@@ -137,18 +157,20 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     };
     // Opened in the background: a slow or unreachable cache must not delay
     // serving ordinary layers. Nix layers wait for it (within fetch_timeout).
+    let sn = Arc::new(sn);
     {
-        let (cfg, slot) = (cfg.clone(), slot.clone());
+        let (cfg, slot, sn) = (cfg.clone(), slot.clone(), sn.clone());
         tokio::spawn(async move {
             match crate::store::open_from_config(&cfg, db).await {
                 Ok(store) => {
                     let _ = slot.set(store);
+                    // Views made before the store opened: their paths stay.
+                    sn.pin_views();
                 }
                 Err(e) => tracing::error!(error = %e, "cannot open the local store; Nix layers will fail"),
             }
         });
     }
-    let sn = Arc::new(sn);
 
     let listener = bind(&cfg.address)?;
     let mut term = signal(SignalKind::terminate()).map_err(io_err("install SIGTERM handler for", &cfg.address))?;

@@ -22,6 +22,13 @@ pub fn open_root(root: &Path) -> Result<Arc<Database>> {
         .mode(0o700)
         .create(root)
         .map_err(Error::io("cannot create", root))?;
+    // Also when it already existed (made 0755 by hand or an older version):
+    // below it lie every container's layers and the FUSE mount.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+            .map_err(Error::io("cannot restrict the mode of", root))?;
+    }
     open(&root.join("metadata.redb"))
 }
 

@@ -16,6 +16,7 @@ pub mod db;
 pub mod error;
 pub mod image;
 pub mod nixfmt;
+pub mod nixlayer;
 pub mod service;
 pub mod snapshots;
 pub mod store;

@@ -51,7 +51,7 @@ fn flags_override_file_override_defaults() {
     let cfg = tmp.join("config.toml");
     std::fs::write(
         &cfg,
-        "address = \"/from/file.sock\"\nroot = \"/from/file\"\n[image_service]\nenable = true\n",
+        "address = \"/from/file.sock\"\nroot = \"/from/file\"\n[image_service]\ncontainerd_address = \"/from/file/c.sock\"\n",
     )
     .unwrap();
     let (ok, out, err) = run(&["-c", cfg.to_str().unwrap(), "--root", "/from/flag", "config"]);
@@ -59,9 +59,8 @@ fn flags_override_file_override_defaults() {
     let parsed: toml::Value = toml::from_str(&out).unwrap();
     assert_eq!(parsed["root"].as_str(), Some("/from/flag"));
     assert_eq!(parsed["address"].as_str(), Some("/from/file.sock"));
-    assert_eq!(parsed["image_service"]["enable"].as_bool(), Some(true));
     assert_eq!(
         parsed["image_service"]["containerd_address"].as_str(),
-        Some("/run/containerd/containerd.sock")
+        Some("/from/file/c.sock")
     );
 }

@@ -672,3 +672,90 @@ fn tampered_nar_is_never_served() {
     drop(ctrd);
     drop(daemon);
 }
+
+#[test]
+fn eviction_under_pressure_spares_what_live_containers_use() {
+    let f = fixture();
+    let tmp = TempRoot::new("nixevict");
+    let server = Server::start(f.cache.clone());
+    // Far below the working set: every fetch is followed by an eviction.
+    let (_cfg, daemon, ctrd) = stack(&tmp, &server, "[store]\nmax_size = \"1\"\n");
+    let bb = format!("{}/bin/busybox", f.tool);
+    let only = |paths: &[&str]| -> Vec<(String, bool)> {
+        f.closure
+            .iter()
+            .filter(|(b, _)| paths.iter().any(|p| p.ends_with(b.as_str())))
+            .cloned()
+            .collect()
+    };
+    let filler = |i: usize| {
+        format!(
+            "/nix/store/{}",
+            f.closure
+                .iter()
+                .find(|(b, _)| b.ends_with(&format!("-filler{i}")))
+                .unwrap()
+                .0
+        )
+    };
+    let image = |name: &str, paths: &[&str], script: &str| {
+        let archive = tmp.join(&format!("{name}.tar"));
+        let reference = format!("docker.io/library/{name}:latest");
+        write_oci_archive(
+            &archive,
+            &reference,
+            &[nix_layer(&only(paths), &[])],
+            &[&bb, "sh", "-c", script],
+        );
+        ctrd.ctr_ok(&["images", "import", "--snapshotter", "nix", archive.to_str().unwrap()]);
+        reference
+    };
+    // A long-running container reads its store file again and again.
+    let reader = image(
+        "evict-reader",
+        &[&f.tool, &f.data],
+        &format!(
+            "i=0; while [ $i -lt 40 ]; do cat {}/greeting; i=$((i+1)); sleep 0.1; done",
+            f.data
+        ),
+    );
+    let (f7, f8) = (filler(7), filler(8));
+    let seven = image("evict-seven", &[&f.tool, &f7], &format!("cat {f7}/x"));
+    let eight = image("evict-eight", &[&f.tool, &f8], &format!("cat {f8}/x"));
+
+    std::thread::scope(|s| {
+        let reading = s.spawn(|| {
+            run(
+                &ctrd,
+                &daemon,
+                &["run", "--rm", "--snapshotter", "nix", &reader, &unique("c")],
+            )
+        });
+        // Meanwhile other containers come and go, each fetch evicting what
+        // no live container shows.
+        for (img, want) in [(&seven, "filler 7\n"), (&eight, "filler 8\n"), (&seven, "filler 7\n")] {
+            let out = run(
+                &ctrd,
+                &daemon,
+                &["run", "--rm", "--snapshotter", "nix", img, &unique("c")],
+            );
+            assert_eq!(out, want, "--- daemon problems:\n{}", daemon.log_problems());
+        }
+        let out = reading.join().unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines.len(),
+            40,
+            "{out}\n--- daemon problems:\n{}",
+            daemon.log_problems()
+        );
+        assert!(lines.iter().all(|l| *l == "hello from the nix store"), "{out}");
+    });
+    let downloads = nar_downloads(&server);
+    let count = |p: &str| downloads.iter().filter(|d| **d == nar_url(p)).count();
+    // What the reader used was never evicted under it.
+    assert_eq!(count(&f.data), 1, "{downloads:?}");
+    assert_eq!(count(&f.tool), 1, "{downloads:?}");
+    // filler 7 went when no live container showed it, and came back.
+    assert_eq!(count(&f7), 2, "{downloads:?}\n{}", daemon.log_text());
+}

@@ -3,22 +3,38 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use nix_snapshotter_fuse::{ClosureEntry, MountConfig, Resolver, StoreFs};
+use nix_snapshotter_fuse::{ClosureEntry, MountConfig, Resolver, StoreDir, StoreFs};
 
 const A: &str = "7h7qgvs4kgzsn8a6rb274saxyqh4jxlz-a";
 
-/// Serves `<dir>/<base name>`, counting resolutions.
+/// Serves `<dir>/<base name>`, counting resolutions; paths named in
+/// `stalled` never resolve (a download that hangs).
 struct DirResolver {
     dir: PathBuf,
+    fd: StoreDir,
     calls: AtomicUsize,
+    stalled: Mutex<Vec<String>>,
 }
 
 impl Resolver for DirResolver {
-    fn resolve(&self, base_name: &str) -> Result<PathBuf, String> {
+    fn resolve(&self, base_name: &str) -> Result<StoreDir, String> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        Ok(self.dir.join(base_name))
+        while self.stalled.lock().unwrap().iter().any(|s| s == base_name) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(self.fd.clone())
+    }
+
+    fn local(&self, base_name: &str) -> Option<StoreDir> {
+        if self.stalled.lock().unwrap().iter().any(|s| s == base_name) {
+            return None;
+        }
+        std::fs::symlink_metadata(self.dir.join(base_name))
+            .is_ok()
+            .then(|| self.fd.clone())
     }
 }
 
@@ -39,16 +55,29 @@ fn setup(tmp: &Path) -> (Mounted, Arc<DirResolver>) {
     std::fs::write(store.join(A).join("file"), b"content\n").unwrap();
     let mnt = tmp.join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
+    let fd = std::fs::File::open(&store).unwrap();
     let resolver = Arc::new(DirResolver {
         dir: store,
+        fd: Arc::new(fd.into()),
         calls: AtomicUsize::new(0),
+        stalled: Mutex::new(Vec::new()),
     });
     let cfg = MountConfig {
         threads: 2,
-        passthrough: true,
+        ..Default::default()
     };
     let fs = StoreFs::mount(&mnt, resolver.clone(), &cfg).expect("mounting needs root and /dev/fuse");
     (Mounted(Some(fs)), resolver)
+}
+
+/// Lets stalled downloads finish when dropped, also when a test fails, so
+/// that unmounting does not wait for them forever.
+struct Unstall(Arc<DirResolver>);
+
+impl Drop for Unstall {
+    fn drop(&mut self) {
+        self.0.stalled.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
 }
 
 fn closure() -> Vec<ClosureEntry> {
@@ -78,4 +107,93 @@ fn a_view_dropped_and_added_again_is_whole() {
     assert_eq!(std::fs::read(store.join(A).join("file")).unwrap(), b"content\n");
     // Names outside the closure stay missing.
     assert!(std::fs::metadata(store.join("00000000000000000000000000000000-b")).is_err());
+}
+
+/// Store path names for the tests below (32 hash characters, then a name).
+fn base(name: &str, i: usize) -> String {
+    format!("{:0>32}-{name}", i)
+        .chars()
+        .map(|c| if c == '0' { 'a' } else { c })
+        .collect()
+}
+
+#[test]
+fn a_store_path_that_is_a_symlink_to_root_is_shown_as_that_symlink_whatever_the_hint() {
+    let tmp = tempfile::Builder::new().prefix("nst-fuse-").tempdir_in("/tmp").unwrap();
+    let (m, resolver) = setup(tmp.path());
+    let fs = m.0.as_ref().unwrap();
+    let _unstall = Unstall(resolver.clone());
+    let evil = base("evil", 1);
+    let inner = base("inner", 2);
+    std::os::unix::fs::symlink("/", resolver.dir.join(&evil)).unwrap();
+    std::fs::create_dir(resolver.dir.join(&inner)).unwrap();
+    std::os::unix::fs::symlink("/etc", resolver.dir.join(&inner).join("etc")).unwrap();
+    // The image's mountpoint lies: it says both are directories.
+    let lying = |b: &str| ClosureEntry {
+        base_name: b.to_string(),
+        is_dir: Some(true),
+    };
+    resolver.stalled.lock().unwrap().push(evil.clone());
+    let view = fs.add_view("v", &[lying(&evil), lying(&inner)]).unwrap();
+    let store = view.join("nix/store");
+    // Before it is fetched, the hint makes `ls -l` lazy: a directory.
+    assert!(std::fs::metadata(store.join(&evil)).unwrap().is_dir());
+    resolver.stalled.lock().unwrap().clear();
+    // Looking inside the "directory" never serves the host's /etc.
+    assert!(std::fs::read(store.join(&evil).join("etc/hostname")).is_err());
+    // The verified type wins: it is now the symlink it is (which a reader
+    // resolves in its own root: a container's, not the host's).
+    let mut shown = None;
+    for _ in 0..100 {
+        let m = std::fs::symlink_metadata(store.join(&evil)).unwrap();
+        if m.file_type().is_symlink() {
+            shown = Some(std::fs::read_link(store.join(&evil)).unwrap());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(shown.as_deref(), Some(std::path::Path::new("/")));
+    // A symlink inside a store path is a symlink, not a way out.
+    let etc = store.join(&inner).join("etc");
+    assert!(std::fs::symlink_metadata(&etc).unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::read_link(&etc).unwrap(), std::path::Path::new("/etc"));
+}
+
+#[test]
+fn thirty_two_stalled_paths_do_not_stop_an_unrelated_one() {
+    let tmp = tempfile::Builder::new().prefix("nst-fuse-").tempdir_in("/tmp").unwrap();
+    let (m, resolver) = setup(tmp.path());
+    let fs = m.0.as_ref().unwrap();
+    let _unstall = Unstall(resolver.clone());
+    let mut closure = closure();
+    for i in 0..32 {
+        let b = base("stalled", i + 10);
+        std::fs::write(resolver.dir.join(&b), b"never\n").unwrap();
+        resolver.stalled.lock().unwrap().push(b.clone());
+        closure.push(ClosureEntry {
+            base_name: b,
+            is_dir: Some(false),
+        });
+    }
+    let view = fs.add_view("v", &closure).unwrap();
+    let store = view.join("nix/store");
+    let readers: Vec<_> = (0..32)
+        .map(|i| {
+            let p = store.join(base("stalled", i + 10));
+            std::thread::spawn(move || std::fs::read(p))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // Two workers, 32 requests waiting on downloads: the unrelated path is served.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = store.join(A).join("file");
+    std::thread::spawn(move || tx.send(std::fs::read(p).map_err(|e| e.to_string())));
+    let got = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("an unrelated path was not served while 32 stalled");
+    assert_eq!(got.unwrap(), b"content\n");
+    resolver.stalled.lock().unwrap().clear();
+    for r in readers {
+        assert_eq!(r.join().unwrap().unwrap(), b"never\n");
+    }
 }

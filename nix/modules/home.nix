@@ -33,6 +33,7 @@ in
       Service = {
         Type = "notify";
         NotifyAccess = "all";
+        LimitNOFILE = 1048576;
         ExecStart = lib.concatStringsSep " " [
           "${pkgs.util-linux}/bin/nsenter --no-fork --preserve-credentials --mount --net --user"
           "--target \${CHILD_PID}"

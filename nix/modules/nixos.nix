@@ -59,6 +59,9 @@ in
         ExecStart = "${lib.getExe cfg.package} --config ${configFile}";
         Restart = "always";
         RestartSec = 1;
+        # The store keeps backing files open for every container; the daemon
+        # raises its soft limit to this hard limit at start.
+        LimitNOFILE = 1048576;
       };
     };
   };

@@ -37,11 +37,22 @@ impl BinaryCache for FileCache {
     }
 
     async fn get(&self, rel: &str) -> Result<Option<Bytes>, CacheError> {
-        match tokio::fs::read(self.dir.join(rel)).await {
-            Ok(b) => Ok(Some(b.into())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.err(rel, e)),
+        use tokio::io::AsyncReadExt;
+        let limit = super::small_file_limit(rel);
+        let f = match tokio::fs::File::open(self.dir.join(rel)).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.err(rel, e)),
+        };
+        let mut body = Vec::new();
+        f.take(limit + 1)
+            .read_to_end(&mut body)
+            .await
+            .map_err(|e| self.err(rel, e))?;
+        if body.len() as u64 > limit {
+            return Err(super::too_large(format!("{}/{rel}", self.url), limit));
         }
+        Ok(Some(body.into()))
     }
 
     async fn open(&self, rel: &str, offset: u64) -> Result<Option<ByteStream>, CacheError> {

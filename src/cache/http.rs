@@ -91,11 +91,24 @@ impl BinaryCache for HttpCache {
             return Ok(None);
         };
         let url = resp.url().to_string();
-        resp.bytes().await.map(Some).map_err(|e| CacheError::Transport {
-            url,
-            msg: error_chain(&e),
-            retryable: true,
-        })
+        let limit = super::small_file_limit(rel);
+        if resp.content_length().is_some_and(|n| n > limit) {
+            return Err(super::too_large(url, limit));
+        }
+        let mut body = Vec::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| CacheError::Transport {
+                url: url.clone(),
+                msg: error_chain(&e),
+                retryable: true,
+            })?;
+            if (body.len() + chunk.len()) as u64 > limit {
+                return Err(super::too_large(url, limit));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Some(body.into()))
     }
 
     async fn open(&self, rel: &str, offset: u64) -> Result<Option<ByteStream>, CacheError> {

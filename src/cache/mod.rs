@@ -50,13 +50,34 @@ impl CacheError {
     }
 }
 
+/// The most bytes we take of a small file from a cache (untrusted input):
+/// a `.ls` listing is a few hundred bytes per file of a store path, a
+/// narinfo a line per field and a name per reference.
+pub fn small_file_limit(rel: &str) -> u64 {
+    if rel.ends_with(".ls") {
+        64 << 20
+    } else if rel.ends_with(".narinfo") {
+        4 << 20
+    } else {
+        64 << 10
+    }
+}
+
+fn too_large(url: String, limit: u64) -> CacheError {
+    CacheError::Invalid {
+        url,
+        msg: format!("larger than {limit} bytes, the most taken for this kind of file"),
+    }
+}
+
 /// One kind of binary cache.
 #[async_trait::async_trait]
 pub trait BinaryCache: Send + Sync {
     /// The cache's URL, for messages.
     fn url(&self) -> &str;
-    /// Fetches a small file (`nix-cache-info`, `*.narinfo`, `*.ls`);
-    /// `Ok(None)` when the cache does not have it.
+    /// Fetches a small file (`nix-cache-info`, `*.narinfo`, `*.ls`), at
+    /// most [`small_file_limit`] bytes of it; `Ok(None)` when the cache
+    /// does not have it.
     async fn get(&self, rel: &str) -> Result<Option<Bytes>, CacheError>;
     /// Opens `rel` as a stream starting at byte `offset`; `Ok(None)` when missing.
     async fn open(&self, rel: &str, offset: u64) -> Result<Option<ByteStream>, CacheError>;

@@ -9,8 +9,10 @@
 //! snapshot on its parent with `containerd.io/snapshot.ref` = its chain ID
 //! (a snapshotter that can make the layer itself, as ours does for marked
 //! Nix layers, answers ALREADY_EXISTS and the layer is skipped), else mount
-//! it, apply the layer (whiteouts included), unmount and Commit it under its
-//! chain ID; finally create or update the image record.
+//! have containerd's Diff service apply it to the snapshot's mounts (its
+//! applier confines every path, link and whiteout of the layer to them),
+//! check the digest it reports against the layer's diff_id, and Commit it
+//! under its chain ID; finally create or update the image record.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -21,6 +23,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::api::content::{self, content_client::ContentClient};
+use crate::api::diff::{self, diff_client::DiffClient};
 use crate::api::images::{self, images_client::ImagesClient};
 use crate::api::leases::{self, leases_client::LeasesClient};
 use crate::api::snapshots::{self, snapshots_client::SnapshotsClient};
@@ -151,6 +154,7 @@ pub async fn load(
 async fn load_leased(channel: Channel, h: Headers, img: &super::RawImage, snapshotter: &str) -> Result<(), LoadError> {
     let mut content: ContentClient<Svc> = ContentClient::with_interceptor(channel.clone(), h.clone());
     let mut snaps: SnapshotsClient<Svc> = SnapshotsClient::with_interceptor(channel.clone(), h.clone());
+    let mut diff: DiffClient<Svc> = DiffClient::with_interceptor(channel.clone(), h.clone());
     let mut images: ImagesClient<Svc> = ImagesClient::with_interceptor(channel, h);
 
     let diff_ids: Vec<String> = img.layers.iter().map(|(_, _, d)| d.clone()).collect();
@@ -176,7 +180,7 @@ async fn load_leased(channel: Channel, h: Headers, img: &super::RawImage, snapsh
     write_blob(&mut content, &img.manifest.digest, &img.manifest_bytes, manifest_labels).await?;
 
     // Layers, bottom up.
-    for (i, ((desc, blob, _), chain)) in img.layers.iter().zip(&chains).enumerate() {
+    for (i, ((desc, _, diff_id), chain)) in img.layers.iter().zip(&chains).enumerate() {
         let exists = snaps
             .stat(snapshots::StatSnapshotRequest {
                 snapshotter: snapshotter.to_string(),
@@ -214,13 +218,9 @@ async fn load_leased(channel: Channel, h: Headers, img: &super::RawImage, snapsh
             }
             other => other.map_err(api("snapshots.Prepare"))?.into_inner().mounts,
         };
-        let digest = desc.digest.clone();
-        let blob = blob.clone();
-        let applied = tokio::task::spawn_blocking(move || apply(&mounts, &blob))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r);
+        let applied = apply(&mut diff, desc, mounts, diff_id).await;
         if let Err(msg) = applied {
+            let digest = desc.digest.clone();
             let _ = snaps
                 .remove(snapshots::RemoveSnapshotRequest {
                     snapshotter: snapshotter.to_string(),
@@ -337,87 +337,34 @@ async fn write_blob(
     }
 }
 
-/// Mounts `mounts` on a temporary directory, extracts the gzip tar `blob`
-/// into it (OCI whiteouts become deletions, which overlayfs records as its
-/// own whiteouts) and unmounts.
-fn apply(mounts: &[crate::api::Mount], blob: &[u8]) -> Result<(), String> {
-    use rustix::mount::{mount, mount_bind_recursive, unmount, MountFlags, UnmountFlags};
-    let m = mounts.first().ok_or("the snapshotter returned no mounts")?;
-    let dir = std::env::temp_dir().join(format!("nix-snapshotter-apply-{:08x}", rand::random::<u32>()));
-    std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mounted = if m.r#type == "bind" {
-        mount_bind_recursive(m.source.as_str(), &dir)
-    } else {
-        let data = std::ffi::CString::new(m.options.join(",")).map_err(|e| e.to_string())?;
-        mount(
-            m.source.as_str(),
-            &dir,
-            m.r#type.as_str(),
-            MountFlags::empty(),
-            data.as_c_str(),
-        )
-    };
-    if let Err(e) = mounted {
-        let _ = std::fs::remove_dir(&dir);
-        return Err(format!("mounting {} at {}: {e}", m.r#type, dir.display()));
-    }
-    let result = extract(blob, &dir);
-    let _ = unmount(&dir, UnmountFlags::empty()).or_else(|_| unmount(&dir, UnmountFlags::DETACH));
-    let _ = std::fs::remove_dir(&dir);
-    result
-}
-
-fn extract(blob: &[u8], dest: &Path) -> Result<(), String> {
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(blob));
-    archive.set_preserve_permissions(true);
-    archive.set_preserve_ownerships(true);
-    archive.set_preserve_mtime(true);
-    archive.set_overwrite(true);
-    for entry in archive.entries().map_err(|e| e.to_string())? {
-        let mut e = entry.map_err(|e| e.to_string())?;
-        let path = e.path().map_err(|e| e.to_string())?.into_owned();
-        if path
-            .components()
-            .any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir))
-        {
-            return Err(format!("entry {} leaves the layer", path.display()));
-        }
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let parent = dest.join(path.parent().unwrap_or(Path::new("")));
-        if name == ".wh..wh..opq" {
-            // Opaque directory: hide everything below from lower layers.
-            if let Ok(entries) = std::fs::read_dir(&parent) {
-                for c in entries.flatten() {
-                    remove_any(&c.path())?;
-                }
-            }
-            continue;
-        }
-        if let Some(target) = name.strip_prefix(".wh.") {
-            remove_any(&parent.join(target))?;
-            continue;
-        }
-        let target = dest.join(&path);
-        if let Ok(meta) = std::fs::symlink_metadata(&target) {
-            // Replace what lower layers had, except directory over directory.
-            if !(meta.is_dir() && e.header().entry_type().is_dir()) {
-                remove_any(&target)?;
-            }
-        }
-        e.unpack_in(dest).map_err(|err| format!("{}: {err}", path.display()))?;
+/// Has containerd apply the layer `desc` (already in its content store) to
+/// `mounts` with its own applier, which confines every entry, link and
+/// whiteout to the mounts, then checks that what was applied is the layer
+/// the image config names (`diff_id`): a layer that is not is refused
+/// before anything is committed under its chain ID.
+async fn apply(
+    client: &mut DiffClient<Svc>,
+    desc: &crate::api::containerd::types::Descriptor,
+    mounts: Vec<crate::api::Mount>,
+    diff_id: &str,
+) -> Result<(), String> {
+    let applied = client
+        .apply(diff::ApplyRequest {
+            diff: Some(desc.clone()),
+            mounts,
+        })
+        .await
+        .map_err(|s| format!("containerd diff.Apply: {}", s.message()))?
+        .into_inner()
+        .applied
+        .ok_or("containerd diff.Apply returned no descriptor")?;
+    if applied.digest != diff_id {
+        return Err(format!(
+            "its content is {}, but the image config says its diff_id is {diff_id}",
+            applied.digest
+        ));
     }
     Ok(())
-}
-
-fn remove_any(p: &Path) -> Result<(), String> {
-    match std::fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p).map_err(|e| format!("{}: {e}", p.display())),
-        Ok(_) => std::fs::remove_file(p).map_err(|e| format!("{}: {e}", p.display())),
-        Err(_) => Ok(()),
-    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ pub mod load;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
@@ -20,6 +21,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api::containerd::types::Descriptor;
 use crate::nixfmt::StorePath;
+use nix_snapshotter_fuse::beneath;
 
 pub const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -378,17 +380,35 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<(), ImageError> {
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
         paths.insert(StorePath::parse(line).map_err(|e| invalid(&opts.closure, e.to_string()))?);
     }
-    let physical = |p: &StorePath| opts.store_root.join(p.absolute().trim_start_matches('/'));
-    let closure: Vec<(String, bool)> = paths
-        .iter()
-        .map(|p| {
-            // A path not present here is assumed to be a directory, as most are.
-            let is_dir = std::fs::symlink_metadata(physical(p))
-                .map(|m| m.is_dir())
-                .unwrap_or(true);
-            (p.base_name().to_string(), is_dir)
-        })
-        .collect();
+    // Where the store is physically (a chroot store's root, or `/`).
+    let store_dir = opts.store_root.join("nix/store");
+    let holder = rustix::fs::open(
+        &store_dir,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| io_err(&store_dir)(e.into()))?;
+    // Each path's mountpoint type comes from the path itself: one that is
+    // not here cannot be described, so it is an error, named.
+    let mut closure: Vec<(String, bool)> = Vec::new();
+    let mut missing = Vec::new();
+    for p in &paths {
+        match beneath::lstat(holder.as_fd(), Path::new(p.base_name())) {
+            Ok(st) => closure.push((p.base_name().to_string(), beneath::Kind::of(&st) == beneath::Kind::Dir)),
+            Err(_) => missing.push(p.absolute()),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(invalid(
+            &opts.closure,
+            format!(
+                "{} store path(s) of the closure are not in {}: {}",
+                missing.len(),
+                store_dir.display(),
+                missing.join(", ")
+            ),
+        ));
+    }
 
     let mut links = BTreeMap::new();
     let mut roots = Vec::new();
@@ -400,7 +420,8 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<(), ImageError> {
             if !paths.contains(&p) {
                 return Err(invalid(file, format!("{s} is not in the closure")));
             }
-            add_root_links(&physical(&p), &p.absolute(), &mut links).map_err(|e| invalid(file, format!("{s}: {e}")))?;
+            add_root_links(holder.as_fd(), p.base_name(), &mut links)
+                .map_err(|e| invalid(file, format!("{s}: {e}")))?;
             roots.push(p.absolute());
         }
     }
@@ -416,20 +437,20 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<(), ImageError> {
         .and_then(|d| StorePath::parse(&d.to_string_lossy()).ok());
     match info.filter(|_| logical.file_name().is_some_and(|n| n == "store-paths")) {
         Some(info) => {
-            annotations.insert(crate::snapshots::nix::LABEL_CLOSURE.to_string(), info.absolute());
+            annotations.insert(crate::nixlayer::LABEL_CLOSURE.to_string(), info.absolute());
         }
         None => {
-            annotations.insert(crate::snapshots::nix::LABEL_LAYER.to_string(), "true".into());
+            annotations.insert(crate::nixlayer::LABEL_LAYER.to_string(), "true".into());
             for (i, p) in paths.iter().enumerate() {
-                annotations.insert(format!("{}{i}", crate::snapshots::nix::LABEL_PATH_PREFIX), p.absolute());
+                annotations.insert(format!("{}{i}", crate::nixlayer::LABEL_PATH_PREFIX), p.absolute());
             }
         }
     }
     // Says the layer is exactly what the labels and these copyToRoot paths
     // determine, so a snapshotter may build it without fetching it.
     let marker = serde_json::to_string(&roots).unwrap_or_default();
-    if crate::snapshots::nix::LABEL_COPY_TO_ROOT.len() + marker.len() <= crate::snapshots::MAX_LABEL_SIZE {
-        annotations.insert(crate::snapshots::nix::LABEL_COPY_TO_ROOT.to_string(), marker);
+    if crate::nixlayer::LABEL_COPY_TO_ROOT.len() + marker.len() <= crate::snapshots::MAX_LABEL_SIZE {
+        annotations.insert(crate::nixlayer::LABEL_COPY_TO_ROOT.to_string(), marker);
     } else {
         tracing::warn!(
             "the copyToRoot list is too long for a containerd label: the Nix layer will be fetched and applied"
@@ -472,35 +493,54 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<(), ImageError> {
 }
 
 /// copyToRoot as the Go project does it: every directory of the store path
-/// `store` (physically at `dir`) becomes a directory of `/`, and everything
-/// else a symlink `/<rel>` -> `<store>/<rel>`. A later path wins a conflict.
-pub fn add_root_links(dir: &Path, store: &str, out: &mut BTreeMap<String, RootLink>) -> io::Result<()> {
-    if !std::fs::symlink_metadata(dir)?.is_dir() {
+/// `base` (an entry of the store directory `holder`, read beneath it without
+/// following symlinks) becomes a directory of `/`, and everything else a
+/// symlink `/<rel>` -> `/nix/store/<base>/<rel>`. A later path wins a
+/// conflict: its symlink replaces an earlier directory with all it held,
+/// its directory replaces an earlier symlink. So every entry's parents are
+/// directories of the map, and nothing is ever made through a symlink.
+pub fn add_root_links(holder: BorrowedFd<'_>, base: &str, out: &mut BTreeMap<String, RootLink>) -> io::Result<()> {
+    let st = beneath::lstat(holder, Path::new(base))?;
+    if beneath::Kind::of(&st) != beneath::Kind::Dir {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "a copyToRoot path must be a directory",
         ));
     }
-    link_tree(dir, store, Path::new(""), out)
+    let mut budget = MAX_ROOT_LINKS;
+    link_tree(holder, base, Path::new(""), beneath::Kind::Dir, out, &mut budget)
 }
 
-fn link_tree(dir: &Path, store: &str, rel: &Path, out: &mut BTreeMap<String, RootLink>) -> io::Result<()> {
-    let here = dir.join(rel);
-    let meta = std::fs::symlink_metadata(&here)?;
+/// Most entries one image's copyToRoot trees may have (a bound on what an
+/// untrusted store path can make us hold).
+const MAX_ROOT_LINKS: usize = 1_000_000;
+
+fn link_tree(
+    holder: BorrowedFd<'_>,
+    base: &str,
+    rel: &Path,
+    kind: beneath::Kind,
+    out: &mut BTreeMap<String, RootLink>,
+    budget: &mut usize,
+) -> io::Result<()> {
+    *budget = budget
+        .checked_sub(1)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "too many copyToRoot entries"))?;
     let key = rel.to_string_lossy().into_owned();
-    if !meta.is_dir() {
-        out.insert(key, RootLink::Symlink(format!("{store}/{}", rel.display())));
+    if kind != beneath::Kind::Dir {
+        // Whatever an earlier path had here, with all it held, gives way.
+        let below = format!("{key}/");
+        out.retain(|k, _| !k.starts_with(&below));
+        out.insert(key, RootLink::Symlink(format!("/nix/store/{base}/{}", rel.display())));
         return Ok(());
     }
     if !key.is_empty() {
         out.insert(key, RootLink::Dir);
     }
-    let mut names: Vec<_> = std::fs::read_dir(&here)?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<Result<_, _>>()?;
-    names.sort();
-    for n in names {
-        link_tree(dir, store, &rel.join(n), out)?;
+    let here = Path::new(base).join(rel);
+    let names = beneath::entries(beneath::open_dir(holder, &here)?)?;
+    for (n, k) in names {
+        link_tree(holder, base, &rel.join(n), k, out, budget)?;
     }
     Ok(())
 }

@@ -142,13 +142,16 @@ impl NarInfo {
         })
     }
 
-    /// What signatures sign: `1;<path>;<narhash>;<narsize>;<refs,...>`.
+    /// What signatures sign: `1;<path>;<narhash>;<narsize>;<refs,...>`,
+    /// with the references sorted as Nix sorts them (a narinfo may list
+    /// them in any order).
     pub fn fingerprint(&self) -> String {
-        let refs: Vec<String> = self
+        let mut refs: Vec<String> = self
             .references
             .iter()
             .map(|r| format!("{STORE_DIR}/{}", r.base_name()))
             .collect();
+        refs.sort();
         format!(
             "1;{};{};{};{}",
             self.store_path,

@@ -112,6 +112,19 @@ mod tests {
     }
 
     #[test]
+    fn unsorted_references_verify_as_nix_signs_them() {
+        let a = "0a5rbqvcs4a7fyjkbxmaz4yrcgfqnhbm-a";
+        let b = "syd87l2rxw8cbsxmxl853h0r6pdwhw1a-b";
+        let text = format!("StorePath: /nix/store/syd87l2rxw8cbsxmxl853h0r6pdwhw1a-x\nURL: nar/a.nar\nNarHash: sha256:1b4sb93wp679q4zx9k1ignby1yna3z7c4c2ri3wphylbc2dwsys0\nNarSize: 8\nReferences: {b} {a}\n");
+        let mut info = NarInfo::parse(&text).unwrap();
+        // Nix signs the references sorted, whatever order the file lists.
+        assert!(info.fingerprint().ends_with(&format!(";/nix/store/{a},/nix/store/{b}")));
+        let key = SigningKey::from_bytes(&[7u8; 32]);
+        info.sigs = vec![signed(&info, "test-1", &key)];
+        assert!(verify(&info, &[pubkey("test-1", &key)]).is_ok());
+    }
+
+    #[test]
     fn verifies_and_refuses() {
         let text = "StorePath: /nix/store/syd87l2rxw8cbsxmxl853h0r6pdwhw1a-x\nURL: nar/a.nar\nNarHash: sha256:1b4sb93wp679q4zx9k1ignby1yna3z7c4c2ri3wphylbc2dwsys0\nNarSize: 8\nReferences: \n";
         let mut info = NarInfo::parse(text).unwrap();

@@ -148,7 +148,7 @@ impl MetaStore {
             // Two pulls of one layer may race to make it remotely: one wins.
             if new.kind == Kind::Committed {
                 if let Some(target) = new.labels.get(LABEL_SNAPSHOT_REF) {
-                    if let Some(existing) = find_ref(&snaps, target, parent)? {
+                    if let Some(existing) = find_ref(&snaps, target, parent, key, &new.labels)? {
                         return Err(Error::AlreadyExists(format!(
                             "target snapshot {target:?} already exists as {existing:?}"
                         )));
@@ -341,11 +341,18 @@ impl MetaStore {
         Ok(out)
     }
 
-    /// The committed snapshot that stands for layer chain `target` on top of
-    /// `parent`, if there is one (made by an earlier pull, in any namespace).
-    pub fn find_ref(&self, target: &str, parent: &str) -> Result<Option<String>> {
+    /// A committed snapshot of chain `target` on `parent` that may stand in
+    /// for the one a Prepare under `key` with `labels` asks for
+    /// ([`crate::nixlayer::may_share`]).
+    pub fn find_ref(
+        &self,
+        target: &str,
+        parent: &str,
+        key: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Option<String>> {
         let txn = self.db.begin_read()?;
-        find_ref(&txn.open_table(SNAPSHOTS)?, target, parent)
+        find_ref(&txn.open_table(SNAPSHOTS)?, target, parent, key, labels)
     }
 
     /// The ids of all snapshots: everything else under `snapshots/` is garbage.
@@ -388,6 +395,8 @@ fn find_ref(
     table: &impl ReadableTable<&'static str, &'static [u8]>,
     target: &str,
     parent: &str,
+    key: &str,
+    labels: &BTreeMap<String, String>,
 ) -> Result<Option<String>> {
     for entry in table.iter()? {
         let (k, v) = entry?;
@@ -395,6 +404,7 @@ fn find_ref(
         if rec.kind == Kind::Committed
             && rec.parent == parent
             && rec.labels.get(LABEL_SNAPSHOT_REF).is_some_and(|t| t == target)
+            && crate::nixlayer::may_share(k.value(), &rec.labels, key, labels)
         {
             return Ok(Some(k.value().to_string()));
         }

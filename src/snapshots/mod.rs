@@ -249,7 +249,7 @@ impl Snapshotter {
     /// place, and containerd neither fetches nor applies the layer.
     /// Returns Ok when the layer must be fetched and applied as usual.
     fn remote_shortcut(&self, key: &str, parent: &str, target: &str, labels: &BTreeMap<String, String>) -> Result<()> {
-        if let Some(existing) = self.db.find_ref(target, parent)? {
+        if let Some(existing) = self.db.find_ref(target, parent, key, labels)? {
             return Err(Error::AlreadyExists(format!(
                 "target snapshot {target:?} already exists as {existing:?}"
             )));
@@ -422,6 +422,13 @@ impl Snapshotter {
             None => None,
         };
         self.db.commit_active(key, name, rec.id, labels, usage, nix)
+    }
+
+    /// Pins the store paths of the live FUSE views (see [`nix::NixSupport::pin`]).
+    pub fn pin_views(&self) {
+        if let Some(n) = &self.nix {
+            n.pin();
+        }
     }
 
     pub fn remove(&self, key: &str) -> Result<()> {

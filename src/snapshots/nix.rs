@@ -8,6 +8,7 @@
 //! is empty mountpoints named like store paths: the image format's Nix layer.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -19,16 +20,13 @@ use crate::error::{Error, Result};
 use crate::image::RootLink;
 use crate::nixfmt::StorePath;
 use crate::store::Store;
-use nix_snapshotter_fuse::{ClosureEntry, Resolver, StoreFs};
+use nix_snapshotter_fuse::{beneath, ClosureEntry, Resolver, StoreDir, StoreFs};
 
-pub const LABEL_CLOSURE: &str = "containerd.io/snapshot/nix-closure";
-pub const LABEL_LAYER: &str = "containerd.io/snapshot/nix-layer";
-pub const LABEL_PATH_PREFIX: &str = "containerd.io/snapshot/nix-store-path.";
-/// Ours: a JSON list of the image's copyToRoot store paths. Its presence says
-/// the layer is exactly the closure's mountpoints plus those paths' links,
-/// so the layer can be made without fetching it (the remote-snapshot
-/// shortcut). Images without it (the Go project's) are fetched and applied.
-pub const LABEL_COPY_TO_ROOT: &str = "containerd.io/snapshot/nix-copy-to-root";
+pub use crate::nixlayer::{LABEL_CLOSURE, LABEL_COPY_TO_ROOT, LABEL_LAYER, LABEL_PATH_PREFIX};
+
+/// Largest closure-info `store-paths` we read: a line per path, so about
+/// 100,000 paths; far beyond any real closure.
+const MAX_CLOSURE_INFO: u64 = 8 << 20;
 
 /// A Nix layer made from its labels alone.
 pub struct RemoteLayer {
@@ -49,22 +47,33 @@ pub struct StoreResolver {
 }
 
 impl Resolver for StoreResolver {
-    fn resolve(&self, base_name: &str) -> std::result::Result<PathBuf, String> {
+    fn resolve(&self, base_name: &str) -> std::result::Result<StoreDir, String> {
         let path = StorePath::from_base_name(base_name).map_err(|e| e.to_string())?;
         let store = self.store.get().ok_or("the local store is not open (yet)")?;
         if let Some(loc) = store.local(&path) {
-            return Ok(loc.path().to_path_buf());
+            return Ok(store.holder(&loc));
         }
-        let store = store.clone();
-        let fetch = async move { store.ensure(&path).await.map(|l| l.path().to_path_buf()) };
+        let fetching = store.clone();
+        let fetch = async move { fetching.ensure(&path).await };
+        // Waiting stops at the time bound; the download goes on, and a
+        // later access finds it done (or still under way).
         match self
             .rt
             .block_on(async { tokio::time::timeout(self.timeout, fetch).await })
         {
-            Ok(Ok(p)) => Ok(p),
+            Ok(Ok(loc)) => Ok(store.holder(&loc)),
             Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("fetching {base_name} took longer than {:?}", self.timeout)),
+            Err(_) => Err(format!(
+                "fetching {base_name} takes longer than {:?} (still downloading)",
+                self.timeout
+            )),
         }
+    }
+
+    fn local(&self, base_name: &str) -> Option<StoreDir> {
+        let path = StorePath::from_base_name(base_name).ok()?;
+        let store = self.store.get()?;
+        store.local(&path).map(|loc| store.holder(&loc))
     }
 
     fn is_dir(&self, base_name: &str) -> Option<bool> {
@@ -157,8 +166,8 @@ impl NixSupport {
             if !closure.iter().any(|p| p.name == root.base_name()) {
                 return Err(bad(format!("{} is not in the closure", root.absolute())));
             }
-            let listed = resolver.resolve(root.base_name()).and_then(|dir| {
-                crate::image::add_root_links(&dir, &root.absolute(), &mut links).map_err(|e| e.to_string())
+            let listed = resolver.resolve(root.base_name()).and_then(|holder| {
+                crate::image::add_root_links(holder.as_fd(), root.base_name(), &mut links).map_err(|e| e.to_string())
             });
             if let Err(e) = listed {
                 tracing::warn!(path = %root.absolute(), error = %e, "cannot list a copyToRoot path now; the Nix layer will be fetched");
@@ -180,8 +189,11 @@ impl NixSupport {
     fn closure_info(&self, path: &str) -> Result<Vec<NixPath>> {
         let bad = |m: String| Error::InvalidArgument(format!("label {LABEL_CLOSURE}={path:?}: {m}"));
         let sp = StorePath::parse(path).map_err(|e| bad(e.to_string()))?;
-        let dir = self.resolver().resolve(sp.base_name()).map_err(bad)?;
-        let text = std::fs::read_to_string(dir.join("store-paths")).map_err(|e| bad(format!("store-paths: {e}")))?;
+        let holder = self.resolver().resolve(sp.base_name()).map_err(bad)?;
+        let file = Path::new(sp.base_name()).join("store-paths");
+        let bytes = beneath::read_file(holder.as_fd(), &file, MAX_CLOSURE_INFO)
+            .map_err(|e| bad(format!("store-paths: {e}")))?;
+        let text = String::from_utf8(bytes).map_err(|_| bad("store-paths: not UTF-8".into()))?;
         text.lines()
             .filter(|l| !l.is_empty())
             .map(|l| {
@@ -219,10 +231,23 @@ impl NixSupport {
                 is_dir: *dir,
             })
             .collect();
-        self.fs
+        let dir = self
+            .fs
             .add_view(&name, &entries)
-            .map(Some)
-            .map_err(|e| Error::Database(e.to_string()))
+            .map_err(|e| Error::Database(e.to_string()))?;
+        if is_new {
+            self.pin();
+        }
+        Ok(Some(dir))
+    }
+
+    /// Keeps every store path a live view shows from eviction: a running
+    /// container may read any of them at any time.
+    pub fn pin(&self) {
+        if let Some(store) = self.store.get() {
+            let shown = self.fs.shown();
+            store.set_pinned(shown.iter().filter_map(|b| StorePath::from_base_name(b).ok()).collect());
+        }
     }
 
     pub fn has_views(&self) -> bool {
@@ -239,6 +264,7 @@ impl NixSupport {
                 self.fs.remove_view(&name);
             }
         }
+        self.pin();
     }
 }
 
@@ -265,23 +291,23 @@ fn view_of(ancestors: &[Ancestor]) -> Option<(String, BTreeMap<String, Option<bo
 
 /// Makes copyToRoot's directories and symlinks under `fs_dir`, as applying
 /// the layer would (its mountpoints are not needed: the FUSE view is above).
+/// Everything is made beneath `fs_dir`'s fd: a symlink the map holds is
+/// never followed, so nothing lands outside, whatever the map says.
 pub fn materialize(fs_dir: &Path, links: &BTreeMap<String, RootLink>) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
+    let root = rustix::fs::open(
+        fs_dir,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| Error::io("cannot open", fs_dir)(e.into()))?;
     // Sorted, so every directory comes before what it holds.
     for (rel, link) in links {
-        let path = fs_dir.join(rel);
-        let dir = match link {
-            RootLink::Dir => path.as_path(),
-            RootLink::Symlink(_) => path.parent().unwrap_or(fs_dir),
+        let path = Path::new(rel);
+        let made = match link {
+            RootLink::Dir => beneath::mkdir(root.as_fd(), path, 0o755),
+            RootLink::Symlink(target) => beneath::symlink(root.as_fd(), path, Path::new(target)),
         };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .map_err(Error::io("cannot create", dir))?;
-        if let RootLink::Symlink(target) = link {
-            std::os::unix::fs::symlink(target, &path).map_err(Error::io("cannot create symlink", &path))?;
-        }
+        made.map_err(|e| Error::io("cannot create", &fs_dir.join(rel))(e))?;
     }
     Ok(())
 }

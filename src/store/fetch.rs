@@ -115,6 +115,9 @@ pub enum PipelineError {
     Download(io::Error),
 }
 
+/// Memory the xz decoder may use: `xz -9` needs 65 MiB to decompress.
+const XZ_MEMLIMIT: u64 = 256 << 20;
+
 /// Unpacks the NAR arriving on `input` to `dest` and checks it against `info`.
 pub fn unpack_verified(input: ChannelReader, info: &NarInfo, dest: &Path) -> Result<UnpackStats, PipelineError> {
     let download_failed = input.failed.clone();
@@ -133,7 +136,12 @@ pub fn unpack_verified(input: ChannelReader, info: &NarInfo, dest: &Path) -> Res
                 Box::new(zstd::stream::read::Decoder::new(&mut raw).map_err(|e| PipelineError::Decompress("zstd", e))?),
                 "zstd",
             ),
-            Compression::Xz => (Box::new(liblzma::read::XzDecoder::new_multi_decoder(&mut raw)), "xz"),
+            Compression::Xz => {
+                // Bounded: an xz header may ask for any dictionary size.
+                let stream = liblzma::stream::Stream::new_stream_decoder(XZ_MEMLIMIT, liblzma::stream::CONCATENATED)
+                    .map_err(|e| PipelineError::Decompress("xz", e.into()))?;
+                (Box::new(liblzma::read::XzDecoder::new_stream(&mut raw, stream)), "xz")
+            }
             Compression::Bzip2 => (Box::new(bzip2::read::MultiBzDecoder::new(&mut raw)), "bzip2"),
         };
         let mut nar_reader = Measured::new(decoder, Some(info.nar_size));

@@ -18,7 +18,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use std::os::fd::{AsFd, OwnedFd};
+
 use futures::StreamExt;
+use nix_snapshotter_fuse::beneath;
 use tokio::sync::OnceCell;
 
 use crate::cache::{Cache, CacheError};
@@ -112,10 +115,17 @@ pub struct Found {
     pub cache: usize,
 }
 
-type Flight = Arc<OnceCell<Result<Location, Arc<StoreError>>>>;
+/// A fetch under way: its waiters watch for the result. The fetch itself
+/// runs as a task of its own, so a waiter that gives up (a FUSE request's
+/// time bound) stops waiting without stopping the download.
+type Flight = tokio::sync::watch::Receiver<Option<Result<Location, Arc<StoreError>>>>;
 
 pub struct Store {
     opts: StoreOptions,
+    /// `opts.dir` and the host store, opened once: store paths are reached
+    /// beneath them, never through a symlink.
+    dir_fd: Arc<OwnedFd>,
+    host_fd: Option<Arc<OwnedFd>>,
     /// Configured caches, as given; `ordered` holds them checked and sorted.
     configured: Mutex<Option<Vec<Cache>>>,
     ordered: OnceCell<Result<Vec<Cache>, String>>,
@@ -182,7 +192,18 @@ impl Store {
             tracing::info!(path = %gone, "forgetting store path whose directory is gone");
             db.remove(gone)?;
         }
+        let open_dir = |p: &Path| -> std::io::Result<Arc<OwnedFd>> {
+            Ok(Arc::new(rustix::fs::open(
+                p,
+                rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )?))
+        };
+        let dir_fd = open_dir(&opts.dir).map_err(|e| local_err(&opts.dir, e))?;
+        let host_fd = opts.host_store.as_deref().and_then(|h| open_dir(h).ok());
         Ok(Store {
+            dir_fd,
+            host_fd,
             opts,
             configured: Mutex::new(Some(caches)),
             ordered: OnceCell::new(),
@@ -227,20 +248,32 @@ impl Store {
     }
 
     fn host_path(&self, path: &StorePath) -> Option<PathBuf> {
-        let p = self.opts.host_store.as_ref()?.join(path.base_name());
-        std::fs::symlink_metadata(&p).is_ok().then_some(p)
+        let fd = self.host_fd.as_ref()?;
+        beneath::lstat_name(fd.as_fd(), path.base_name().as_ref()).ok()?;
+        self.opts.host_store.as_ref().map(|h| h.join(path.base_name()))
     }
 
-    /// The local copy of `path` if we have it (no network).
+    /// The local copy of `path` if we have it (no network). Counts as a
+    /// use for eviction order.
     pub fn local(&self, path: &StorePath) -> Option<Location> {
         if let Some(h) = self.host_path(path) {
             return Some(Location::Host(h));
         }
-        let p = self.opts.dir.join(path.base_name());
-        std::fs::symlink_metadata(&p).is_ok().then(|| {
-            self.note_use(path);
-            Location::Local(p)
-        })
+        beneath::lstat_name(self.dir_fd.as_fd(), path.base_name().as_ref())
+            .is_ok()
+            .then(|| {
+                self.note_use(path);
+                Location::Local(self.opts.dir.join(path.base_name()))
+            })
+    }
+
+    /// The directory that holds a location's store path, to resolve paths
+    /// inside it beneath ([`beneath`]).
+    pub fn holder(&self, loc: &Location) -> Arc<OwnedFd> {
+        match (loc, &self.host_fd) {
+            (Location::Host(_), Some(h)) => h.clone(),
+            _ => self.dir_fd.clone(),
+        }
     }
 
     /// Makes `path` available locally, fetching it if needed.
@@ -248,24 +281,34 @@ impl Store {
         if let Some(loc) = self.local(path) {
             return Ok(loc);
         }
-        let flight = {
+        let mut flight = {
             let mut m = self.inflight.lock().map_err(|_| Arc::new(poisoned()))?;
-            m.entry(path.clone()).or_default().clone()
-        };
-        let res = flight
-            .get_or_init(|| {
-                let me = self.clone();
-                let path = path.clone();
-                async move { me.fetch_now(&path).await.map_err(Arc::new) }
-            })
-            .await
-            .clone();
-        if let Ok(mut m) = self.inflight.lock() {
-            if m.get(path).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
-                m.remove(path);
+            match m.get(path) {
+                Some(f) => f.clone(),
+                None => {
+                    let (tx, rx) = tokio::sync::watch::channel(None);
+                    m.insert(path.clone(), rx.clone());
+                    let me = self.clone();
+                    let path = path.clone();
+                    tokio::spawn(async move {
+                        let res = me.fetch_now(&path).await.map_err(Arc::new);
+                        if let Ok(mut m) = me.inflight.lock() {
+                            m.remove(&path);
+                        }
+                        let _ = tx.send(Some(res));
+                    });
+                    rx
+                }
             }
+        };
+        let res = flight.wait_for(Option::is_some).await;
+        match res.as_deref() {
+            Ok(Some(r)) => r.clone(),
+            _ => Err(Arc::new(local_err(
+                Path::new(path.base_name()),
+                "the fetch ended without a result",
+            ))),
         }
-        res
     }
 
     /// Like [`ensure`](Self::ensure), and keeps the path from eviction until

@@ -1,0 +1,261 @@
+//! The FUSE request handlers. Requests that may wait for a fetch are
+//! answered from a thread of their own ([`State::answer`]); the rest on the
+//! worker that read them.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use fuser::{
+    Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyXattr, Request,
+};
+
+use crate::inodes::Node;
+use crate::state::{dir_attr, Lookup, State};
+use crate::TTL;
+
+pub(crate) struct FsImpl {
+    pub state: Arc<State>,
+    /// Most requests answered off the workers at once.
+    pub max_waiting: usize,
+}
+
+impl FsImpl {
+    fn answer(&self, node: &Node, name: Option<&OsStr>, f: impl FnOnce(&State) + Send + 'static) {
+        let wait = self.state.may_wait(node, name);
+        self.state.answer(wait, self.max_waiting, f)
+    }
+}
+
+fn open_file(state: &State, ino: INodeNo, sn: &crate::inodes::StoreNode, reply: ReplyOpen) {
+    let (file, mut backing) = match state.files.recent(ino.0) {
+        Some(entry) => entry,
+        None => match state.open_file(sn) {
+            Ok(f) => (Arc::new(f), None),
+            Err(e) => return reply.error(e),
+        },
+    };
+    // An inode already open through passthrough must stay so (the kernel
+    // refuses mixing), even after passthrough was turned off.
+    if backing.is_none() {
+        backing = state.files.live_backing(ino.0);
+    }
+    if backing.is_none() && state.passthrough.load(Ordering::Relaxed) {
+        match state.files.backing_or(ino.0, || reply.open_backing(file.as_ref())) {
+            Ok(id) => backing = Some(id),
+            Err(e) => {
+                tracing::info!(error = %e, "FUSE passthrough refused; serving reads ourselves");
+                state.passthrough.store(false, Ordering::Relaxed);
+            }
+        }
+    }
+    let fh = state.files.opened(ino.0, (file, backing.clone()));
+    match backing {
+        Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
+        None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+    }
+}
+
+impl Filesystem for FsImpl {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let state = &self.state;
+        // Without it the kernel serialises lookups in one directory: a
+        // lookup waiting for a fetch would hold up every other name in
+        // `nix/store`.
+        if let Err(e) = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS) {
+            tracing::warn!(flags = ?e, "the kernel does not take parallel directory operations");
+        }
+        if state.passthrough.load(Ordering::Relaxed) {
+            let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                // Needed when the mount is an overlayfs lower layer.
+                && config.set_max_stack_depth(1).is_ok();
+            state.passthrough.store(ok, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(node) = self.state.node(parent) else {
+            // A directory we no longer know (a view just dropped): a miss,
+            // but not one the kernel may remember, since the view may come
+            // back with the same inode numbers.
+            return reply.error(Errno::ENOENT);
+        };
+        let wait = self.state.may_wait(&node, Some(name));
+        let name: OsString = name.to_owned();
+        self.state
+            .answer(wait, self.max_waiting, move |state| match state.lookup(parent, &name) {
+                Ok(Lookup::Found(attr)) => reply.entry(&TTL, &attr, Generation(0)),
+                // Below the root nothing ever appears (views and store paths
+                // are immutable): the kernel caches the miss (node id 0), so
+                // the many probes for files that do not exist (the dynamic
+                // loader, interpreters, overlayfs looking up every name in this
+                // top-most lower layer) cost a round trip once.
+                Ok(Lookup::Absent) => {
+                    let mut negative = dir_attr(0);
+                    negative.ino = INodeNo(0);
+                    reply.entry(&TTL, &negative, Generation(0))
+                }
+                Err(e) => reply.error(e),
+            });
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let Some(node) = self.state.node(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        self.answer(&node, None, move |state| match state.attr(ino) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let Some(node) = self.state.node(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        self.answer(&node, None, move |state| match state.read_link(ino) {
+            Ok(t) => reply.data(t.as_bytes()),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        let node = self.state.node(ino);
+        let Some(Node::Store(sn)) = node.clone() else {
+            return reply.error(Errno::EISDIR);
+        };
+        if self.state.files.recent(ino.0).is_some() {
+            // Open before: no fetch. Asking the store whether the path is
+            // still there also counts as a use for eviction order; one that
+            // was evicted is fetched again rather than served from a
+            // deleted file (whose space eviction meant to free).
+            if self.state.resolver.local(&sn.base).is_some() {
+                return open_file(&self.state, ino, &sn, reply);
+            }
+            self.state.files.forget(ino.0);
+        }
+        self.answer(&Node::Store(sn.clone()), None, move |state| {
+            open_file(state, ino, &sn, reply)
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        use std::os::unix::fs::FileExt;
+        let Some(file) = self.state.files.file(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let mut buf = vec![0u8; size as usize];
+        let mut filled = 0;
+        while filled < buf.len() {
+            match file.read_at(&mut buf[filled..], offset + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return reply.error(Errno::from(e)),
+            }
+        }
+        reply.data(&buf[..filled]);
+    }
+
+    // Store paths carry no extended attributes and nothing is ever written:
+    // ENOSYS tells the kernel never to ask again (without fuser's
+    // "not implemented" warning on every mount).
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _owner: LockOwner, reply: ReplyEmpty) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.state.files.release(fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.state.node(ino) {
+            // Resolving here makes an `ls` of a store path fetch it once, up front.
+            Some(Node::Store(sn)) => {
+                let node = Node::Store(sn.clone());
+                // A hinted directory is checked even when local.
+                let wait = self.state.may_wait(&node, Some(OsStr::new("")));
+                self.state
+                    .answer(wait, self.max_waiting, move |state| match state.open_dir(&sn) {
+                        Ok(()) => reply.opened(
+                            FileHandle(0),
+                            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+                        ),
+                        Err(e) => reply.error(e),
+                    });
+            }
+            Some(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, reply: ReplyDirectory) {
+        let Some(node) = self.state.node(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let wait = matches!(node, Node::Store(_)) && self.state.may_wait(&node, Some(OsStr::new("")));
+        self.state.answer(wait, self.max_waiting, move |state| {
+            let mut reply = reply;
+            let entries = match state.entries(ino) {
+                Ok(e) => e,
+                Err(e) => return reply.error(e),
+            };
+            let dots = [
+                (OsString::from("."), ino.0, FileType::Directory),
+                (OsString::from(".."), ino.0, FileType::Directory),
+            ];
+            for (i, (name, child, kind)) in dots.into_iter().chain(entries).enumerate().skip(offset as usize) {
+                if reply.add(INodeNo(child), (i + 1) as u64, kind, &name) {
+                    break;
+                }
+            }
+            reply.ok();
+        });
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        // default_permissions makes the kernel check modes; we only refuse writes.
+        if mask.bits() & libc::W_OK != 0 {
+            reply.error(Errno::EROFS);
+        } else if self.state.node(ino).is_some() {
+            reply.ok();
+        } else {
+            reply.error(Errno::ENOENT);
+        }
+    }
+}

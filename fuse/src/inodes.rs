@@ -1,0 +1,144 @@
+//! The inode table: which node id stands for what.
+//!
+//! Directories get one node id per view (a directory may have only one
+//! parent in the kernel's dentry cache), so `<v1>/nix/store/X` and
+//! `<v2>/nix/store/X` are distinct directories. Everything else (files,
+//! symlinks) has one id whatever view it is seen through, so the kernel's
+//! page cache for a store file is shared between containers.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::ClosureEntry;
+
+#[derive(Debug, Clone)]
+pub(crate) enum Node {
+    Root,
+    /// `<view>`, `<view>/nix`, `<view>/nix/store`
+    ViewDir {
+        view: Arc<View>,
+        depth: u8,
+    },
+    /// Something at `rel` inside store path `base` (`rel` empty: the path itself).
+    Store(StoreNode),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct StoreNode {
+    pub base: Arc<str>,
+    pub rel: PathBuf,
+    /// The view a directory belongs to; None for anything else.
+    pub view: Option<Arc<str>>,
+    /// Made from a hint (the image's mountpoint, a `.ls` listing) before
+    /// the store path was fetched: a directory only until verified.
+    pub hinted: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct View {
+    pub name: Arc<str>,
+    /// Sorted by name.
+    pub closure: Vec<ClosureEntry>,
+    pub inos: [u64; 3],
+}
+
+impl View {
+    pub fn entry(&self, name: &OsStr) -> Option<&ClosureEntry> {
+        let name = name.to_str()?;
+        self.closure
+            .binary_search_by(|e| e.base_name.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.closure[i])
+    }
+}
+
+/// Key of a store node: (view for directories, store path, relative path).
+type StoreKey = (Option<Arc<str>>, Arc<str>, PathBuf);
+
+#[derive(Default)]
+pub(crate) struct Inodes {
+    pub nodes: HashMap<u64, Node>,
+    store: HashMap<StoreKey, u64>,
+    pub views: HashMap<String, Arc<View>>,
+    /// Inode numbers ever given to each view name: a view dropped and added
+    /// again gets the same ones, so entries the kernel still caches stay right.
+    view_inos: HashMap<String, [u64; 3]>,
+}
+
+impl Inodes {
+    /// The node id of `node`, allocating one on first use. A verified node
+    /// replaces a hinted one under the same key.
+    pub fn store_ino(&mut self, next: &AtomicU64, node: &StoreNode) -> u64 {
+        let key = (node.view.clone(), node.base.clone(), node.rel.clone());
+        if let Some(ino) = self.store.get(&key) {
+            if !node.hinted {
+                if let Some(Node::Store(n)) = self.nodes.get_mut(ino) {
+                    n.hinted = false;
+                }
+            }
+            return *ino;
+        }
+        let ino = next.fetch_add(1, Ordering::Relaxed);
+        self.store.insert(key, ino);
+        self.nodes.insert(ino, Node::Store(node.clone()));
+        ino
+    }
+
+    pub fn find_store(&self, node: &StoreNode) -> Option<u64> {
+        self.store
+            .get(&(node.view.clone(), node.base.clone(), node.rel.clone()))
+            .copied()
+    }
+
+    /// Adds view `name` unless present; returns whether it was added.
+    pub fn add_view(&mut self, next: &AtomicU64, name: &str, closure: &[ClosureEntry]) -> bool {
+        if self.views.contains_key(name) {
+            return false;
+        }
+        let mut closure = closure.to_vec();
+        closure.sort();
+        closure.dedup_by(|a, b| a.base_name == b.base_name);
+        let inos = *self
+            .view_inos
+            .entry(name.to_string())
+            .or_insert_with(|| [0, 1, 2].map(|_| next.fetch_add(1, Ordering::Relaxed)));
+        let view = Arc::new(View {
+            name: Arc::from(name),
+            closure,
+            inos,
+        });
+        for (depth, ino) in inos.iter().enumerate() {
+            self.nodes.insert(
+                *ino,
+                Node::ViewDir {
+                    view: view.clone(),
+                    depth: depth as u8,
+                },
+            );
+        }
+        self.views.insert(name.to_string(), view);
+        true
+    }
+
+    /// Forgets view `name`. Its store nodes stay: the kernel may still hold
+    /// entries for them, and a view added again must find them whole.
+    pub fn remove_view(&mut self, name: &str) {
+        if let Some(view) = self.views.remove(name) {
+            for ino in view.inos {
+                self.nodes.remove(&ino);
+            }
+        }
+    }
+
+    /// The `nix/store` directories of the views that list `base`.
+    pub fn store_dirs_listing(&self, base: &str) -> Vec<u64> {
+        self.views
+            .values()
+            .filter(|v| v.entry(OsStr::new(base)).is_some())
+            .map(|v| v.inos[2])
+            .collect()
+    }
+}

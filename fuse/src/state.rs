@@ -1,0 +1,372 @@
+//! What each node is: answers for lookups, attributes and listings, read
+//! from verified store content beneath the directory the resolver names.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Duration, SystemTime};
+
+use fuser::{Errno, FileAttr, FileType, INodeNo};
+use rustix::fs::Stat;
+
+use crate::beneath::{self, Kind};
+use crate::files::Files;
+use crate::inodes::{Inodes, Node, StoreNode};
+use crate::{Resolver, StoreDir};
+
+pub(crate) struct State {
+    pub resolver: Arc<dyn Resolver>,
+    pub inodes: RwLock<Inodes>,
+    pub next_ino: AtomicU64,
+    pub files: Files,
+    pub passthrough: AtomicBool,
+    pub mountpoint: PathBuf,
+    /// Set once mounted: tells the kernel to forget entries it cached.
+    pub notifier: OnceLock<fuser::Notifier>,
+    /// Requests being answered off the worker threads (they wait for a fetch).
+    pub waiting: AtomicUsize,
+}
+
+/// The answer to a lookup.
+pub(crate) enum Lookup {
+    Found(FileAttr),
+    /// Not there, for good (views and store paths never change): the
+    /// kernel may remember the miss.
+    Absent,
+}
+
+fn errno(e: io::Error) -> Errno {
+    Errno::from(e)
+}
+
+pub(crate) fn dir_attr(ino: u64) -> FileAttr {
+    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1);
+    FileAttr {
+        ino: INodeNo(ino),
+        size: 0,
+        blocks: 0,
+        atime: t,
+        mtime: t,
+        ctime: t,
+        crtime: t,
+        kind: FileType::Directory,
+        perm: 0o555,
+        nlink: 2,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        flags: 0,
+        blksize: 4096,
+    }
+}
+
+fn attr_from(ino: u64, st: &Stat) -> FileAttr {
+    let kind = match Kind::of(st) {
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        _ => FileType::RegularFile,
+    };
+    let t = |s: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(s.max(0) as u64);
+    FileAttr {
+        ino: INodeNo(ino),
+        size: st.st_size.max(0) as u64,
+        blocks: st.st_blocks as u64,
+        atime: t(st.st_atime),
+        mtime: t(st.st_mtime),
+        ctime: t(st.st_ctime),
+        crtime: t(st.st_mtime),
+        kind,
+        // Store paths are read-only for everyone; keep only r/x bits.
+        perm: (st.st_mode & 0o555) as u16,
+        nlink: if kind == FileType::Directory { 2 } else { 1 },
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        flags: 0,
+        blksize: 4096,
+    }
+}
+
+impl State {
+    pub fn node(&self, ino: INodeNo) -> Option<Node> {
+        self.inodes.read().ok()?.nodes.get(&ino.0).cloned()
+    }
+
+    fn store_ino(&self, node: &StoreNode) -> u64 {
+        let mut inodes = self.inodes.write().unwrap_or_else(|e| e.into_inner());
+        inodes.store_ino(&self.next_ino, node)
+    }
+
+    /// Whether answering about `node` (or its child `name`) may wait for
+    /// the network: such requests are answered off the worker threads.
+    pub fn may_wait(&self, node: &Node, name: Option<&OsStr>) -> bool {
+        match (node, name) {
+            (Node::Store(sn), None) if sn.hinted => false,
+            (Node::Store(sn), _) => self.resolver.local(&sn.base).is_none(),
+            (Node::ViewDir { view, depth: 2 }, Some(name)) => match view.entry(name) {
+                Some(e) => e.is_dir != Some(true) && self.resolver.local(&e.base_name).is_none(),
+                None => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// Runs `f` beneath the directory holding `base` now, on `base/rel`.
+    /// A store path evicted in between is resolved (fetched) again, once.
+    fn at<T>(&self, base: &str, rel: &Path, f: impl Fn(BorrowedFd<'_>, &Path) -> io::Result<T>) -> Result<T, Errno> {
+        // Not `join` for an empty `rel`: a trailing slash would make the
+        // kernel follow (and demand a directory at) the last component.
+        let path = if rel.as_os_str().is_empty() {
+            PathBuf::from(base)
+        } else {
+            Path::new(base).join(rel)
+        };
+        let dir = self.holder(base)?;
+        match f(dir.as_fd(), &path) {
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    && beneath::lstat_name(dir.as_fd(), OsStr::new(base)).is_err() =>
+            {
+                let dir = self.holder(base)?;
+                f(dir.as_fd(), &path).map_err(errno)
+            }
+            r => r.map_err(errno),
+        }
+    }
+
+    fn holder(&self, base: &str) -> Result<StoreDir, Errno> {
+        self.resolver.resolve(base).map_err(|e| {
+            tracing::warn!(path = %base, error = %e, "store path unavailable; access gets EIO");
+            Errno::EIO
+        })
+    }
+
+    /// Verified attributes of `base/rel`; directories belong to `view`.
+    fn verified(&self, base: &Arc<str>, rel: &Path, view: Option<&Arc<str>>) -> Result<FileAttr, Errno> {
+        let st = self.at(base, rel, beneath::lstat)?;
+        let is_dir = Kind::of(&st) == Kind::Dir;
+        let node = StoreNode {
+            base: base.clone(),
+            rel: rel.to_path_buf(),
+            view: if is_dir { view.cloned() } else { None },
+            hinted: false,
+        };
+        Ok(attr_from(self.store_ino(&node), &st))
+    }
+
+    /// Checks a store path shown as a directory on a hint's word. When the
+    /// verified path is something else (a file, or a symlink such as one to
+    /// `/`), the kernel is told to forget the directory it was shown, and
+    /// the next lookup shows what the path really is.
+    fn check_hinted(&self, base: &Arc<str>) -> Result<(), Errno> {
+        let st = self.at(base, Path::new(""), beneath::lstat)?;
+        if Kind::of(&st) == Kind::Dir {
+            return Ok(());
+        }
+        tracing::warn!(path = %base, "a hint said this store path is a directory, but it is not; showing what it is");
+        self.forget_entries(base);
+        Err(Errno::ENOENT)
+    }
+
+    /// Tells the kernel to drop `<view>/nix/store/<base>` in every view.
+    /// From another thread: a notification sent while the kernel waits for
+    /// our answer to a request in the same directory could deadlock.
+    fn forget_entries(&self, base: &Arc<str>) {
+        let dirs = self
+            .inodes
+            .read()
+            .map(|i| i.store_dirs_listing(base))
+            .unwrap_or_default();
+        let Some(notifier) = self.notifier.get().cloned() else {
+            return;
+        };
+        let name = OsString::from(&**base);
+        let _ = std::thread::Builder::new().name("fuse-inval".into()).spawn(move || {
+            for d in dirs {
+                if let Err(e) = notifier.inval_entry(INodeNo(d), &name) {
+                    tracing::debug!(error = %e, "invalidating a cached entry");
+                }
+            }
+        });
+    }
+
+    pub fn attr(&self, ino: INodeNo) -> Result<FileAttr, Errno> {
+        match self.node(ino).ok_or(Errno::ENOENT)? {
+            Node::Root | Node::ViewDir { .. } => Ok(dir_attr(ino.0)),
+            Node::Store(sn) if sn.hinted => {
+                if self.resolver.local(&sn.base).is_none() {
+                    return Ok(dir_attr(ino.0));
+                }
+                self.check_hinted(&sn.base).map_err(|_| Errno::ESTALE)?;
+                self.verified(&sn.base, &sn.rel, sn.view.as_ref())
+            }
+            Node::Store(sn) => self.verified(&sn.base, &sn.rel, sn.view.as_ref()),
+        }
+    }
+
+    pub fn lookup(&self, parent: INodeNo, name: &OsStr) -> Result<Lookup, Errno> {
+        if name.as_bytes().contains(&b'/') || name == "." || name == ".." {
+            return Err(Errno::EINVAL);
+        }
+        match self.node(parent).ok_or(Errno::ENOENT)? {
+            Node::Root => {
+                let inodes = self.inodes.read().map_err(|_| Errno::EIO)?;
+                let view = name.to_str().and_then(|n| inodes.views.get(n)).ok_or(Errno::ENOENT)?;
+                Ok(Lookup::Found(dir_attr(view.inos[0])))
+            }
+            Node::ViewDir { view, depth } => match (depth, name.as_bytes()) {
+                (0, b"nix") => Ok(Lookup::Found(dir_attr(view.inos[1]))),
+                (1, b"store") => Ok(Lookup::Found(dir_attr(view.inos[2]))),
+                (2, _) => {
+                    let Some(entry) = view.entry(name) else {
+                        return Ok(Lookup::Absent);
+                    };
+                    let base: Arc<str> = Arc::from(entry.base_name.as_str());
+                    let hinted_dir = self.resolver.local(&base).is_none()
+                        && entry.is_dir.or_else(|| self.resolver.is_dir(&base)) == Some(true);
+                    if hinted_dir {
+                        let node = StoreNode {
+                            base,
+                            rel: PathBuf::new(),
+                            view: Some(view.name.clone()),
+                            hinted: true,
+                        };
+                        // Listed lazily: fetched when something looks inside.
+                        let ino = {
+                            let mut inodes = self.inodes.write().unwrap_or_else(|e| e.into_inner());
+                            inodes
+                                .find_store(&node)
+                                .unwrap_or_else(|| inodes.store_ino(&self.next_ino, &node))
+                        };
+                        return Ok(Lookup::Found(dir_attr(ino)));
+                    }
+                    self.verified(&base, Path::new(""), Some(&view.name)).map(Lookup::Found)
+                }
+                _ => Ok(Lookup::Absent),
+            },
+            Node::Store(sn) => {
+                if sn.hinted && sn.rel.as_os_str().is_empty() {
+                    self.check_hinted(&sn.base)?;
+                }
+                match self.verified(&sn.base, &sn.rel.join(name), sn.view.as_ref()) {
+                    Ok(attr) => Ok(Lookup::Found(attr)),
+                    Err(e) if e == Errno::ENOENT || e == Errno::ENOTDIR => Ok(Lookup::Absent),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    /// Directory entries (name, inode, type), without "." and "..".
+    pub fn entries(&self, ino: INodeNo) -> Result<Vec<(OsString, u64, FileType)>, Errno> {
+        match self.node(ino).ok_or(Errno::ENOENT)? {
+            Node::Root => {
+                let inodes = self.inodes.read().map_err(|_| Errno::EIO)?;
+                let mut v: Vec<_> = inodes
+                    .views
+                    .values()
+                    .map(|view| (OsString::from(&*view.name), view.inos[0], FileType::Directory))
+                    .collect();
+                v.sort_by(|a, b| a.0.cmp(&b.0));
+                Ok(v)
+            }
+            Node::ViewDir { view, depth: 0 } => Ok(vec![("nix".into(), view.inos[1], FileType::Directory)]),
+            Node::ViewDir { view, depth: 1 } => Ok(vec![("store".into(), view.inos[2], FileType::Directory)]),
+            Node::ViewDir { view, .. } => Ok(view
+                .closure
+                .iter()
+                .map(|e| {
+                    // Types in a listing are advisory; lookups verify.
+                    let dir = e.is_dir != Some(false);
+                    let node = StoreNode {
+                        base: Arc::from(e.base_name.as_str()),
+                        rel: PathBuf::new(),
+                        view: dir.then(|| view.name.clone()),
+                        hinted: dir,
+                    };
+                    let kind = if dir {
+                        FileType::Directory
+                    } else {
+                        FileType::RegularFile
+                    };
+                    (OsString::from(&e.base_name), self.store_ino(&node), kind)
+                })
+                .collect()),
+            Node::Store(sn) => {
+                if sn.hinted && sn.rel.as_os_str().is_empty() {
+                    self.check_hinted(&sn.base)?;
+                }
+                let list = self.at(&sn.base, &sn.rel, |d, p| beneath::entries(beneath::open_dir(d, p)?))?;
+                Ok(list
+                    .into_iter()
+                    .map(|(name, kind)| {
+                        let node = StoreNode {
+                            base: sn.base.clone(),
+                            rel: sn.rel.join(&name),
+                            view: if kind == Kind::Dir { sn.view.clone() } else { None },
+                            hinted: false,
+                        };
+                        let ft = match kind {
+                            Kind::Dir => FileType::Directory,
+                            Kind::Symlink => FileType::Symlink,
+                            _ => FileType::RegularFile,
+                        };
+                        (name, self.store_ino(&node), ft)
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    pub fn read_link(&self, ino: INodeNo) -> Result<OsString, Errno> {
+        match self.node(ino) {
+            Some(Node::Store(sn)) if !sn.hinted => self.at(&sn.base, &sn.rel, beneath::read_link),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    pub fn open_file(&self, sn: &StoreNode) -> Result<File, Errno> {
+        if sn.hinted {
+            return Err(Errno::EISDIR);
+        }
+        self.at(&sn.base, &sn.rel, beneath::open_file)
+    }
+
+    /// Fetches a store path before listing it, and checks a hinted one.
+    pub fn open_dir(&self, sn: &StoreNode) -> Result<(), Errno> {
+        if sn.hinted && sn.rel.as_os_str().is_empty() {
+            return self.check_hinted(&sn.base);
+        }
+        self.at(&sn.base, &sn.rel, |d, p| beneath::open_dir(d, p).map(drop))
+    }
+
+    /// Runs `f` on a thread of its own when it may wait for a fetch, so
+    /// that a stalled download never holds a worker that other requests
+    /// (other paths, other containers) need. Past `max` such threads, runs
+    /// it here.
+    pub fn answer(self: &Arc<Self>, wait: bool, max: usize, f: impl FnOnce(&State) + Send + 'static) {
+        if wait && self.waiting.fetch_add(1, Ordering::AcqRel) < max {
+            let me = self.clone();
+            let spawned = std::thread::Builder::new().name("fuse-wait".into()).spawn(move || {
+                f(&me);
+                me.waiting.fetch_sub(1, Ordering::AcqRel);
+            });
+            if let Err(e) = spawned {
+                // The request's reply was dropped with the closure: the
+                // kernel gets EIO for it.
+                tracing::warn!(error = %e, "cannot start a thread for a request waiting on a fetch");
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+            }
+            return;
+        }
+        if wait {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+        f(self)
+    }
+}
