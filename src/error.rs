@@ -32,6 +32,14 @@ pub enum Error {
     /// The metadata database failed or holds something we cannot read.
     #[error("metadata database: {0}")]
     Database(String),
+    /// Something the call needs cannot be had right now (a binary cache
+    /// that does not answer, a fetch that timed out); trying again later
+    /// may work. Maps to UNAVAILABLE.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The lazy store filesystem failed. Maps to INTERNAL.
+    #[error("lazy store filesystem: {0}")]
+    Fuse(String),
 }
 
 impl Error {
@@ -69,7 +77,8 @@ impl From<Error> for tonic::Status {
             Error::AlreadyExists(_) => tonic::Status::already_exists(msg),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
             Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
-            Error::Io { .. } | Error::Database(_) => tonic::Status::internal(msg),
+            Error::Unavailable(_) => tonic::Status::unavailable(msg),
+            Error::Io { .. } | Error::Database(_) | Error::Fuse(_) => tonic::Status::internal(msg),
         }
     }
 }

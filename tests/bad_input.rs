@@ -163,3 +163,38 @@ async fn bad_requests_are_refused_without_side_effects() {
     let dirs_after = std::fs::read_dir(tmp.join("root/snapshots")).unwrap().count();
     assert_eq!(dirs_before, dirs_after, "refused calls left directories behind");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cache_that_does_not_answer_at_commit_is_unavailable_not_a_bad_request() {
+    let tmp = TempRoot::new("badnet");
+    let cfg = tmp.join("cfg.toml");
+    // Nothing listens on port 1 of loopback.
+    std::fs::write(
+        &cfg,
+        "substituters = [\"http://127.0.0.1:1\"]\ntrusted_public_keys = []\nhost_store = \"\"\n[fetch]\nattempts = 1\nconnect_timeout = 1.0\n[fuse]\nfetch_timeout = 5.0\n",
+    )
+    .unwrap();
+    let daemon = Daemon::start_with(
+        &tmp.join("root"),
+        &tmp.join("sock"),
+        &["--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    let mut c = daemon.client().await;
+    prepare(&mut c, "layer-active", "").await.unwrap();
+    let labels = HashMap::from([(
+        "containerd.io/snapshot/nix-closure".to_string(),
+        "/nix/store/syd87l2rxw8cbsxmxl853h0r6pdwhw1a-closure-info".to_string(),
+    )]);
+    let res = c
+        .commit(pb::CommitSnapshotRequest {
+            snapshotter: "nix".into(),
+            name: "layer".into(),
+            key: "layer-active".into(),
+            labels,
+        })
+        .await
+        .map(|_| ());
+    // containerd retries UNAVAILABLE; INVALID_ARGUMENT would be final.
+    expect(res, Code::Unavailable, "nix-closure");
+}

@@ -189,7 +189,11 @@ impl NixSupport {
     fn closure_info(&self, path: &str) -> Result<Vec<NixPath>> {
         let bad = |m: String| Error::InvalidArgument(format!("label {LABEL_CLOSURE}={path:?}: {m}"));
         let sp = StorePath::parse(path).map_err(|e| bad(e.to_string()))?;
-        let holder = self.resolver().resolve(sp.base_name()).map_err(bad)?;
+        // Not the label's fault when the cache cannot deliver it now.
+        let holder = self
+            .resolver()
+            .resolve(sp.base_name())
+            .map_err(|e| Error::Unavailable(format!("label {LABEL_CLOSURE}={path:?}: {e}")))?;
         let file = Path::new(sp.base_name()).join("store-paths");
         let bytes = beneath::read_file(holder.as_fd(), &file, MAX_CLOSURE_INFO)
             .map_err(|e| bad(format!("store-paths: {e}")))?;
@@ -234,7 +238,7 @@ impl NixSupport {
         let dir = self
             .fs
             .add_view(&name, &entries)
-            .map_err(|e| Error::Database(e.to_string()))?;
+            .map_err(|e| Error::Fuse(e.to_string()))?;
         if is_new {
             self.pin();
         }
