@@ -17,6 +17,8 @@ pub enum Fault {
     DropAfter(usize),
     /// Send the headers and this many body bytes, then go silent for the duration.
     StallAfter(usize, Duration),
+    /// Send the body at most this many bytes a second (a slow link).
+    Throttle(usize),
 }
 
 #[derive(Clone, Debug)]
@@ -214,6 +216,16 @@ fn serve(conn: TcpStream, root: &std::path::Path, shared: &Mutex<Shared>, stop: 
                 let _ = out.flush();
                 std::thread::sleep(d);
                 return;
+            }
+            Some(Fault::Throttle(rate)) => {
+                // Tenths of a second's worth at a time.
+                let chunk = (rate / 10).max(1);
+                for part in body.chunks(chunk) {
+                    if out.write_all(part).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
             }
             _ => {
                 if out.write_all(&body).is_err() {
