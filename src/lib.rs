@@ -21,3 +21,4 @@ pub mod service;
 pub mod snapshots;
 pub mod store;
 pub mod uds;
+pub mod usage;

@@ -3,6 +3,14 @@
 //! neither.
 
 use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::path::Path;
+
+use nix_snapshotter_fuse::beneath;
+
+/// containerd's limit on one label (key and value together).
+pub const MAX_LABEL_SIZE: usize = 4096;
 
 pub const LABEL_CLOSURE: &str = "containerd.io/snapshot/nix-closure";
 pub const LABEL_LAYER: &str = "containerd.io/snapshot/nix-layer";
@@ -52,12 +60,125 @@ pub fn may_share(
     matches!((content_labels(theirs), content_labels(ours)), (Some(a), Some(b)) if a == b)
 }
 
+/// What copyToRoot puts at one path relative to `/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootLink {
+    /// A directory of a copyToRoot path (0755), merged across paths.
+    Dir,
+    /// A symlink to the store file (or store symlink) of the same relative path.
+    Symlink(String),
+}
+
+/// copyToRoot as the Go project does it: every directory of the store path
+/// `base` (an entry of the store directory `holder`, read beneath it without
+/// following symlinks) becomes a directory of `/`, and everything else a
+/// symlink `/<rel>` -> `/nix/store/<base>/<rel>`. A later path wins a
+/// conflict: its symlink replaces an earlier directory with all it held,
+/// its directory replaces an earlier symlink. So every entry's parents are
+/// directories of the map, and nothing is ever made through a symlink.
+pub fn add_root_links(holder: BorrowedFd<'_>, base: &str, out: &mut BTreeMap<String, RootLink>) -> io::Result<()> {
+    let st = beneath::lstat(holder, Path::new(base))?;
+    if beneath::Kind::of(&st) != beneath::Kind::Dir {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a copyToRoot path must be a directory",
+        ));
+    }
+    let mut budget = MAX_ROOT_LINKS;
+    link_tree(holder, base, Path::new(""), beneath::Kind::Dir, out, &mut budget)
+}
+
+/// Most entries one image's copyToRoot trees may have (a bound on what an
+/// untrusted store path can make us hold).
+const MAX_ROOT_LINKS: usize = 1_000_000;
+
+fn link_tree(
+    holder: BorrowedFd<'_>,
+    base: &str,
+    rel: &Path,
+    kind: beneath::Kind,
+    out: &mut BTreeMap<String, RootLink>,
+    budget: &mut usize,
+) -> io::Result<()> {
+    *budget = budget
+        .checked_sub(1)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "too many copyToRoot entries"))?;
+    let key = rel.to_string_lossy().into_owned();
+    if kind != beneath::Kind::Dir {
+        // Whatever an earlier path had here, with all it held, gives way.
+        let below = format!("{key}/");
+        out.retain(|k, _| !k.starts_with(&below));
+        out.insert(key, RootLink::Symlink(format!("/nix/store/{base}/{}", rel.display())));
+        return Ok(());
+    }
+    if !key.is_empty() {
+        out.insert(key, RootLink::Dir);
+    }
+    let here = Path::new(base).join(rel);
+    let names = beneath::entries(beneath::open_dir(holder, &here)?)?;
+    for (n, k) in names {
+        link_tree(holder, base, &rel.join(n), k, out, budget)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn copy_to_root_conflicts_resolve_one_way_and_never_through_a_symlink() {
+        let t = tempfile::tempdir().unwrap();
+        let store = t.path();
+        let (a, b) = (
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-a",
+            "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-b",
+        );
+        // a has a directory `bin` with a file; b has `bin -> /` and `etc` a dir.
+        std::fs::create_dir_all(store.join(a).join("bin")).unwrap();
+        std::fs::write(store.join(a).join("bin/x"), b"x").unwrap();
+        std::fs::create_dir_all(store.join(b).join("etc")).unwrap();
+        std::os::unix::fs::symlink("/", store.join(b).join("bin")).unwrap();
+        let fd = rustix::fs::open(
+            store,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+        use std::os::fd::AsFd;
+        let mut links = BTreeMap::new();
+        add_root_links(fd.as_fd(), a, &mut links).unwrap();
+        add_root_links(fd.as_fd(), b, &mut links).unwrap();
+        // The later symlink replaced the directory and all it held.
+        assert_eq!(
+            links.get("bin"),
+            Some(&RootLink::Symlink(format!("/nix/store/{b}/bin")))
+        );
+        assert!(!links.contains_key("bin/x"), "{links:?}");
+        assert_eq!(links.get("etc"), Some(&RootLink::Dir));
+        // The other way round: the later directory replaces the symlink.
+        let mut links = BTreeMap::new();
+        add_root_links(fd.as_fd(), b, &mut links).unwrap();
+        add_root_links(fd.as_fd(), a, &mut links).unwrap();
+        assert_eq!(links.get("bin"), Some(&RootLink::Dir));
+        assert_eq!(
+            links.get("bin/x"),
+            Some(&RootLink::Symlink(format!("/nix/store/{a}/bin/x")))
+        );
+        // Every entry's parents are directories of the map.
+        for k in links.keys() {
+            let mut p = Path::new(k).parent();
+            while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
+                assert_eq!(links.get(d.to_str().unwrap()), Some(&RootLink::Dir), "{k}");
+                p = d.parent();
+            }
+        }
+        // A copyToRoot path must be a directory, and is never followed.
+        assert!(add_root_links(fd.as_fd(), &format!("{b}/bin"), &mut links).is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub mod load;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api::containerd::types::Descriptor;
 use crate::nixfmt::StorePath;
+pub use crate::nixlayer::{add_root_links, RootLink};
 use nix_snapshotter_fuse::beneath;
 
 pub const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
@@ -116,15 +117,6 @@ pub fn layer_tar(entries: &[Entry]) -> Vec<u8> {
         };
     }
     b.into_inner().unwrap_or_default()
-}
-
-/// What copyToRoot puts at one path relative to `/`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RootLink {
-    /// A directory of a copyToRoot path (0755), merged across paths.
-    Dir,
-    /// A symlink to the store file (or store symlink) of the same relative path.
-    Symlink(String),
 }
 
 /// The Nix layer's entries: `nix/store/<path>` mountpoints (sorted), then
@@ -449,7 +441,7 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<(), ImageError> {
     // Says the layer is exactly what the labels and these copyToRoot paths
     // determine, so a snapshotter may build it without fetching it.
     let marker = serde_json::to_string(&roots).unwrap_or_default();
-    if crate::nixlayer::LABEL_COPY_TO_ROOT.len() + marker.len() <= crate::snapshots::MAX_LABEL_SIZE {
+    if crate::nixlayer::LABEL_COPY_TO_ROOT.len() + marker.len() <= crate::nixlayer::MAX_LABEL_SIZE {
         annotations.insert(crate::nixlayer::LABEL_COPY_TO_ROOT.to_string(), marker);
     } else {
         tracing::warn!(
@@ -490,57 +482,4 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<(), ImageError> {
     }
     layers.push(nix);
     write_archive(out, opts.name.as_deref(), config, &layers)
-}
-
-/// copyToRoot as the Go project does it: every directory of the store path
-/// `base` (an entry of the store directory `holder`, read beneath it without
-/// following symlinks) becomes a directory of `/`, and everything else a
-/// symlink `/<rel>` -> `/nix/store/<base>/<rel>`. A later path wins a
-/// conflict: its symlink replaces an earlier directory with all it held,
-/// its directory replaces an earlier symlink. So every entry's parents are
-/// directories of the map, and nothing is ever made through a symlink.
-pub fn add_root_links(holder: BorrowedFd<'_>, base: &str, out: &mut BTreeMap<String, RootLink>) -> io::Result<()> {
-    let st = beneath::lstat(holder, Path::new(base))?;
-    if beneath::Kind::of(&st) != beneath::Kind::Dir {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "a copyToRoot path must be a directory",
-        ));
-    }
-    let mut budget = MAX_ROOT_LINKS;
-    link_tree(holder, base, Path::new(""), beneath::Kind::Dir, out, &mut budget)
-}
-
-/// Most entries one image's copyToRoot trees may have (a bound on what an
-/// untrusted store path can make us hold).
-const MAX_ROOT_LINKS: usize = 1_000_000;
-
-fn link_tree(
-    holder: BorrowedFd<'_>,
-    base: &str,
-    rel: &Path,
-    kind: beneath::Kind,
-    out: &mut BTreeMap<String, RootLink>,
-    budget: &mut usize,
-) -> io::Result<()> {
-    *budget = budget
-        .checked_sub(1)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "too many copyToRoot entries"))?;
-    let key = rel.to_string_lossy().into_owned();
-    if kind != beneath::Kind::Dir {
-        // Whatever an earlier path had here, with all it held, gives way.
-        let below = format!("{key}/");
-        out.retain(|k, _| !k.starts_with(&below));
-        out.insert(key, RootLink::Symlink(format!("/nix/store/{base}/{}", rel.display())));
-        return Ok(());
-    }
-    if !key.is_empty() {
-        out.insert(key, RootLink::Dir);
-    }
-    let here = Path::new(base).join(rel);
-    let names = beneath::entries(beneath::open_dir(holder, &here)?)?;
-    for (n, k) in names {
-        link_tree(holder, base, &rel.join(n), k, out, budget)?;
-    }
-    Ok(())
 }

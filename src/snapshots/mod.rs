@@ -7,7 +7,6 @@
 mod db;
 pub mod filter;
 pub mod nix;
-mod usage;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -22,11 +21,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::Mount;
 use crate::error::{Error, Result};
+pub use crate::usage::{disk_usage, Usage};
 use db::{Ancestor, MetaStore, NewRecord, LABEL_SNAPSHOT_REF};
-pub use usage::disk_usage;
 
 /// Maximum size of one label's key plus value, as containerd enforces.
-pub const MAX_LABEL_SIZE: usize = 4096;
+pub use crate::nixlayer::MAX_LABEL_SIZE;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Kind {
@@ -55,13 +54,6 @@ pub struct Info {
     pub created: SystemTime,
     pub updated: SystemTime,
     pub labels: BTreeMap<String, String>,
-}
-
-/// Disk usage as containerd counts it: allocated bytes and distinct inodes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Usage {
-    pub size: i64,
-    pub inodes: i64,
 }
 
 /// Overlay options that depend on the kernel and on where we run.

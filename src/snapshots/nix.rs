@@ -17,8 +17,8 @@ use sha2::{Digest, Sha256};
 
 use super::db::{Ancestor, NixPath};
 use crate::error::{Error, Result};
-use crate::image::RootLink;
 use crate::nixfmt::StorePath;
+use crate::nixlayer::RootLink;
 use crate::store::Store;
 use nix_snapshotter_fuse::{beneath, ClosureEntry, Resolver, StoreDir, StoreFs};
 
@@ -167,7 +167,7 @@ impl NixSupport {
                 return Err(bad(format!("{} is not in the closure", root.absolute())));
             }
             let listed = resolver.resolve(root.base_name()).and_then(|holder| {
-                crate::image::add_root_links(holder.as_fd(), root.base_name(), &mut links).map_err(|e| e.to_string())
+                crate::nixlayer::add_root_links(holder.as_fd(), root.base_name(), &mut links).map_err(|e| e.to_string())
             });
             if let Err(e) = listed {
                 tracing::warn!(path = %root.absolute(), error = %e, "cannot list a copyToRoot path now; the Nix layer will be fetched");
@@ -357,6 +357,28 @@ pub fn mountpoints(upper: &Path) -> Option<Vec<NixPath>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn materialize_never_creates_through_a_symlink() {
+        let t = tempfile::tempdir().unwrap();
+        let fs_dir = t.path().join("fs");
+        std::fs::create_dir(&fs_dir).unwrap();
+        let outside = t.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        // A map no walk makes, as a hostile one would be: a symlink out,
+        // then entries below it.
+        let links = BTreeMap::from([
+            ("bin".to_string(), RootLink::Symlink(outside.display().to_string())),
+            ("bin/x".to_string(), RootLink::Symlink("/nix/store/x".into())),
+        ]);
+        assert!(materialize(&fs_dir, &links).is_err());
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "created outside");
+        let links = BTreeMap::from([("bin/y".to_string(), RootLink::Dir)]);
+        let fresh = t.path().join("fresh");
+        std::fs::create_dir(&fresh).unwrap();
+        // A parent the map does not make is not made on the fly either.
+        assert!(materialize(&fresh, &links).is_err());
+    }
 
     #[test]
     fn recognises_mountpoint_layers_only() {

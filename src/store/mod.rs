@@ -590,7 +590,7 @@ impl Store {
             // Already there (another process fetched it): keep theirs.
             let _ = gc::remove_tree(&tmp);
         }
-        let disk_size = crate::snapshots::disk_usage(&dest)
+        let disk_size = crate::usage::disk_usage(&dest)
             .map(|u| u.size as u64)
             .unwrap_or(stats.bytes);
         let now = SystemTime::now();
