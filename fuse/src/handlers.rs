@@ -102,6 +102,11 @@ impl Filesystem for FsImpl {
             });
     }
 
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let mut inodes = self.state.inodes.write().unwrap_or_else(|e| e.into_inner());
+        inodes.forget(ino.0, nlookup);
+    }
+
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let Some(node) = self.state.node(ino) else {
             return reply.error(Errno::ENOENT);

@@ -62,6 +62,10 @@ type StoreKey = (Option<Arc<str>>, Arc<str>, PathBuf);
 pub(crate) struct Inodes {
     pub nodes: HashMap<u64, Node>,
     store: HashMap<StoreKey, u64>,
+    /// How many lookups of each store node the kernel holds: a node whose
+    /// count the kernel forgets down to 0 is dropped, so the table is
+    /// bounded by what the kernel caches, not by all ever seen.
+    lookups: HashMap<u64, u64>,
     pub views: HashMap<String, Arc<View>>,
     /// Inode numbers ever given to each view name: a view dropped and added
     /// again gets the same ones, so entries the kernel still caches stay right.
@@ -69,22 +73,46 @@ pub(crate) struct Inodes {
 }
 
 impl Inodes {
-    /// The node id of `node`, allocating one on first use. A verified node
-    /// replaces a hinted one under the same key.
-    pub fn store_ino(&mut self, next: &AtomicU64, node: &StoreNode) -> u64 {
+    /// The node id of `node`, allocating one on first use; `looked_up`:
+    /// it goes to the kernel in a lookup reply, which the kernel will
+    /// forget. A verified node replaces a hinted one under the same key.
+    pub fn store_ino(&mut self, next: &AtomicU64, node: &StoreNode, looked_up: bool) -> u64 {
         let key = (node.view.clone(), node.base.clone(), node.rel.clone());
-        if let Some(ino) = self.store.get(&key) {
-            if !node.hinted {
-                if let Some(Node::Store(n)) = self.nodes.get_mut(ino) {
-                    n.hinted = false;
+        let ino = match self.store.get(&key) {
+            Some(ino) => {
+                if !node.hinted {
+                    if let Some(Node::Store(n)) = self.nodes.get_mut(ino) {
+                        n.hinted = false;
+                    }
                 }
+                *ino
             }
-            return *ino;
+            None => {
+                let ino = next.fetch_add(1, Ordering::Relaxed);
+                self.store.insert(key, ino);
+                self.nodes.insert(ino, Node::Store(node.clone()));
+                ino
+            }
+        };
+        if looked_up {
+            *self.lookups.entry(ino).or_insert(0) += 1;
         }
-        let ino = next.fetch_add(1, Ordering::Relaxed);
-        self.store.insert(key, ino);
-        self.nodes.insert(ino, Node::Store(node.clone()));
         ino
+    }
+
+    /// The kernel dropped `n` of its lookups of `ino`.
+    pub fn forget(&mut self, ino: u64, n: u64) {
+        let Some(count) = self.lookups.get_mut(&ino) else {
+            return;
+        };
+        *count = count.saturating_sub(n);
+        if *count > 0 {
+            return;
+        }
+        self.lookups.remove(&ino);
+        if let Some(Node::Store(sn)) = self.nodes.remove(&ino) {
+            self.store.remove(&(sn.view, sn.base, sn.rel));
+        }
     }
 
     pub fn find_store(&self, node: &StoreNode) -> Option<u64> {

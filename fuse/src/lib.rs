@@ -204,6 +204,13 @@ impl StoreFs {
             .collect()
     }
 
+    /// Nodes in the inode table (the kernel's cached inodes, the views and
+    /// the root): bounded by what the kernel holds, not by all ever seen.
+    pub fn node_count(&self) -> usize {
+        let inodes = self.state.inodes.read().unwrap_or_else(|e| e.into_inner());
+        inodes.nodes.len()
+    }
+
     /// Unmounts and waits for the worker threads.
     pub fn unmount(mut self) -> std::io::Result<()> {
         match self.session.take() {

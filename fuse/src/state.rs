@@ -33,6 +33,9 @@ pub(crate) struct State {
 }
 
 /// The answer to a lookup.
+/// `FUSE_UNKNOWN_INO`: what a directory listing may say for an entry.
+const UNKNOWN_INO: u64 = 0xffff_ffff;
+
 pub(crate) enum Lookup {
     Found(FileAttr),
     /// Not there, for good (views and store paths never change): the
@@ -97,9 +100,19 @@ impl State {
         self.inodes.read().ok()?.nodes.get(&ino.0).cloned()
     }
 
-    fn store_ino(&self, node: &StoreNode) -> u64 {
+    fn store_ino(&self, node: &StoreNode, looked_up: bool) -> u64 {
         let mut inodes = self.inodes.write().unwrap_or_else(|e| e.into_inner());
-        inodes.store_ino(&self.next_ino, node)
+        inodes.store_ino(&self.next_ino, node, looked_up)
+    }
+
+    /// The node id a listing shows for `node`: its own if it has one, else
+    /// FUSE's "unknown" (a listing creates no kernel inode, so it gets none).
+    fn listed_ino(&self, node: &StoreNode) -> u64 {
+        self.inodes
+            .read()
+            .ok()
+            .and_then(|i| i.find_store(node))
+            .unwrap_or(UNKNOWN_INO)
     }
 
     /// Whether answering about `node` (or its child `name`) may wait for
@@ -147,7 +160,13 @@ impl State {
     }
 
     /// Verified attributes of `base/rel`; directories belong to `view`.
-    fn verified(&self, base: &Arc<str>, rel: &Path, view: Option<&Arc<str>>) -> Result<FileAttr, Errno> {
+    fn verified(
+        &self,
+        base: &Arc<str>,
+        rel: &Path,
+        view: Option<&Arc<str>>,
+        looked_up: bool,
+    ) -> Result<FileAttr, Errno> {
         let st = self.at(base, rel, beneath::lstat)?;
         let is_dir = Kind::of(&st) == Kind::Dir;
         let node = StoreNode {
@@ -156,7 +175,7 @@ impl State {
             view: if is_dir { view.cloned() } else { None },
             hinted: false,
         };
-        Ok(attr_from(self.store_ino(&node), &st))
+        Ok(attr_from(self.store_ino(&node, looked_up), &st))
     }
 
     /// Checks a store path shown as a directory on a hint's word. When the
@@ -203,9 +222,9 @@ impl State {
                     return Ok(dir_attr(ino.0));
                 }
                 self.check_hinted(&sn.base).map_err(|_| Errno::ESTALE)?;
-                self.verified(&sn.base, &sn.rel, sn.view.as_ref())
+                self.verified(&sn.base, &sn.rel, sn.view.as_ref(), false)
             }
-            Node::Store(sn) => self.verified(&sn.base, &sn.rel, sn.view.as_ref()),
+            Node::Store(sn) => self.verified(&sn.base, &sn.rel, sn.view.as_ref(), false),
         }
     }
 
@@ -237,15 +256,11 @@ impl State {
                             hinted: true,
                         };
                         // Listed lazily: fetched when something looks inside.
-                        let ino = {
-                            let mut inodes = self.inodes.write().unwrap_or_else(|e| e.into_inner());
-                            inodes
-                                .find_store(&node)
-                                .unwrap_or_else(|| inodes.store_ino(&self.next_ino, &node))
-                        };
+                        let ino = self.store_ino(&node, true);
                         return Ok(Lookup::Found(dir_attr(ino)));
                     }
-                    self.verified(&base, Path::new(""), Some(&view.name)).map(Lookup::Found)
+                    self.verified(&base, Path::new(""), Some(&view.name), true)
+                        .map(Lookup::Found)
                 }
                 _ => Ok(Lookup::Absent),
             },
@@ -253,7 +268,7 @@ impl State {
                 if sn.hinted && sn.rel.as_os_str().is_empty() {
                     self.check_hinted(&sn.base)?;
                 }
-                match self.verified(&sn.base, &sn.rel.join(name), sn.view.as_ref()) {
+                match self.verified(&sn.base, &sn.rel.join(name), sn.view.as_ref(), true) {
                     Ok(attr) => Ok(Lookup::Found(attr)),
                     Err(e) if e == Errno::ENOENT || e == Errno::ENOTDIR => Ok(Lookup::Absent),
                     Err(e) => Err(e),
@@ -294,7 +309,7 @@ impl State {
                     } else {
                         FileType::RegularFile
                     };
-                    (OsString::from(&e.base_name), self.store_ino(&node), kind)
+                    (OsString::from(&e.base_name), self.listed_ino(&node), kind)
                 })
                 .collect()),
             Node::Store(sn) => {
@@ -316,7 +331,7 @@ impl State {
                             Kind::Symlink => FileType::Symlink,
                             _ => FileType::RegularFile,
                         };
-                        (name, self.store_ino(&node), ft)
+                        (name, self.listed_ino(&node), ft)
                     })
                     .collect())
             }

@@ -197,3 +197,34 @@ fn thirty_two_stalled_paths_do_not_stop_an_unrelated_one() {
         assert_eq!(r.join().unwrap().unwrap(), b"never\n");
     }
 }
+
+#[test]
+fn the_inode_table_shrinks_when_the_kernel_forgets() {
+    let tmp = tempfile::Builder::new().prefix("nst-fuse-").tempdir_in("/tmp").unwrap();
+    let (m, resolver) = setup(tmp.path());
+    let fs = m.0.as_ref().unwrap();
+    for i in 0..500 {
+        std::fs::write(resolver.dir.join(A).join(format!("f{i}")), format!("{i}\n")).unwrap();
+    }
+    let view = fs.add_view("v", &closure()).unwrap();
+    let dir = view.join("nix/store").join(A);
+    for i in 0..500 {
+        assert!(std::fs::metadata(dir.join(format!("f{i}"))).unwrap().is_file());
+    }
+    let grown = fs.node_count();
+    assert!(grown > 500, "{grown} nodes");
+    // The kernel drops unused dentries and inodes, and tells us (FORGET).
+    let mut now = grown;
+    for _ in 0..50 {
+        std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        now = fs.node_count();
+        if now < 100 {
+            break;
+        }
+    }
+    assert!(now < 100, "{grown} nodes, still {now} after the kernel forgot them");
+    // Everything is still there, under new node ids.
+    assert_eq!(std::fs::read(dir.join("f499")).unwrap(), b"499\n");
+    assert_eq!(std::fs::read(dir.join("file")).unwrap(), b"content\n");
+}

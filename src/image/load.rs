@@ -15,6 +15,7 @@
 //! under its chain ID; finally create or update the image record.
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -163,13 +164,19 @@ async fn load_leased(channel: Channel, h: Headers, img: &super::RawImage, snapsh
 
     // Blobs, with the references containerd's GC follows.
     for (d, blob, _) in &img.layers {
-        write_blob(&mut content, &d.digest, blob, HashMap::new()).await?;
+        write_blob(&mut content, &d.digest, Blob::Archive(blob), HashMap::new()).await?;
     }
     let mut config_labels = HashMap::new();
     if !top.is_empty() {
         config_labels.insert(format!("containerd.io/gc.ref.snapshot.{snapshotter}"), top.clone());
     }
-    write_blob(&mut content, &img.config_digest, &img.config_bytes, config_labels).await?;
+    write_blob(
+        &mut content,
+        &img.config_digest,
+        Blob::Bytes(&img.config_bytes),
+        config_labels,
+    )
+    .await?;
     let mut manifest_labels = HashMap::from([(
         "containerd.io/gc.ref.content.config".to_string(),
         img.config_digest.clone(),
@@ -177,7 +184,13 @@ async fn load_leased(channel: Channel, h: Headers, img: &super::RawImage, snapsh
     for (i, (d, _, _)) in img.layers.iter().enumerate() {
         manifest_labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), d.digest.clone());
     }
-    write_blob(&mut content, &img.manifest.digest, &img.manifest_bytes, manifest_labels).await?;
+    write_blob(
+        &mut content,
+        &img.manifest.digest,
+        Blob::Bytes(&img.manifest_bytes),
+        manifest_labels,
+    )
+    .await?;
 
     // Layers, bottom up.
     for (i, ((desc, _, diff_id), chain)) in img.layers.iter().zip(&chains).enumerate() {
@@ -268,10 +281,16 @@ async fn load_leased(channel: Channel, h: Headers, img: &super::RawImage, snapsh
     }
 }
 
+/// A blob to write: bytes at hand, or a range of the archive.
+enum Blob<'a> {
+    Bytes(&'a [u8]),
+    Archive(&'a super::BlobRef),
+}
+
 async fn write_blob(
     c: &mut ContentClient<Svc>,
     digest: &str,
-    data: &[u8],
+    data: Blob<'_>,
     labels: HashMap<String, String>,
 ) -> Result<(), LoadError> {
     if let Ok(info) = c
@@ -299,29 +318,78 @@ async fn write_blob(
         return Ok(());
     }
     let reference = format!("nix-snapshotter-load-{digest}");
-    let total = data.len() as i64;
-    let mut reqs = Vec::new();
-    for (i, chunk) in data.chunks(1 << 20).enumerate() {
-        reqs.push(content::WriteContentRequest {
-            action: content::WriteAction::Write as i32,
-            r#ref: reference.clone(),
-            total,
-            expected: digest.to_string(),
-            offset: (i << 20) as i64,
-            data: chunk.to_vec(),
-            labels: HashMap::new(),
+    let (total, mut source): (u64, Box<dyn Read + Send>) = match data {
+        Blob::Bytes(b) => (b.len() as u64, Box::new(std::io::Cursor::new(b.to_vec()))),
+        Blob::Archive(r) => (
+            r.size,
+            Box::new(r.reader().map_err(|e| LoadError::Archive {
+                path: r.archive.clone(),
+                msg: format!("blob {digest}: {e}"),
+            })?),
+        ),
+    };
+    // Sent as it is read, a MiB at a time: a layer is never held whole.
+    let (tx, rx) = tokio::sync::mpsc::channel::<content::WriteContentRequest>(2);
+    let read_error = std::sync::Arc::new(std::sync::Mutex::new(None::<std::io::Error>));
+    let reader = {
+        let (reference, expected, read_error) = (reference.clone(), digest.to_string(), read_error.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut offset = 0u64;
+            loop {
+                let mut chunk = Vec::with_capacity(1 << 20);
+                match (&mut source).take(1 << 20).read_to_end(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        let req = content::WriteContentRequest {
+                            action: content::WriteAction::Write as i32,
+                            r#ref: reference.clone(),
+                            total: total as i64,
+                            expected: expected.clone(),
+                            offset: offset as i64,
+                            data: chunk,
+                            labels: HashMap::new(),
+                        };
+                        offset += n as u64;
+                        if tx.blocking_send(req).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        if let Ok(mut slot) = read_error.lock() {
+                            *slot = Some(e);
+                        }
+                        return;
+                    }
+                }
+            }
+            let _ = tx.blocking_send(content::WriteContentRequest {
+                action: content::WriteAction::Commit as i32,
+                r#ref: reference,
+                total: total as i64,
+                expected,
+                offset: offset as i64,
+                data: Vec::new(),
+                labels,
+            });
+        })
+    };
+    let result = send_blob(c, tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+    let _ = reader.await;
+    if let Some(e) = read_error.lock().ok().and_then(|mut s| s.take()) {
+        return Err(LoadError::Archive {
+            path: PathBuf::from(digest),
+            msg: format!("reading the blob: {e}"),
         });
     }
-    reqs.push(content::WriteContentRequest {
-        action: content::WriteAction::Commit as i32,
-        r#ref: reference,
-        total,
-        expected: digest.to_string(),
-        offset: total,
-        data: Vec::new(),
-        labels,
-    });
-    let mut responses = match c.write(tokio_stream::iter(reqs)).await {
+    result
+}
+
+/// Streams write requests to the content store until containerd commits.
+async fn send_blob(
+    c: &mut ContentClient<Svc>,
+    reqs: tokio_stream::wrappers::ReceiverStream<content::WriteContentRequest>,
+) -> Result<(), LoadError> {
+    let mut responses = match c.write(reqs).await {
         Ok(r) => r.into_inner(),
         Err(s) if s.code() == tonic::Code::AlreadyExists => return Ok(()),
         Err(s) => return Err(api("content.Write")(s)),

@@ -233,7 +233,8 @@ pub fn read_archive(path: &Path) -> Result<Archive, ImageError> {
     let raw = read_raw(path)?;
     let config = serde_json::from_slice(&raw.config_bytes).map_err(|e| invalid(path, format!("config: {e}")))?;
     let mut layers = Vec::new();
-    for (desc, gz, diff_id) in raw.layers {
+    for (desc, blob, diff_id) in raw.layers {
+        let gz = blob.read().map_err(io_err(path))?;
         let m = &desc.media_type;
         if !m.ends_with("tar+gzip") && !m.ends_with("tar.gzip") && !m.contains("rootfs.diff.tar.gzip") {
             return Err(invalid(path, format!("layer media type {m} is not gzip tar")));
@@ -247,6 +248,52 @@ pub fn read_archive(path: &Path) -> Result<Archive, ImageError> {
     Ok(Archive { config, layers })
 }
 
+/// A blob inside an image archive: where its bytes are, not the bytes, so
+/// that a large image is never held in memory.
+#[derive(Debug, Clone)]
+pub(crate) struct BlobRef {
+    pub archive: PathBuf,
+    pub offset: u64,
+    pub size: u64,
+}
+
+impl BlobRef {
+    /// Reads it whole (small blobs, and `--from-image` layers).
+    pub fn read(&self) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.reader()?.read_to_end(&mut out)?;
+        Ok(out)
+    }
+
+    /// Its bytes as a stream.
+    pub fn reader(&self) -> io::Result<impl Read> {
+        use std::io::{Seek, SeekFrom};
+        let mut f = std::fs::File::open(&self.archive)?;
+        f.seek(SeekFrom::Start(self.offset))?;
+        Ok(f.take(self.size))
+    }
+
+    fn sha256(&self) -> io::Result<String> {
+        let mut r = self.reader()?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = r.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        Ok(format!("sha256:{:x}", h.finalize()))
+    }
+}
+
+/// Most entries an image archive may have, and most bytes of one of its
+/// JSON documents (index, manifest, config): bounds on what an untrusted
+/// archive can make us hold.
+const MAX_ARCHIVE_ENTRIES: usize = 100_000;
+const MAX_JSON: u64 = 16 << 20;
+
 /// An image as an OCI image-layout tar has it: raw blobs (each checked
 /// against its digest), so digests stay what they are.
 pub(crate) struct RawImage {
@@ -257,55 +304,67 @@ pub(crate) struct RawImage {
     pub config_digest: String,
     pub config_bytes: Vec<u8>,
     /// (descriptor, blob, diff id), bottom first.
-    pub layers: Vec<(Descriptor, Vec<u8>, String)>,
+    pub layers: Vec<(Descriptor, BlobRef, String)>,
 }
 
 pub(crate) fn read_raw(path: &Path) -> Result<RawImage, ImageError> {
     let f = std::fs::File::open(path).map_err(io_err(path))?;
-    let mut files: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut files: HashMap<String, BlobRef> = HashMap::new();
     for entry in tar::Archive::new(f).entries().map_err(io_err(path))? {
-        let mut e = entry.map_err(io_err(path))?;
+        let e = entry.map_err(io_err(path))?;
+        if files.len() >= MAX_ARCHIVE_ENTRIES {
+            return Err(invalid(path, format!("more than {MAX_ARCHIVE_ENTRIES} entries")));
+        }
         let name = e
             .path()
             .map_err(io_err(path))?
             .to_string_lossy()
             .trim_start_matches("./")
             .to_string();
-        let mut data = Vec::new();
-        e.read_to_end(&mut data).map_err(io_err(path))?;
-        files.insert(name, data);
+        files.insert(
+            name,
+            BlobRef {
+                archive: path.to_path_buf(),
+                offset: e.raw_file_position(),
+                size: e.size(),
+            },
+        );
     }
-    let blob = |digest: &str| -> Result<Vec<u8>, ImageError> {
-        let data = files
+    let blob = |digest: &str| -> Result<BlobRef, ImageError> {
+        let blob = files
             .get(&blob_path(digest))
             .cloned()
             .ok_or_else(|| invalid(path, format!("missing blob {digest}")))?;
-        if sha256_digest(&data) != digest {
+        if blob.sha256().map_err(io_err(path))? != digest {
             return Err(invalid(path, format!("blob {digest} does not match its digest")));
         }
-        Ok(data)
+        Ok(blob)
+    };
+    let small = |b: &BlobRef, what: &str| -> Result<Vec<u8>, ImageError> {
+        if b.size > MAX_JSON {
+            return Err(invalid(path, format!("{what} is larger than {MAX_JSON} bytes")));
+        }
+        b.read().map_err(io_err(path))
     };
     let json = |bytes: &[u8], what: &str| -> Result<Value, ImageError> {
         serde_json::from_slice(bytes).map_err(|e| invalid(path, format!("{what}: {e}")))
     };
-    let index = json(
-        files
-            .get("index.json")
-            .ok_or_else(|| invalid(path, "no index.json (not an OCI image layout)"))?,
-        "index.json",
-    )?;
+    let index_ref = files
+        .get("index.json")
+        .ok_or_else(|| invalid(path, "no index.json (not an OCI image layout)"))?;
+    let index = json(&small(index_ref, "index.json")?, "index.json")?;
     let m = &index["manifests"][0];
     let digest = m["digest"]
         .as_str()
         .ok_or_else(|| invalid(path, "index.json names no manifest"))?
         .to_string();
-    let manifest_bytes = blob(&digest)?;
+    let manifest_bytes = small(&blob(&digest)?, "the manifest")?;
     let manifest = json(&manifest_bytes, "manifest")?;
     let config_digest = manifest["config"]["digest"]
         .as_str()
         .ok_or_else(|| invalid(path, "manifest has no config"))?
         .to_string();
-    let config_bytes = blob(&config_digest)?;
+    let config_bytes = small(&blob(&config_digest)?, "the config")?;
     let config = json(&config_bytes, "config")?;
     let diff_ids = config["rootfs"]["diff_ids"].as_array().cloned().unwrap_or_default();
     let descs = manifest["layers"].as_array().cloned().unwrap_or_default();
