@@ -40,16 +40,19 @@ pub fn content_labels(labels: &BTreeMap<String, String>) -> Option<BTreeMap<&str
     )
 }
 
-/// Whether a committed snapshot (key `their_key`, labels `theirs`) may
-/// stand in for the layer a Prepare under `key` with labels `ours` asks for
-/// by chain ID. Within one containerd namespace, yes: containerd itself
-/// trusts chain IDs there. Across namespaces only for a Nix layer whose
-/// labels determine its content and say the same: another namespace's
-/// layer content is not ours to vouch for, and one client that skipped the
-/// diff_id check must not poison every namespace.
+/// Whether a committed snapshot (key `their_key`, labels `theirs`,
+/// `made_from_labels` when the snapshotter made it itself from verified
+/// store content rather than a client applying it) may stand in for the
+/// layer a Prepare under `key` with labels `ours` asks for by chain ID.
+/// Within one containerd namespace, yes: containerd itself trusts chain IDs
+/// there. Across namespaces only for a Nix layer we made from labels that
+/// say the same as the ones asked for: content a client applied (labels and
+/// all, which any client can set) is not ours to vouch for, and one client
+/// that skipped the diff_id check must not poison every namespace.
 pub fn may_share(
     their_key: &str,
     theirs: &BTreeMap<String, String>,
+    made_from_labels: bool,
     key: &str,
     ours: &BTreeMap<String, String>,
 ) -> bool {
@@ -57,7 +60,7 @@ pub fn may_share(
     if namespace(their_key) == namespace(key) {
         return true;
     }
-    matches!((content_labels(theirs), content_labels(ours)), (Some(a), Some(b)) if a == b)
+    made_from_labels && matches!((content_labels(theirs), content_labels(ours)), (Some(a), Some(b)) if a == b)
 }
 
 /// What copyToRoot puts at one path relative to `/`.
@@ -107,7 +110,14 @@ fn link_tree(
     if kind != beneath::Kind::Dir {
         // Whatever an earlier path had here, with all it held, gives way.
         let below = format!("{key}/");
-        out.retain(|k, _| !k.starts_with(&below));
+        let gone: Vec<String> = out
+            .range(below.clone()..)
+            .take_while(|(k, _)| k.starts_with(&below))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            out.remove(&k);
+        }
         out.insert(key, RootLink::Symlink(format!("/nix/store/{base}/{}", rel.display())));
         return Ok(());
     }
@@ -182,16 +192,18 @@ mod tests {
     }
 
     #[test]
-    fn layers_are_shared_across_namespaces_only_when_labels_determine_them() {
+    fn layers_are_shared_across_namespaces_only_when_made_from_the_same_labels() {
         let plain = labels(&[("containerd.io/snapshot.ref", "sha256:c")]);
-        assert!(may_share("a/1/x", &plain, "a/7/y", &plain));
-        assert!(!may_share("a/1/x", &plain, "b/7/y", &plain));
+        assert!(may_share("a/1/x", &plain, false, "a/7/y", &plain));
+        assert!(!may_share("a/1/x", &plain, false, "b/7/y", &plain));
         let nix = labels(&[(LABEL_CLOSURE, "/nix/store/x-closure-info"), (LABEL_COPY_TO_ROOT, "[]")]);
-        assert!(may_share("a/1/x", &nix, "b/7/y", &nix));
+        assert!(may_share("a/1/x", &nix, true, "b/7/y", &nix));
+        // The same labels on content a client applied: not shared.
+        assert!(!may_share("a/1/x", &nix, false, "b/7/y", &nix));
         let other = labels(&[(LABEL_CLOSURE, "/nix/store/y-closure-info"), (LABEL_COPY_TO_ROOT, "[]")]);
-        assert!(!may_share("a/1/x", &nix, "b/7/y", &other));
-        // Unmarked Nix layers were applied from their (unchecked) content.
+        assert!(!may_share("a/1/x", &nix, true, "b/7/y", &other));
+        // Unmarked Nix layers are never made from labels.
         let unmarked = labels(&[(LABEL_CLOSURE, "/nix/store/x-closure-info")]);
-        assert!(!may_share("a/1/x", &unmarked, "b/7/y", &unmarked));
+        assert!(!may_share("a/1/x", &unmarked, true, "b/7/y", &unmarked));
     }
 }

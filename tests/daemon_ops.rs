@@ -174,3 +174,15 @@ async fn state_survives_kill_9_mid_work() {
     let dirs = std::fs::read_dir(root.join("snapshots")).unwrap().count();
     assert_eq!(dirs, infos.len(), "orphaned snapshot directories after restart");
 }
+
+#[test]
+fn an_existing_open_state_directory_is_closed_to_other_users() {
+    let tmp = TempRoot::new("opsmode");
+    let root = tmp.join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _daemon = Daemon::start(&root, &tmp.join("sock"));
+    // Below it lie every container's layers and the FUSE mount.
+    let mode = std::fs::metadata(&root).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "state directory mode");
+}

@@ -39,6 +39,9 @@ impl Victim {
         names.sort();
         assert_eq!(names, ["keep", "sub"], "{what}: the host directory changed");
         assert_eq!(std::fs::read(self.dir.join("keep")).unwrap(), b"host file\n", "{what}");
+        use std::os::unix::fs::MetadataExt;
+        let links = std::fs::metadata(self.dir.join("keep")).unwrap().nlink();
+        assert_eq!(links, 1, "{what}: the host file gained a hard link");
         assert_eq!(
             std::fs::read(self.dir.join("sub/inner")).unwrap(),
             b"host inner\n",
@@ -121,7 +124,7 @@ fn archive(out: &Path, name: &str, victim: &Path, attack: &[Raw], lie_about_diff
     let config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": { "Cmd": ["/bin/sh", "-c", "ls /x/ 2>&1; cat /x/keep 2>&1; true"], "Env": ["PATH=/bin"] },
+        "config": { "Cmd": ["/bin/sh", "-c", "ls /x/ 2>&1; cat /x/keep /hl 2>&1; true"], "Env": ["PATH=/bin"] },
     });
     lib::write_archive(out, Some(name), config, &layers).unwrap();
     layers.iter().map(|l| l.diff_id.clone()).collect()
@@ -457,22 +460,31 @@ fn a_store_path_that_is_a_symlink_to_root_never_shows_the_host() {
         daemon.log_text()
     );
 
-    // The daemon's own mount, as a local user who is not root.
+    // The daemon's own mount, as a local user who is not root, while a
+    // container keeps the view alive.
+    let holder = unique("c");
+    let sleeper = ctrd.ctr(&["run", "-d", "--snapshotter", "nix", name, &holder, &bb, "sleep", "60"]);
+    assert!(sleeper.status.success(), "{}", text(&sleeper.stderr));
     let view = std::fs::read_dir(root.join("fuse"))
         .unwrap()
         .flatten()
         .next()
-        .map(|e| e.path());
-    if let Some(view) = view {
-        let path = view.join(target.trim_start_matches('/'));
-        let as_nobody = Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(!text(&as_nobody.stdout).contains("HOST SECRET"));
-        assert!(!as_nobody.status.success());
+        .map(|e| e.path())
+        .expect("a running container has a view");
+    let path = view.join(target.trim_start_matches('/'));
+    let as_nobody = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!text(&as_nobody.stdout).contains("HOST SECRET"));
+    assert!(!as_nobody.status.success());
+    let _ = ctrd.ctr(&["task", "kill", "-s", "SIGKILL", &holder]);
+    let start = std::time::Instant::now();
+    while !ctrd.ctr(&["task", "rm", "-f", &holder]).status.success() && start.elapsed().as_secs() < 20 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    let _ = ctrd.ctr(&["containers", "rm", &holder]);
     drop(ctrd);
     drop(daemon);
 }

@@ -84,15 +84,12 @@ const LIST: &str = "cd /t 2>/dev/null || { echo no-t; exit 0; }; \
 
 fn tree(ctrd: &Containerd, ns: &str, name: &str) -> String {
     let out = ctrd.ctr_in(ns, &["run", "--rm", "--snapshotter", "nix", name, &unique("c")]);
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        if out.status.success() {
-            String::new()
-        } else {
-            format!("(run failed: {})", String::from_utf8_lossy(&out.stderr))
-        }
-    )
+    assert!(
+        out.status.success(),
+        "{name} in {ns}: the listing container failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]

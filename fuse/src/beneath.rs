@@ -135,6 +135,11 @@ pub fn entries(dir: impl AsFd) -> io::Result<Vec<(OsString, Kind)>> {
             rustix::fs::FileType::Directory => Kind::Dir,
             rustix::fs::FileType::RegularFile => Kind::File,
             rustix::fs::FileType::Symlink => Kind::Symlink,
+            // Filesystems that give no type in listings: ask (never following).
+            rustix::fs::FileType::Unknown => {
+                let st = rustix::fs::statat(d.fd()?, e.file_name(), AtFlags::SYMLINK_NOFOLLOW)?;
+                Kind::of(&st)
+            }
             _ => Kind::Other,
         };
         out.push((OsString::from_vec(name.to_vec()), kind));

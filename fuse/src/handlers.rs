@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use fuser::{
-    Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
-    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyXattr, Request,
+    Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyXattr, Request,
 };
 
 use crate::inodes::Node;
@@ -209,48 +209,45 @@ impl Filesystem for FsImpl {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.state.node(ino) {
-            // Resolving here makes an `ls` of a store path fetch it once, up front.
-            Some(Node::Store(sn)) => {
-                let node = Node::Store(sn.clone());
-                // A hinted directory is checked even when local.
-                let wait = self.state.may_wait(&node, Some(OsStr::new("")));
-                self.state
-                    .answer(wait, self.max_waiting, move |state| match state.open_dir(&sn) {
-                        Ok(()) => reply.opened(
-                            FileHandle(0),
-                            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-                        ),
-                        Err(e) => reply.error(e),
-                    });
-            }
-            Some(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
-            None => reply.error(Errno::ENOENT),
-        }
-    }
-
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, reply: ReplyDirectory) {
+        // The listing is taken once here, and readdir serves offsets from it
+        // (reading the directory again for every chunk would make a large
+        // one quadratic). For a store path this fetches it once, up front,
+        // and checks a hinted one.
         let Some(node) = self.state.node(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        let wait = matches!(node, Node::Store(_)) && self.state.may_wait(&node, Some(OsStr::new("")));
-        self.state.answer(wait, self.max_waiting, move |state| {
-            let mut reply = reply;
-            let entries = match state.entries(ino) {
-                Ok(e) => e,
-                Err(e) => return reply.error(e),
-            };
-            let dots = [
-                (OsString::from("."), ino.0, FileType::Directory),
-                (OsString::from(".."), ino.0, FileType::Directory),
-            ];
-            for (i, (name, child, kind)) in dots.into_iter().chain(entries).enumerate().skip(offset as usize) {
-                if reply.add(INodeNo(child), (i + 1) as u64, kind, &name) {
-                    break;
+        let store = matches!(node, Node::Store(_));
+        let wait = store && self.state.may_wait(&node, Some(OsStr::new("")));
+        self.state
+            .answer(wait, self.max_waiting, move |state| match state.entries(ino) {
+                Ok(entries) => {
+                    let fh = state.keep_listing(ino, entries);
+                    let flags = if store {
+                        FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR
+                    } else {
+                        FopenFlags::empty()
+                    };
+                    reply.opened(FileHandle(fh), flags)
                 }
+                Err(e) => reply.error(e),
+            });
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let Some(entries) = self.state.listing(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        for (i, (name, child, kind)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*child), (i + 1) as u64, *kind, name) {
+                break;
             }
-            reply.ok();
-        });
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.state.drop_listing(fh.0);
+        reply.ok();
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {

@@ -100,6 +100,26 @@ impl Inodes {
         ino
     }
 
+    /// Drops the nodes that showed store path `base` as a directory on a
+    /// hint's word, now refuted; returns whether there were any. The kernel
+    /// may still hold them (an overlay's cached entry): requests for them
+    /// then find no node, and get ENOENT.
+    pub fn drop_hinted(&mut self, base: &str) -> bool {
+        let gone: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| matches!(n, Node::Store(sn) if sn.hinted && &*sn.base == base))
+            .map(|(ino, _)| *ino)
+            .collect();
+        for ino in &gone {
+            if let Some(Node::Store(sn)) = self.nodes.remove(ino) {
+                self.store.remove(&(sn.view, sn.base, sn.rel));
+            }
+            self.lookups.remove(ino);
+        }
+        !gone.is_empty()
+    }
+
     /// The kernel dropped `n` of its lookups of `ino`.
     pub fn forget(&mut self, ino: u64, n: u64) {
         let Some(count) = self.lookups.get_mut(&ino) else {

@@ -137,6 +137,8 @@ impl StoreFs {
             mountpoint: mountpoint.to_path_buf(),
             notifier: OnceLock::new(),
             waiting: AtomicUsize::new(0),
+            listings: Default::default(),
+            next_dir_fh: AtomicU64::new(1),
         });
         let mut config = Config::default();
         config.mount_options = vec![
@@ -202,6 +204,19 @@ impl StoreFs {
             .values()
             .flat_map(|v| v.closure.iter().map(|e| e.base_name.clone()))
             .collect()
+    }
+
+    /// A function the store calls when it evicts a store path: the backing
+    /// files kept open for quick re-opens are closed, so eviction frees the
+    /// disk space it counts (files the kernel still has open stay readable
+    /// until closed).
+    pub fn evictor(&self) -> Arc<dyn Fn(&str) + Send + Sync> {
+        let state = Arc::downgrade(&self.state);
+        Arc::new(move |base: &str| {
+            if let Some(state) = state.upgrade() {
+                state.close_files_of(base);
+            }
+        })
     }
 
     /// Nodes in the inode table (the kernel's cached inodes, the views and

@@ -30,7 +30,13 @@ pub(crate) struct State {
     pub notifier: OnceLock<fuser::Notifier>,
     /// Requests being answered off the worker threads (they wait for a fetch).
     pub waiting: AtomicUsize,
+    /// Directory listings taken at opendir, by handle, until releasedir.
+    pub listings: std::sync::Mutex<std::collections::HashMap<u64, Arc<Vec<Listed>>>>,
+    pub next_dir_fh: AtomicU64,
 }
+
+/// One entry of a listing: name, node id, type.
+pub(crate) type Listed = (OsString, u64, FileType);
 
 /// The answer to a lookup.
 /// `FUSE_UNKNOWN_INO`: what a directory listing may say for an entry.
@@ -140,13 +146,16 @@ impl State {
             Path::new(base).join(rel)
         };
         let dir = self.holder(base)?;
+        let gone = |dir: &StoreDir| beneath::lstat_name(dir.as_fd(), OsStr::new(base)).is_err();
         match f(dir.as_fd(), &path) {
-            Err(e)
-                if e.kind() == io::ErrorKind::NotFound
-                    && beneath::lstat_name(dir.as_fd(), OsStr::new(base)).is_err() =>
-            {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && gone(&dir) => {
                 let dir = self.holder(base)?;
-                f(dir.as_fd(), &path).map_err(errno)
+                match f(dir.as_fd(), &path) {
+                    // Evicted again: say so (EIO, never cached), not "no
+                    // such file", which the kernel would remember for good.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound && gone(&dir) => Err(Errno::EIO),
+                    r => r.map_err(errno),
+                }
             }
             r => r.map_err(errno),
         }
@@ -187,8 +196,13 @@ impl State {
         if Kind::of(&st) == Kind::Dir {
             return Ok(());
         }
-        tracing::warn!(path = %base, "a hint said this store path is a directory, but it is not; showing what it is");
-        self.forget_entries(base);
+        // Once per store path: the hinted nodes go, and with them every
+        // later request's way back here.
+        let dropped = self.inodes.write().map(|mut i| i.drop_hinted(base)).unwrap_or(false);
+        if dropped {
+            tracing::warn!(path = %base, "a hint said this store path is a directory, but it is not; showing what it is");
+            self.forget_entries(base);
+        }
         Err(Errno::ENOENT)
     }
 
@@ -277,8 +291,51 @@ impl State {
         }
     }
 
+    /// Closes the backing files kept open for store path `base`.
+    pub fn close_files_of(&self, base: &str) {
+        let inos: Vec<u64> = self
+            .inodes
+            .read()
+            .map(|i| {
+                i.nodes
+                    .iter()
+                    .filter(|(_, n)| matches!(n, Node::Store(sn) if &*sn.base == base))
+                    .map(|(ino, _)| *ino)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for ino in inos {
+            self.files.forget(ino);
+        }
+    }
+
+    /// Keeps the listing of directory `ino` (with `.` and `..`) for a new
+    /// handle, returned.
+    pub fn keep_listing(&self, ino: INodeNo, entries: Vec<Listed>) -> u64 {
+        let mut all = vec![
+            (OsString::from("."), ino.0, FileType::Directory),
+            (OsString::from(".."), ino.0, FileType::Directory),
+        ];
+        all.extend(entries);
+        let fh = self.next_dir_fh.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut l) = self.listings.lock() {
+            l.insert(fh, Arc::new(all));
+        }
+        fh
+    }
+
+    pub fn listing(&self, fh: u64) -> Option<Arc<Vec<Listed>>> {
+        self.listings.lock().ok()?.get(&fh).cloned()
+    }
+
+    pub fn drop_listing(&self, fh: u64) {
+        if let Ok(mut l) = self.listings.lock() {
+            l.remove(&fh);
+        }
+    }
+
     /// Directory entries (name, inode, type), without "." and "..".
-    pub fn entries(&self, ino: INodeNo) -> Result<Vec<(OsString, u64, FileType)>, Errno> {
+    pub fn entries(&self, ino: INodeNo) -> Result<Vec<Listed>, Errno> {
         match self.node(ino).ok_or(Errno::ENOENT)? {
             Node::Root => {
                 let inodes = self.inodes.read().map_err(|_| Errno::EIO)?;
@@ -352,14 +409,6 @@ impl State {
         self.at(&sn.base, &sn.rel, beneath::open_file)
     }
 
-    /// Fetches a store path before listing it, and checks a hinted one.
-    pub fn open_dir(&self, sn: &StoreNode) -> Result<(), Errno> {
-        if sn.hinted && sn.rel.as_os_str().is_empty() {
-            return self.check_hinted(&sn.base);
-        }
-        self.at(&sn.base, &sn.rel, |d, p| beneath::open_dir(d, p).map(drop))
-    }
-
     /// Runs `f` on a thread of its own when it may wait for a fetch, so
     /// that a stalled download never holds a worker that other requests
     /// (other paths, other containers) need. Past `max` such threads, runs
@@ -368,8 +417,15 @@ impl State {
         if wait && self.waiting.fetch_add(1, Ordering::AcqRel) < max {
             let me = self.clone();
             let spawned = std::thread::Builder::new().name("fuse-wait".into()).spawn(move || {
-                f(&me);
-                me.waiting.fetch_sub(1, Ordering::AcqRel);
+                // Counted down however `f` ends, a panic included.
+                struct Done(Arc<State>);
+                impl Drop for Done {
+                    fn drop(&mut self) {
+                        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+                    }
+                }
+                let done = Done(me);
+                f(&done.0);
             });
             if let Err(e) = spawned {
                 // The request's reply was dropped with the closure: the

@@ -37,6 +37,33 @@ struct Listing {
 #[error("malformed NAR listing: {0}")]
 pub struct ListingError(pub String);
 
+#[derive(Deserialize)]
+struct RootOnly {
+    version: u32,
+    root: TypeOnly,
+}
+
+#[derive(Deserialize)]
+struct TypeOnly {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+/// Whether a listing's root is a directory, read as it streams in: the
+/// entries are skipped, never held, so a huge (or hostile) listing costs no
+/// memory. This bit is all the store takes from an unsigned listing.
+pub fn root_is_dir(json: impl std::io::Read) -> Result<bool, ListingError> {
+    let listing: RootOnly = serde_json::from_reader(json).map_err(|e| ListingError(e.to_string()))?;
+    if listing.version != 1 {
+        return Err(ListingError(format!("unsupported version {}", listing.version)));
+    }
+    match listing.root.kind.as_str() {
+        "directory" => Ok(true),
+        "regular" | "symlink" => Ok(false),
+        other => Err(ListingError(format!("unknown root type {other:?}"))),
+    }
+}
+
 /// Deepest directory nesting we accept (also bounds recursion).
 const MAX_DEPTH: usize = 256;
 

@@ -37,6 +37,12 @@ pub struct Record {
     /// For a committed Nix layer: the closure it stands for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nix: Option<Vec<NixPath>>,
+    /// Made by the snapshotter itself from verified store content and its
+    /// labels (the remote-snapshot shortcut), not applied by a client: the
+    /// only content other namespaces may reuse. Provenance, not a label, so
+    /// no client can claim it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub remote: bool,
 }
 
 /// A store path of a Nix layer's closure.
@@ -62,6 +68,8 @@ pub struct NewRecord {
     pub labels: BTreeMap<String, String>,
     pub usage: Usage,
     pub nix: Option<Vec<NixPath>>,
+    /// See [`Record::remote`].
+    pub remote: bool,
 }
 
 impl NewRecord {
@@ -71,6 +79,7 @@ impl NewRecord {
             labels,
             usage: Usage::default(),
             nix: None,
+            remote: false,
         }
     }
 }
@@ -183,6 +192,7 @@ impl MetaStore {
                 labels: new.labels,
                 usage: new.usage,
                 nix: new.nix,
+                remote: new.remote,
             };
             snaps.insert(key, encode(&rec)?.as_slice())?;
             if !parent.is_empty() {
@@ -404,7 +414,7 @@ fn find_ref(
         if rec.kind == Kind::Committed
             && rec.parent == parent
             && rec.labels.get(LABEL_SNAPSHOT_REF).is_some_and(|t| t == target)
-            && crate::nixlayer::may_share(k.value(), &rec.labels, key, labels)
+            && crate::nixlayer::may_share(k.value(), &rec.labels, rec.remote, key, labels)
         {
             return Ok(Some(k.value().to_string()));
         }

@@ -272,6 +272,7 @@ impl Snapshotter {
             labels: labels.clone(),
             usage,
             nix: Some(layer.closure),
+            remote: true,
         };
         self.publish(new, key, parent, tmp, |_, _| Ok(()))?;
         tracing::info!(key, target, paths, "made a Nix layer from its labels (remote snapshot)");
@@ -419,7 +420,11 @@ impl Snapshotter {
     /// Pins the store paths of the live FUSE views (see [`nix::NixSupport::pin`]).
     pub fn pin_views(&self) {
         if let Some(n) = &self.nix {
-            n.pin();
+            // Under the lock that adds and drops views, so the set written
+            // is never older than a view just added.
+            if let Ok(_views) = self.views.lock() {
+                n.pin();
+            }
         }
     }
 

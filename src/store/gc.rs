@@ -58,6 +58,7 @@ impl Store {
             if let Ok(mut n) = self.narinfos.lock() {
                 n.remove(&path);
             }
+            self.tell_evicted(&base);
             report.freed += rec.disk_size;
             report.remaining -= rec.disk_size;
             report.removed.push(base);

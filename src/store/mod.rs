@@ -118,6 +118,9 @@ pub struct Found {
 /// A fetch under way: its waiters watch for the result. The fetch itself
 /// runs as a task of its own, so a waiter that gives up (a FUSE request's
 /// time bound) stops waiting without stopping the download.
+/// Told the base name of each store path evicted.
+pub type EvictHook = Arc<dyn Fn(&str) + Send + Sync>;
+
 type Flight = tokio::sync::watch::Receiver<Option<Result<Location, Arc<StoreError>>>>;
 
 pub struct Store {
@@ -139,6 +142,9 @@ pub struct Store {
     leases: Mutex<HashMap<StorePath, usize>>,
     /// Paths live snapshots need: never evicted.
     pinned: Mutex<HashSet<StorePath>>,
+    /// Told the base name of each path evicted (the FUSE store closes the
+    /// files it kept open for it).
+    evicted: Mutex<Option<EvictHook>>,
     /// Last uses not yet written to the database.
     uses: Mutex<(HashMap<String, SystemTime>, Instant)>,
     pub counters: Counters,
@@ -213,6 +219,7 @@ impl Store {
             inflight: Mutex::new(HashMap::new()),
             leases: Mutex::new(HashMap::new()),
             pinned: Mutex::new(HashSet::new()),
+            evicted: Mutex::new(None),
             uses: Mutex::new((HashMap::new(), Instant::now())),
             counters: Counters::default(),
         })
@@ -291,10 +298,19 @@ impl Store {
                     let me = self.clone();
                     let path = path.clone();
                     tokio::spawn(async move {
-                        let res = me.fetch_now(&path).await.map_err(Arc::new);
-                        if let Ok(mut m) = me.inflight.lock() {
-                            m.remove(&path);
+                        // The flight ends however the fetch does, a panic
+                        // included: a later `ensure` starts afresh.
+                        struct Landed(Arc<Store>, StorePath);
+                        impl Drop for Landed {
+                            fn drop(&mut self) {
+                                if let Ok(mut m) = self.0.inflight.lock() {
+                                    m.remove(&self.1);
+                                }
+                            }
                         }
+                        let landed = Landed(me, path);
+                        let res = landed.0.fetch_now(&landed.1).await.map_err(Arc::new);
+                        drop(landed);
                         let _ = tx.send(Some(res));
                     });
                     rx
@@ -333,6 +349,20 @@ impl Store {
     pub fn set_pinned(&self, paths: HashSet<StorePath>) {
         if let Ok(mut p) = self.pinned.lock() {
             *p = paths;
+        }
+    }
+
+    /// Sets who is told of evictions.
+    pub fn on_evict(&self, f: EvictHook) {
+        if let Ok(mut e) = self.evicted.lock() {
+            *e = Some(f);
+        }
+    }
+
+    pub(crate) fn tell_evicted(&self, base: &str) {
+        let f = self.evicted.lock().ok().and_then(|e| e.clone());
+        if let Some(f) = f {
+            f(base);
         }
     }
 
@@ -451,9 +481,9 @@ impl Store {
         let found = self.narinfo(path).await.ok()?;
         let cache = self.caches().await.ok()?.get(found.cache)?;
         let rel = format!("{}.ls", path.hash_part());
-        let root = match cache.get(&rel).await {
+        let is_dir = match cache.get(&rel).await {
             Ok(Some(bytes)) => match decode_listing(&bytes) {
-                Ok(root) => root,
+                Ok(is_dir) => is_dir,
                 Err(e) => {
                     tracing::debug!(path = %path, cache = cache.url(), error = %e, "unreadable NAR listing");
                     return None;
@@ -465,7 +495,6 @@ impl Store {
                 return None;
             }
         };
-        let is_dir = matches!(root, crate::nixfmt::listing::Node::Directory { .. });
         self.listed_dirs.lock().ok()?.insert(path.clone(), is_dir);
         Some(is_dir)
     }
@@ -718,24 +747,20 @@ const MAX_LISTING: u64 = 64 << 20;
 
 /// A `.ls` listing as a cache serves it: plain JSON, or brotli-compressed
 /// (stored with `Content-Encoding: br`, which our HTTP client does not undo).
-fn decode_listing(bytes: &[u8]) -> Result<crate::nixfmt::listing::Node, crate::nixfmt::listing::ListingError> {
-    use crate::nixfmt::listing::{parse, ListingError};
+fn decode_listing(bytes: &[u8]) -> Result<bool, crate::nixfmt::listing::ListingError> {
+    use crate::nixfmt::listing::{root_is_dir, ListingError};
     use std::io::Read;
     if bytes.first() == Some(&b'{') {
-        return parse(bytes);
+        return root_is_dir(bytes);
     }
-    let mut json = Vec::new();
-    brotli_decompressor::Decompressor::new(bytes, 4096)
-        .take(MAX_LISTING)
-        .read_to_end(&mut json)
-        .map_err(|e| ListingError(format!("neither JSON nor brotli: {e}")))?;
-    parse(&json)
+    // Decompressed as it is parsed: nothing but the parser's state is held.
+    let brotli = brotli_decompressor::Decompressor::new(bytes, 4096).take(MAX_LISTING);
+    root_is_dir(brotli).map_err(|e| ListingError(format!("neither JSON nor brotli JSON: {e}")))
 }
 
 #[cfg(test)]
 mod tests {
     use super::decode_listing;
-    use crate::nixfmt::listing::Node;
 
     const JSON: &[u8] =
         br#"{"version":1,"root":{"type":"directory","entries":{"a":{"type":"regular","size":3,"narOffset":96}}}}"#;
@@ -751,10 +776,11 @@ mod tests {
 
     #[test]
     fn listings_plain_or_brotli() {
-        let plain = decode_listing(JSON).unwrap();
-        assert!(matches!(plain, Node::Directory { .. }));
-        assert_eq!(decode_listing(&unhex(BROTLI)).unwrap(), plain);
+        assert!(decode_listing(JSON).unwrap());
+        assert!(decode_listing(&unhex(BROTLI)).unwrap());
         let err = decode_listing(b"\x00garbage").unwrap_err();
         assert!(err.to_string().contains("neither JSON nor brotli"), "{err}");
+        let file = br#"{"version":1,"root":{"type":"regular","size":3}}"#;
+        assert!(!decode_listing(file).unwrap());
     }
 }

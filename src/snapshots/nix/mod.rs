@@ -1,0 +1,167 @@
+//! Nix layers: recognising them, and giving the snapshots above them a FUSE
+//! view of their closure as the top-most lower directory of their overlay.
+//!
+//! A committed layer is a Nix layer when its labels say so
+//! (`containerd.io/snapshot/nix-closure` naming a closure-info store path, or
+//! the legacy `nix-layer` + `nix-store-path.<i>`), or, when containerd passed
+//! no labels (`ctr images import`), when its only content under `nix/store/`
+//! is empty mountpoints named like store paths: the image format's Nix layer.
+//!
+//! Here: deciding from labels (this file); `resolver` (the only blocking
+//! network calls), `views` (FUSE views and pins), `tree` (a layer's
+//! directory on the host, read and made beneath its fd).
+
+mod resolver;
+mod tree;
+mod views;
+
+use std::collections::BTreeMap;
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::time::Duration;
+
+use super::db::NixPath;
+use crate::error::{Error, Result};
+use crate::nixfmt::StorePath;
+use crate::nixlayer::RootLink;
+use nix_snapshotter_fuse::{beneath, Resolver, StoreFs};
+
+pub use crate::nixlayer::{LABEL_CLOSURE, LABEL_COPY_TO_ROOT, LABEL_LAYER, LABEL_PATH_PREFIX};
+pub use resolver::{StoreResolver, StoreSlot};
+pub use tree::{materialize, mountpoints};
+
+/// Largest closure-info `store-paths` we read: a line per path, so about
+/// 100,000 paths; far beyond any real closure.
+const MAX_CLOSURE_INFO: u64 = 8 << 20;
+
+/// A Nix layer made from its labels alone.
+pub struct RemoteLayer {
+    pub closure: Vec<NixPath>,
+    /// What copyToRoot puts under `/`.
+    pub links: BTreeMap<String, RootLink>,
+}
+
+/// Everything the snapshotter needs for Nix layers.
+pub struct NixSupport {
+    pub fs: StoreFs,
+    pub store: StoreSlot,
+    pub rt: tokio::runtime::Handle,
+    pub timeout: Duration,
+}
+
+impl NixSupport {
+    /// Decides whether the layer being committed (its upper directory and
+    /// labels) is a Nix layer, and if so returns its closure.
+    pub fn detect(&self, upper: &Path, labels: &BTreeMap<String, String>) -> Result<Option<Vec<NixPath>>> {
+        match self.closure_from_labels(labels) {
+            Some(Ok(c)) => Ok(Some(c)),
+            // The layer's own mountpoints list the same closure.
+            Some(Err(e)) => match mountpoints(upper) {
+                Some(c) => {
+                    tracing::warn!(error = %e, "Nix layer labels unusable; using the layer's mountpoints");
+                    Ok(Some(c))
+                }
+                None => Err(e),
+            },
+            None => Ok(mountpoints(upper)),
+        }
+    }
+
+    /// The closure the labels name, or None when they do not name one.
+    fn closure_from_labels(&self, labels: &BTreeMap<String, String>) -> Option<Result<Vec<NixPath>>> {
+        if let Some(info) = labels.get(LABEL_CLOSURE) {
+            return Some(self.closure_info(info));
+        }
+        if labels.get(LABEL_LAYER).is_some_and(|v| v == "true") {
+            let paths: Result<Vec<NixPath>> = labels
+                .iter()
+                .filter(|(k, _)| k.starts_with(LABEL_PATH_PREFIX))
+                .map(|(_, v)| {
+                    let p = StorePath::parse(v)
+                        .map_err(|e| Error::InvalidArgument(format!("label {LABEL_PATH_PREFIX}*: {e}")))?;
+                    Ok(NixPath {
+                        name: p.base_name().to_string(),
+                        dir: None,
+                    })
+                })
+                .collect();
+            return Some(paths);
+        }
+        None
+    }
+
+    /// For the remote-snapshot shortcut: the layer, when its labels say what
+    /// it holds (closure labels plus [`LABEL_COPY_TO_ROOT`]). The copyToRoot
+    /// paths are fetched to list them. None (the layer is then fetched and
+    /// applied as usual, with a warning) when the labels do not determine
+    /// it or what they name cannot be fetched now; an error only when the
+    /// marker label itself is malformed.
+    pub fn remote_layer(&self, labels: &BTreeMap<String, String>) -> Result<Option<RemoteLayer>> {
+        let Some(raw) = labels.get(LABEL_COPY_TO_ROOT) else {
+            return Ok(None);
+        };
+        let bad = |m: String| Error::InvalidArgument(format!("label {LABEL_COPY_TO_ROOT}={raw:?}: {m}"));
+        let roots: Vec<String> =
+            serde_json::from_str(raw).map_err(|e| bad(format!("expected a JSON list of store paths: {e}")))?;
+        let roots: Vec<StorePath> = roots
+            .iter()
+            .map(|r| StorePath::parse(r).map_err(|e| bad(e.to_string())))
+            .collect::<Result<_>>()?;
+        let closure = match self.closure_from_labels(labels) {
+            Some(Ok(c)) => c,
+            None => return Err(bad("no nix-closure or nix-layer label says which closure".into())),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read the closure now; the Nix layer will be fetched");
+                return Ok(None);
+            }
+        };
+        let resolver = self.resolver();
+        let mut links = BTreeMap::new();
+        for root in &roots {
+            if !closure.iter().any(|p| p.name == root.base_name()) {
+                return Err(bad(format!("{} is not in the closure", root.absolute())));
+            }
+            let listed = resolver.resolve(root.base_name()).and_then(|holder| {
+                crate::nixlayer::add_root_links(holder.as_fd(), root.base_name(), &mut links).map_err(|e| e.to_string())
+            });
+            if let Err(e) = listed {
+                tracing::warn!(path = %root.absolute(), error = %e, "cannot list a copyToRoot path now; the Nix layer will be fetched");
+                return Ok(None);
+            }
+        }
+        Ok(Some(RemoteLayer { closure, links }))
+    }
+
+    fn resolver(&self) -> StoreResolver {
+        StoreResolver {
+            store: self.store.clone(),
+            rt: self.rt.clone(),
+            timeout: self.timeout,
+        }
+    }
+
+    /// Reads `store-paths` of a closure-info store path, fetched through the store.
+    fn closure_info(&self, path: &str) -> Result<Vec<NixPath>> {
+        let bad = |m: String| Error::InvalidArgument(format!("label {LABEL_CLOSURE}={path:?}: {m}"));
+        let sp = StorePath::parse(path).map_err(|e| bad(e.to_string()))?;
+        // Not the label's fault when the cache cannot deliver it now.
+        let holder = self
+            .resolver()
+            .resolve(sp.base_name())
+            .map_err(|e| Error::Unavailable(format!("label {LABEL_CLOSURE}={path:?}: {e}")))?;
+        let file = Path::new(sp.base_name()).join("store-paths");
+        let bytes = beneath::read_file(holder.as_fd(), &file, MAX_CLOSURE_INFO)
+            .map_err(|e| bad(format!("store-paths: {e}")))?;
+        let text = String::from_utf8(bytes).map_err(|_| bad("store-paths: not UTF-8".into()))?;
+        text.lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let p = StorePath::parse(l.trim()).map_err(|e| bad(e.to_string()))?;
+                Ok(NixPath {
+                    name: p.base_name().to_string(),
+                    dir: None,
+                })
+            })
+            .collect()
+    }
+}

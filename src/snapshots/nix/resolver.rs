@@ -1,0 +1,60 @@
+//! Fetching through the store for the FUSE filesystem: the only place that
+//! blocks a thread on the network, always within a time bound.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use crate::nixfmt::StorePath;
+use crate::store::Store;
+use nix_snapshotter_fuse::{Resolver, StoreDir};
+
+/// The store, once the daemon has opened it (it opens in the background so
+/// an unreachable cache never delays serving).
+pub type StoreSlot = Arc<OnceLock<Arc<Store>>>;
+
+/// Fetches through the store for the FUSE filesystem, within a time bound.
+pub struct StoreResolver {
+    pub store: StoreSlot,
+    pub rt: tokio::runtime::Handle,
+    pub timeout: Duration,
+}
+
+impl Resolver for StoreResolver {
+    fn resolve(&self, base_name: &str) -> std::result::Result<StoreDir, String> {
+        let path = StorePath::from_base_name(base_name).map_err(|e| e.to_string())?;
+        let store = self.store.get().ok_or("the local store is not open (yet)")?;
+        if let Some(loc) = store.local(&path) {
+            return Ok(store.holder(&loc));
+        }
+        let fetching = store.clone();
+        let fetch = async move { fetching.ensure(&path).await };
+        // Waiting stops at the time bound; the download goes on, and a
+        // later access finds it done (or still under way).
+        match self
+            .rt
+            .block_on(async { tokio::time::timeout(self.timeout, fetch).await })
+        {
+            Ok(Ok(loc)) => Ok(store.holder(&loc)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "fetching {base_name} takes longer than {:?} (still downloading)",
+                self.timeout
+            )),
+        }
+    }
+
+    fn local(&self, base_name: &str) -> Option<StoreDir> {
+        let path = StorePath::from_base_name(base_name).ok()?;
+        let store = self.store.get()?;
+        store.local(&path).map(|loc| store.holder(&loc))
+    }
+
+    fn is_dir(&self, base_name: &str) -> Option<bool> {
+        let path = StorePath::from_base_name(base_name).ok()?;
+        let store = self.store.get()?.clone();
+        self.rt
+            .block_on(async { tokio::time::timeout(self.timeout, store.listed_is_dir(&path)).await })
+            .ok()
+            .flatten()
+    }
+}
