@@ -75,16 +75,12 @@ fn cold_starts_never_lose_or_shorten_sendfile_output() {
     let program = sendfile_program(&tmp.path);
 
     let server = Server::start(cache);
-    let cfg = tmp.join("cfg.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "substituters = [\"{}\"]\ntrusted_public_keys = [\"{}\"]\nhost_store = \"\"\n[store]\nmax_size = \"1\"\n[fuse]\nfetch_timeout = 60.0\n",
-            server.url(),
-            nix.public_key
-        ),
-    )
-    .unwrap();
+    let cfg = common::cache_config(
+        &tmp.path,
+        &server.url(),
+        &nix.public_key,
+        "[store]\nmax_size = \"1\"\n[fuse]\nfetch_timeout = 60.0\n",
+    );
     let sock = tmp.join("nix.sock");
     let root = tmp.join("root");
     let daemon = Daemon::start_with(&root, &sock, &["--config", cfg.to_str().unwrap()], &[]);

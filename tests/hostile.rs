@@ -418,16 +418,7 @@ fn a_store_path_that_is_a_symlink_to_root_never_shows_the_host() {
         br#"{"version":1,"root":{"type":"directory","entries":{}}}"#.to_vec(),
         &[],
     );
-    let cfg = tmp.join("cfg.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "substituters = [\"{}\"]\ntrusted_public_keys = [\"{}\"]\nhost_store = \"\"\n",
-            server.url(),
-            f.nix.public_key
-        ),
-    )
-    .unwrap();
+    let cfg = common::cache_config(&tmp.path, &server.url(), &f.nix.public_key, "");
     let sock = tmp.join("nix.sock");
     let root = tmp.join("root");
     let daemon = Daemon::start_with(&root, &sock, &["--config", cfg.to_str().unwrap()], &[]);

@@ -91,16 +91,7 @@ fn build_image_nix_builds_a_runnable_image() {
     nix.publish(&cache, "zstd", &paths);
 
     let server = Server::start(cache);
-    let cfg = tmp.join("nix-snapshotter.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "substituters = [\"{}\"]\ntrusted_public_keys = [\"{}\"]\nhost_store = \"\"\n",
-            server.url(),
-            nix.public_key
-        ),
-    )
-    .unwrap();
+    let cfg = common::cache_config(&tmp.path, &server.url(), &nix.public_key, "");
     let sock = tmp.join("nix.sock");
     let daemon = Daemon::start_with(&tmp.join("root"), &sock, &["--config", cfg.to_str().unwrap()], &[]);
     let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);

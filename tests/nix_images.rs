@@ -95,16 +95,7 @@ fn fixture() -> &'static Fixture {
 }
 
 fn config(dir: &Path, server: &Server, key: &str, extra: &str) -> std::path::PathBuf {
-    let cfg = dir.join("nix-snapshotter.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "substituters = [\"{}\"]\ntrusted_public_keys = [\"{key}\"]\nhost_store = \"\"\n{extra}",
-            server.url()
-        ),
-    )
-    .unwrap();
-    cfg
+    common::cache_config(dir, &server.url(), key, extra)
 }
 
 /// Our daemon (root `<tmp>/root`, substituter `server`, extra config) and a

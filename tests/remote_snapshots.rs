@@ -160,16 +160,7 @@ fn stack_from(name: &str, bin: Option<&Path>) -> Stack {
     let tmp = TempRoot::new(name);
     let cache = Server::start(f.cache.clone());
     let registry = Server::start(tmp.join("no-files"));
-    let cfg = tmp.join("nix-snapshotter.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "substituters = [\"{}\"]\ntrusted_public_keys = [\"{}\"]\nhost_store = \"\"\n",
-            cache.url(),
-            f.nix.public_key
-        ),
-    )
-    .unwrap();
+    let cfg = common::cache_config(&tmp.path, &cache.url(), &f.nix.public_key, "");
     let sock = tmp.join("nix.sock");
     let root = tmp.join("root");
     let daemon = Daemon::start_with(&root, &sock, &["--config", cfg.to_str().unwrap()], &[]);

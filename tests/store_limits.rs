@@ -77,16 +77,7 @@ fn stack(name: &str, extra: &[String], config: &str) -> Stack {
     let cache = tmp.join("cache");
     nix.publish(&cache, "none", &outs);
     let server = Server::start(cache);
-    let cfg = tmp.join("cfg.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "substituters = [\"{}\"]\ntrusted_public_keys = [\"{}\"]\nhost_store = \"\"\n{config}",
-            server.url(),
-            nix.public_key
-        ),
-    )
-    .unwrap();
+    let cfg = common::cache_config(&tmp.path, &server.url(), &nix.public_key, config);
     let sock = tmp.join("nix.sock");
     let daemon = Daemon::start_with(&tmp.join("root"), &sock, &["--config", cfg.to_str().unwrap()], &[]);
     let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);

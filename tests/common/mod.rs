@@ -459,3 +459,16 @@ pub fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+/// Writes a daemon config at `dir/nix-snapshotter.toml` that takes store
+/// paths from the cache at `url`, signed by `key`, with no host store, plus
+/// `extra` TOML; returns its path.
+pub fn cache_config(dir: &Path, url: &str, key: &str, extra: &str) -> PathBuf {
+    let cfg = dir.join("nix-snapshotter.toml");
+    std::fs::write(
+        &cfg,
+        format!("substituters = [\"{url}\"]\ntrusted_public_keys = [\"{key}\"]\nhost_store = \"\"\n{extra}"),
+    )
+    .unwrap();
+    cfg
+}
