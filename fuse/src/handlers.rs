@@ -45,10 +45,20 @@ fn open_file(state: &State, ino: INodeNo, sn: &crate::inodes::StoreNode, reply: 
     if backing.is_none() && state.passthrough.load(Ordering::Relaxed) {
         match state.files.backing_or(ino.0, || reply.open_backing(file.as_ref())) {
             Ok(id) => backing = Some(id),
-            Err(e) => {
+            // The kernel says no (rootless, or no support): serve reads
+            // ourselves from now on.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EPERM | libc::EOPNOTSUPP | libc::EINVAL | libc::ENOTTY | libc::ENOSYS)
+                ) =>
+            {
                 tracing::info!(error = %e, "FUSE passthrough refused; serving reads ourselves");
                 state.passthrough.store(false, Ordering::Relaxed);
             }
+            // A passing shortage (EMFILE, ENOMEM): fail this open, and keep
+            // passthrough; serving it cached would mix modes on the inode.
+            Err(e) => return reply.error(Errno::from(e)),
         }
     }
     let fh = state.files.opened(ino.0, (file, backing.clone()));
