@@ -357,19 +357,26 @@ struct NixFixture {
     cache: PathBuf,
     tool: String,
     evil: String,
+    /// A closure-info path listing tool and evil (`store-paths`).
+    info: String,
     closure: Vec<(String, bool)>,
 }
 
 fn nix_fixture(dir: TempRoot) -> NixFixture {
     let nix = NixStore::new(&dir.join("nix"), "hostile-1");
     let expr = format!(
-        "rec {{ tool = {}; evil = {}; top = {}; }}",
+        "rec {{ tool = {}; evil = {}; info = {}; top = {}; }}",
         derivation("tool", "b mkdir -p $out/bin; b cp /bin/busybox $out/bin/busybox", &[]),
         derivation("evil", "b ln -s / $out", &[]),
         derivation(
+            "closure-info",
+            "b mkdir $out; b echo ${tool} > $out/store-paths; b echo ${evil} >> $out/store-paths",
+            &["tool", "evil"]
+        ),
+        derivation(
             "top",
             "b mkdir $out; for r in $deps; do b echo $r >> $out/refs; done",
-            &["tool", "evil"]
+            &["tool", "evil", "info"]
         ),
     );
     let outs = nix.build(&expr);
@@ -387,6 +394,7 @@ fn nix_fixture(dir: TempRoot) -> NixFixture {
         _dir: dir,
         tool: find("-tool"),
         evil: find("-evil"),
+        info: find("-closure-info"),
         nix,
         cache,
         closure,
@@ -476,6 +484,79 @@ fn a_store_path_that_is_a_symlink_to_root_never_shows_the_host() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let _ = ctrd.ctr(&["containers", "rm", &holder]);
+    drop(ctrd);
+    drop(daemon);
+}
+
+#[test]
+fn a_lying_listing_never_decides_what_a_store_path_is() {
+    let f = nix_fixture(TempRoot::new("evills"));
+    let tmp = TempRoot::new("evills");
+    let secret_name = unique("nst-secret");
+    let secret = Path::new("/etc").join(&secret_name);
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    std::fs::write(&secret, b"HOST SECRET\n").unwrap();
+    let _remove = Remove(secret.clone());
+    let server = Server::start(f.cache.clone());
+    // The image's labels name the closure (no mountpoint types reach the
+    // view), so the unsigned `.ls` is what is asked; it says directory.
+    let evil = StorePath::parse(&f.evil).unwrap();
+    let ls = format!("/{}.ls", evil.hash_part());
+    server.route(
+        &ls,
+        "application/json",
+        br#"{"version":1,"root":{"type":"directory","entries":{"etc":{"type":"directory"}}}}"#.to_vec(),
+        &[],
+    );
+    let cfg = common::cache_config(&tmp.path, &server.url(), &f.nix.public_key, "");
+    let sock = tmp.join("nix.sock");
+    let daemon = Daemon::start_with(&tmp.join("root"), &sock, &["--config", cfg.to_str().unwrap()], &[]);
+    let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
+
+    let bb = format!("{}/bin/busybox", f.tool);
+    let script = format!(
+        "ls -ld {evil} 2>&1; cat {evil}/etc/{secret_name} 2>&1; ls -ld {evil} 2>&1",
+        evil = f.evil
+    );
+    let annotations = BTreeMap::from([(nix_snapshotter::nixlayer::LABEL_CLOSURE.to_string(), f.info.clone())]);
+    let layer = Layer::from_tar(&lib::layer_tar(&nix_layer(&f.closure, &[])), annotations);
+    let name = "docker.io/library/evil-listing:latest";
+    let file = tmp.join("evil-listing.tar");
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": { "Cmd": [bb, "sh", "-c", script] },
+    });
+    lib::write_archive(&file, Some(name), config, &[layer]).unwrap();
+    let out = image_load(&ctrd, &ctrd.namespace, &file);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let run = ctrd.ctr(&["run", "--rm", "--snapshotter", "nix", name, &unique("c")]);
+    let out = text(&run.stdout);
+    assert!(!out.contains("HOST SECRET"), "the container read a host file: {out}");
+    assert!(
+        server.count(".ls") >= 1,
+        "the listing was never asked: {:?}",
+        server.log()
+    );
+    // The verified store path overruled the listing.
+    assert!(
+        daemon.log_text().contains("a hint said this store path is a directory"),
+        "{out}\n{}",
+        daemon.log_text()
+    );
+    let run = ctrd.ctr(&["run", "--rm", "--snapshotter", "nix", name, &unique("c")]);
+    let out = text(&run.stdout);
+    assert!(!out.contains("HOST SECRET"), "the container read a host file: {out}");
+    assert!(
+        out.contains(&format!("{} -> /", f.evil)),
+        "{out}\n{}",
+        daemon.log_text()
+    );
     drop(ctrd);
     drop(daemon);
 }
