@@ -25,6 +25,14 @@ pub fn disk_usage(root: &Path) -> Result<Usage> {
 
     let io = |what: &'static str, p: &Path| Error::io(what, p.to_path_buf());
     let open_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let root_st = rustix::fs::lstat(root).map_err(|e| io("cannot stat", root)(e.into()))?;
+    if Kind::of(&root_st) != Kind::Dir {
+        // A file or symlink store path.
+        return Ok(Usage {
+            size: root_st.st_blocks * 512,
+            inodes: 1,
+        });
+    }
     let mut seen = HashSet::new();
     let mut usage = Usage::default();
     let mut count = |st: &rustix::fs::Stat| {

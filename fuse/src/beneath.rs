@@ -137,8 +137,12 @@ pub fn entries(dir: impl AsFd) -> io::Result<Vec<(OsString, Kind)>> {
             rustix::fs::FileType::Symlink => Kind::Symlink,
             // Filesystems that give no type in listings: ask (never following).
             rustix::fs::FileType::Unknown => {
-                let st = rustix::fs::statat(d.fd()?, e.file_name(), AtFlags::SYMLINK_NOFOLLOW)?;
-                Kind::of(&st)
+                match rustix::fs::statat(d.fd()?, e.file_name(), AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(st) => Kind::of(&st),
+                    // Gone since the listing was read.
+                    Err(rustix::io::Errno::NOENT) => continue,
+                    Err(e) => return Err(e.into()),
+                }
             }
             _ => Kind::Other,
         };

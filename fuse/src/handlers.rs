@@ -45,20 +45,18 @@ fn open_file(state: &State, ino: INodeNo, sn: &crate::inodes::StoreNode, reply: 
     if backing.is_none() && state.passthrough.load(Ordering::Relaxed) {
         match state.files.backing_or(ino.0, || reply.open_backing(file.as_ref())) {
             Ok(id) => backing = Some(id),
-            // The kernel says no (rootless, or no support): serve reads
+            // A passing shortage: fail this open and keep passthrough
+            // (serving it cached would mix modes on the inode).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)) => {
+                return reply.error(Errno::from(e))
+            }
+            // Anything else is the kernel saying no (rootless, no support,
+            // a store on a filesystem stacked too deep): serve reads
             // ourselves from now on.
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EPERM | libc::EOPNOTSUPP | libc::EINVAL | libc::ENOTTY | libc::ENOSYS)
-                ) =>
-            {
+            Err(e) => {
                 tracing::info!(error = %e, "FUSE passthrough refused; serving reads ourselves");
                 state.passthrough.store(false, Ordering::Relaxed);
             }
-            // A passing shortage (EMFILE, ENOMEM): fail this open, and keep
-            // passthrough; serving it cached would mix modes on the inode.
-            Err(e) => return reply.error(Errno::from(e)),
         }
     }
     let fh = state.files.opened(ino.0, (file, backing.clone()));
@@ -113,8 +111,15 @@ impl Filesystem for FsImpl {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        let mut inodes = self.state.inodes.write().unwrap_or_else(|e| e.into_inner());
-        inodes.forget(ino.0, nlookup);
+        let gone = {
+            let mut inodes = self.state.inodes.write().unwrap_or_else(|e| e.into_inner());
+            inodes.forget(ino.0, nlookup)
+        };
+        // Its number is never given again: the file kept open for it would
+        // only hold a descriptor (and the space of an evicted path).
+        if gone {
+            self.state.files.forget(ino.0);
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -219,40 +224,44 @@ impl Filesystem for FsImpl {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        // The listing is taken once here, and readdir serves offsets from it
-        // (reading the directory again for every chunk would make a large
-        // one quadratic). For a store path this fetches it once, up front,
-        // and checks a hinted one.
+        match self.state.node(ino) {
+            // Resolving here makes an `ls` of a store path fetch it once, up
+            // front (and checks a hinted one).
+            Some(Node::Store(sn)) => {
+                let node = Node::Store(sn.clone());
+                let wait = self.state.may_wait(&node, Some(OsStr::new("")));
+                self.state
+                    .answer(wait, self.max_waiting, move |state| match state.open_dir(&sn) {
+                        Ok(()) => reply.opened(
+                            FileHandle(state.open_listing()),
+                            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+                        ),
+                        Err(e) => reply.error(e),
+                    });
+            }
+            Some(_) => reply.opened(FileHandle(self.state.open_listing()), FopenFlags::empty()),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
         let Some(node) = self.state.node(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        let store = matches!(node, Node::Store(_));
-        let wait = store && self.state.may_wait(&node, Some(OsStr::new("")));
-        self.state
-            .answer(wait, self.max_waiting, move |state| match state.entries(ino) {
-                Ok(entries) => {
-                    let fh = state.keep_listing(ino, entries);
-                    let flags = if store {
-                        FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR
-                    } else {
-                        FopenFlags::empty()
-                    };
-                    reply.opened(FileHandle(fh), flags)
+        let wait = matches!(node, Node::Store(_)) && self.state.may_wait(&node, Some(OsStr::new("")));
+        self.state.answer(wait, self.max_waiting, move |state| {
+            let mut reply = reply;
+            let entries = match state.listing(fh.0, ino) {
+                Ok(e) => e,
+                Err(e) => return reply.error(e),
+            };
+            for (i, (name, child, kind)) in entries.iter().enumerate().skip(offset as usize) {
+                if reply.add(INodeNo(*child), (i + 1) as u64, *kind, name) {
+                    break;
                 }
-                Err(e) => reply.error(e),
-            });
-    }
-
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let Some(entries) = self.state.listing(fh.0) else {
-            return reply.error(Errno::EBADF);
-        };
-        for (i, (name, child, kind)) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(*child), (i + 1) as u64, *kind, name) {
-                break;
             }
-        }
-        reply.ok();
+            reply.ok();
+        });
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {

@@ -120,19 +120,21 @@ impl Inodes {
         !gone.is_empty()
     }
 
-    /// The kernel dropped `n` of its lookups of `ino`.
-    pub fn forget(&mut self, ino: u64, n: u64) {
+    /// The kernel dropped `n` of its lookups of `ino`; returns whether the
+    /// node went with them.
+    pub fn forget(&mut self, ino: u64, n: u64) -> bool {
         let Some(count) = self.lookups.get_mut(&ino) else {
-            return;
+            return false;
         };
         *count = count.saturating_sub(n);
         if *count > 0 {
-            return;
+            return false;
         }
         self.lookups.remove(&ino);
         if let Some(Node::Store(sn)) = self.nodes.remove(&ino) {
             self.store.remove(&(sn.view, sn.base, sn.rel));
         }
+        true
     }
 
     pub fn find_store(&self, node: &StoreNode) -> Option<u64> {

@@ -30,8 +30,9 @@ pub(crate) struct State {
     pub notifier: OnceLock<fuser::Notifier>,
     /// Requests being answered off the worker threads (they wait for a fetch).
     pub waiting: AtomicUsize,
-    /// Directory listings taken at opendir, by handle, until releasedir.
-    pub listings: std::sync::Mutex<std::collections::HashMap<u64, Arc<Vec<Listed>>>>,
+    /// Directory listings by handle: taken on the handle's first readdir
+    /// (the kernel serves repeats from its cache), dropped at releasedir.
+    pub listings: std::sync::Mutex<std::collections::HashMap<u64, Option<Arc<Vec<Listed>>>>>,
     pub next_dir_fh: AtomicU64,
 }
 
@@ -309,29 +310,48 @@ impl State {
         }
     }
 
-    /// Keeps the listing of directory `ino` (with `.` and `..`) for a new
-    /// handle, returned.
-    pub fn keep_listing(&self, ino: INodeNo, entries: Vec<Listed>) -> u64 {
-        let mut all = vec![
-            (OsString::from("."), ino.0, FileType::Directory),
-            (OsString::from(".."), ino.0, FileType::Directory),
-        ];
-        all.extend(entries);
+    /// A handle for reading directory `ino`.
+    pub fn open_listing(&self) -> u64 {
         let fh = self.next_dir_fh.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut l) = self.listings.lock() {
-            l.insert(fh, Arc::new(all));
+            l.insert(fh, None);
         }
         fh
     }
 
-    pub fn listing(&self, fh: u64) -> Option<Arc<Vec<Listed>>> {
-        self.listings.lock().ok()?.get(&fh).cloned()
+    /// The listing of directory `ino` (with `.` and `..`) for handle `fh`,
+    /// taken on first use: readdir then serves every offset from it
+    /// (reading the directory again for each chunk would be quadratic).
+    pub fn listing(&self, fh: u64, ino: INodeNo) -> Result<Arc<Vec<Listed>>, Errno> {
+        if let Some(Some(l)) = self.listings.lock().map_err(|_| Errno::EIO)?.get(&fh) {
+            return Ok(l.clone());
+        }
+        let mut all = vec![
+            (OsString::from("."), ino.0, FileType::Directory),
+            (OsString::from(".."), ino.0, FileType::Directory),
+        ];
+        all.extend(self.entries(ino)?);
+        let all = Arc::new(all);
+        if let Ok(mut l) = self.listings.lock() {
+            if let Some(slot) = l.get_mut(&fh) {
+                *slot = Some(all.clone());
+            }
+        }
+        Ok(all)
     }
 
     pub fn drop_listing(&self, fh: u64) {
         if let Ok(mut l) = self.listings.lock() {
             l.remove(&fh);
         }
+    }
+
+    /// Fetches a store path before it is listed, and checks a hinted one.
+    pub fn open_dir(&self, sn: &StoreNode) -> Result<(), Errno> {
+        if sn.hinted && sn.rel.as_os_str().is_empty() {
+            return self.check_hinted(&sn.base);
+        }
+        self.at(&sn.base, &sn.rel, |d, p| beneath::open_dir(d, p).map(drop))
     }
 
     /// Directory entries (name, inode, type), without "." and "..".

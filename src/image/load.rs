@@ -373,7 +373,9 @@ async fn write_blob(
             });
         })
     };
-    let result = send_blob(c, tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+    // On an error the call is over and the reader stops at its next send:
+    // it is not waited for.
+    send_blob(c, tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
     let _ = reader.await;
     if let Some(e) = read_error.lock().ok().and_then(|mut s| s.take()) {
         return Err(LoadError::Archive {
@@ -381,7 +383,7 @@ async fn write_blob(
             msg: format!("reading the blob: {e}"),
         });
     }
-    result
+    Ok(())
 }
 
 /// Streams write requests to the content store until containerd commits.

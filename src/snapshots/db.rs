@@ -298,6 +298,7 @@ impl MetaStore {
                 Some(v) => decode(v.value())?,
                 None => return Err(Error::NotFound(format!("snapshot {name:?} does not exist"))),
             };
+            let before = rec.labels.clone();
             if paths.is_empty() {
                 rec.labels = labels.clone();
             }
@@ -317,6 +318,15 @@ impl MetaStore {
             }
             // containerd stores no empty label values: setting "" deletes.
             rec.labels.retain(|_, v| !v.is_empty());
+            // A snapshot we made from its labels vouches for exactly those:
+            // once a client changes what determines it (or which chain it
+            // stands for), it is just a client's snapshot.
+            if rec.remote
+                && (crate::nixlayer::content_labels(&before) != crate::nixlayer::content_labels(&rec.labels)
+                    || before.get(LABEL_SNAPSHOT_REF) != rec.labels.get(LABEL_SNAPSHOT_REF))
+            {
+                rec.remote = false;
+            }
             rec.updated = SystemTime::now();
             snaps.insert(name, encode(&rec)?.as_slice())?;
             rec.info(name)
@@ -428,4 +438,49 @@ fn encode(rec: &Record) -> Result<Vec<u8>> {
 
 fn decode(bytes: &[u8]) -> Result<Record> {
     Ok(serde_json::from_slice(bytes)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_label_update_that_changes_what_a_made_layer_is_drops_its_provenance() {
+        let t = tempfile::tempdir().unwrap();
+        let db = MetaStore::open(crate::db::open(&t.path().join("m.redb")).unwrap()).unwrap();
+        let labels = BTreeMap::from([
+            (LABEL_SNAPSHOT_REF.to_string(), "sha256:x".to_string()),
+            (crate::nixlayer::LABEL_CLOSURE.to_string(), "/nix/store/x".to_string()),
+            (crate::nixlayer::LABEL_COPY_TO_ROOT.to_string(), "[]".to_string()),
+        ]);
+        let new = |labels: &BTreeMap<String, String>| NewRecord {
+            kind: Kind::Committed,
+            labels: labels.clone(),
+            usage: Usage::default(),
+            nix: None,
+            remote: true,
+        };
+        db.create(new(&labels), "a/1/made", "", |_, _| Ok(())).unwrap();
+        let remote = |db: &MetaStore, key: &str| {
+            let mut r = None;
+            db.walk(|k, rec| {
+                if k == key {
+                    r = Some(rec.remote);
+                }
+                Ok(())
+            })
+            .unwrap();
+            r.unwrap()
+        };
+        // An unrelated label: still ours.
+        let extra = BTreeMap::from([("note".to_string(), "x".to_string())]);
+        db.update_labels("a/1/made", &extra, &["labels.note".to_string()])
+            .unwrap();
+        assert!(remote(&db, "a/1/made"));
+        // Another closure, by a client's word: no longer ours to share.
+        let other = BTreeMap::from([(crate::nixlayer::LABEL_CLOSURE.to_string(), "/nix/store/y".to_string())]);
+        let path = format!("labels.{}", crate::nixlayer::LABEL_CLOSURE);
+        db.update_labels("a/1/made", &other, &[path]).unwrap();
+        assert!(!remote(&db, "a/1/made"));
+    }
 }

@@ -755,7 +755,8 @@ fn decode_listing(bytes: &[u8]) -> Result<bool, crate::nixfmt::listing::ListingE
     }
     // Decompressed as it is parsed: nothing but the parser's state is held.
     let brotli = brotli_decompressor::Decompressor::new(bytes, 4096).take(MAX_LISTING);
-    root_is_dir(brotli).map_err(|e| ListingError(format!("neither JSON nor brotli JSON: {e}")))
+    root_is_dir(std::io::BufReader::with_capacity(64 << 10, brotli))
+        .map_err(|e| ListingError(format!("neither JSON nor brotli JSON: {e}")))
 }
 
 #[cfg(test)]
