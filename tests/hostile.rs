@@ -401,36 +401,54 @@ fn nix_fixture(dir: TempRoot) -> NixFixture {
     }
 }
 
-#[test]
-fn a_store_path_that_is_a_symlink_to_root_never_shows_the_host() {
-    let f = nix_fixture(TempRoot::new("evilnix"));
-    let tmp = TempRoot::new("evil");
-    // A host file the container must never read.
-    let secret_name = unique("nst-secret");
-    let secret = Path::new("/etc").join(&secret_name);
-    struct Remove(PathBuf);
-    impl Drop for Remove {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-    std::fs::write(&secret, b"HOST SECRET\n").unwrap();
-    let _remove = Remove(secret.clone());
+/// A host file no container may read (`/etc/<name>`), removed on drop.
+struct Secret {
+    name: String,
+    path: PathBuf,
+}
 
+impl Secret {
+    fn new() -> Secret {
+        let name = unique("nst-secret");
+        let path = Path::new("/etc").join(&name);
+        std::fs::write(&path, b"HOST SECRET\n").unwrap();
+        Secret { name, path }
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The evil store path's cache (whose unsigned `.ls` for it says
+/// `listing`), our daemon on it, and a private containerd.
+fn evil_stack(f: &NixFixture, tmp: &TempRoot, listing: &[u8]) -> (Server, Daemon, Containerd) {
     let server = Server::start(f.cache.clone());
-    // The unsigned `.ls` listing lies too: it says directory.
     let evil = StorePath::parse(&f.evil).unwrap();
     server.route(
         &format!("/{}.ls", evil.hash_part()),
         "application/json",
-        br#"{"version":1,"root":{"type":"directory","entries":{}}}"#.to_vec(),
+        listing.to_vec(),
         &[],
     );
     let cfg = common::cache_config(&tmp.path, &server.url(), &f.nix.public_key, "");
     let sock = tmp.join("nix.sock");
-    let root = tmp.join("root");
-    let daemon = Daemon::start_with(&root, &sock, &["--config", cfg.to_str().unwrap()], &[]);
+    let daemon = Daemon::start_with(&tmp.join("root"), &sock, &["--config", cfg.to_str().unwrap()], &[]);
     let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
+    (server, daemon, ctrd)
+}
+
+#[test]
+fn a_store_path_that_is_a_symlink_to_root_never_shows_the_host() {
+    let f = nix_fixture(TempRoot::new("evilnix"));
+    let tmp = TempRoot::new("evil");
+    let secret = Secret::new();
+    let secret_name = &secret.name;
+    // The unsigned `.ls` listing lies too: it says directory.
+    let (_server, daemon, ctrd) = evil_stack(&f, &tmp, br#"{"version":1,"root":{"type":"directory","entries":{}}}"#);
+    let root = tmp.join("root");
 
     let bb = format!("{}/bin/busybox", f.tool);
     let target = format!("{}/etc/{secret_name}", f.evil);
@@ -492,31 +510,15 @@ fn a_store_path_that_is_a_symlink_to_root_never_shows_the_host() {
 fn a_lying_listing_never_decides_what_a_store_path_is() {
     let f = nix_fixture(TempRoot::new("evills"));
     let tmp = TempRoot::new("evills");
-    let secret_name = unique("nst-secret");
-    let secret = Path::new("/etc").join(&secret_name);
-    struct Remove(PathBuf);
-    impl Drop for Remove {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-    std::fs::write(&secret, b"HOST SECRET\n").unwrap();
-    let _remove = Remove(secret.clone());
-    let server = Server::start(f.cache.clone());
+    let secret = Secret::new();
+    let secret_name = &secret.name;
     // The image's labels name the closure (no mountpoint types reach the
     // view), so the unsigned `.ls` is what is asked; it says directory.
-    let evil = StorePath::parse(&f.evil).unwrap();
-    let ls = format!("/{}.ls", evil.hash_part());
-    server.route(
-        &ls,
-        "application/json",
-        br#"{"version":1,"root":{"type":"directory","entries":{"etc":{"type":"directory"}}}}"#.to_vec(),
-        &[],
+    let (server, daemon, ctrd) = evil_stack(
+        &f,
+        &tmp,
+        br#"{"version":1,"root":{"type":"directory","entries":{"etc":{"type":"directory"}}}}"#,
     );
-    let cfg = common::cache_config(&tmp.path, &server.url(), &f.nix.public_key, "");
-    let sock = tmp.join("nix.sock");
-    let daemon = Daemon::start_with(&tmp.join("root"), &sock, &["--config", cfg.to_str().unwrap()], &[]);
-    let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
 
     let bb = format!("{}/bin/busybox", f.tool);
     let script = format!(
