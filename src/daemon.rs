@@ -164,8 +164,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             match crate::store::open_from_config(&cfg, db).await {
                 Ok(store) => {
                     let _ = slot.set(store);
-                    // Views made before the store opened: their paths stay.
-                    sn.pin_views();
+                    sn.store_opened();
                 }
                 Err(e) => tracing::error!(error = %e, "cannot open the local store; Nix layers will fail"),
             }

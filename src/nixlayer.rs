@@ -153,12 +153,7 @@ mod tests {
         std::fs::write(store.join(a).join("bin/x"), b"x").unwrap();
         std::fs::create_dir_all(store.join(b).join("etc")).unwrap();
         std::os::unix::fs::symlink("/", store.join(b).join("bin")).unwrap();
-        let fd = rustix::fs::open(
-            store,
-            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY,
-            rustix::fs::Mode::empty(),
-        )
-        .unwrap();
+        let fd = beneath::root(store).unwrap();
         use std::os::fd::AsFd;
         let mut links = BTreeMap::new();
         add_root_links(fd.as_fd(), a, &mut links).unwrap();

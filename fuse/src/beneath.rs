@@ -35,6 +35,17 @@ fn check(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Opens a directory named by a trusted path (our own state, the store
+/// the admin configured) as the root that untrusted paths are then
+/// resolved beneath.
+pub fn root(path: &Path) -> io::Result<OwnedFd> {
+    Ok(rustix::fs::open(
+        path,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
 /// `openat2(dir, path, flags | O_NOFOLLOW | O_CLOEXEC)` beneath `dir`.
 pub fn open(dir: BorrowedFd<'_>, path: &Path, flags: OFlags) -> io::Result<OwnedFd> {
     check(path)?;
@@ -111,7 +122,13 @@ pub enum Kind {
 
 impl Kind {
     pub fn of(st: &Stat) -> Kind {
-        match rustix::fs::FileType::from_raw_mode(st.st_mode) {
+        Kind::from(rustix::fs::FileType::from_raw_mode(st.st_mode))
+    }
+}
+
+impl From<rustix::fs::FileType> for Kind {
+    fn from(t: rustix::fs::FileType) -> Kind {
+        match t {
             rustix::fs::FileType::Directory => Kind::Dir,
             rustix::fs::FileType::RegularFile => Kind::File,
             rustix::fs::FileType::Symlink => Kind::Symlink,
@@ -132,9 +149,6 @@ pub fn entries(dir: impl AsFd) -> io::Result<Vec<(OsString, Kind)>> {
             continue;
         }
         let kind = match e.file_type() {
-            rustix::fs::FileType::Directory => Kind::Dir,
-            rustix::fs::FileType::RegularFile => Kind::File,
-            rustix::fs::FileType::Symlink => Kind::Symlink,
             // Filesystems that give no type in listings: ask (never following).
             rustix::fs::FileType::Unknown => {
                 match rustix::fs::statat(d.fd()?, e.file_name(), AtFlags::SYMLINK_NOFOLLOW) {
@@ -144,7 +158,7 @@ pub fn entries(dir: impl AsFd) -> io::Result<Vec<(OsString, Kind)>> {
                     Err(e) => return Err(e.into()),
                 }
             }
-            _ => Kind::Other,
+            t => Kind::from(t),
         };
         out.push((OsString::from_vec(name.to_vec()), kind));
     }
@@ -209,10 +223,6 @@ pub fn lstat_name(dir: BorrowedFd<'_>, name: &std::ffi::OsStr) -> io::Result<Sta
 mod tests {
     use super::*;
 
-    fn dirfd(p: &Path) -> OwnedFd {
-        rustix::fs::open(p, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).unwrap()
-    }
-
     #[test]
     fn symlinks_are_never_followed() {
         let t = tempfile::tempdir().unwrap();
@@ -221,7 +231,7 @@ mod tests {
         std::fs::write(root.join("d/f"), b"x").unwrap();
         std::os::unix::fs::symlink("/", root.join("up")).unwrap();
         std::os::unix::fs::symlink("d", root.join("rel")).unwrap();
-        let fd = dirfd(root);
+        let fd = super::root(root).unwrap();
         let fd = fd.as_fd();
         assert_eq!(read_file(fd, Path::new("d/f"), 10).unwrap(), b"x");
         // Through a symlink, absolute or relative: refused.

@@ -12,6 +12,7 @@ use fuser::{
     ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyXattr, Request,
 };
 
+use crate::files::OpenFile;
 use crate::inodes::Node;
 use crate::state::{dir_attr, Lookup, State};
 use crate::TTL;
@@ -29,8 +30,10 @@ impl FsImpl {
     }
 }
 
-fn open_file(state: &State, ino: INodeNo, sn: &crate::inodes::StoreNode, reply: ReplyOpen) {
-    let (file, mut backing) = match state.files.recent(ino.0) {
+/// Opens store file `ino`, reusing `kept` (its backing file kept open from
+/// an earlier open) when there is one.
+fn open_file(state: &State, ino: INodeNo, sn: &crate::inodes::StoreNode, kept: Option<OpenFile>, reply: ReplyOpen) {
+    let (file, mut backing) = match kept {
         Some(entry) => entry,
         None => match state.open_file(sn) {
             Ok(f) => (Arc::new(f), None),
@@ -146,22 +149,21 @@ impl Filesystem for FsImpl {
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
-        let node = self.state.node(ino);
-        let Some(Node::Store(sn)) = node.clone() else {
+        let Some(Node::Store(sn)) = self.state.node(ino) else {
             return reply.error(Errno::EISDIR);
         };
-        if self.state.files.recent(ino.0).is_some() {
+        if let Some(kept) = self.state.files.recent(ino.0) {
             // Open before: no fetch. Asking the store whether the path is
             // still there also counts as a use for eviction order; one that
             // was evicted is fetched again rather than served from a
             // deleted file (whose space eviction meant to free).
             if self.state.resolver.local(&sn.base).is_some() {
-                return open_file(&self.state, ino, &sn, reply);
+                return open_file(&self.state, ino, &sn, Some(kept), reply);
             }
             self.state.files.forget(ino.0);
         }
         self.answer(&Node::Store(sn.clone()), None, move |state| {
-            open_file(state, ino, &sn, reply)
+            open_file(state, ino, &sn, None, reply)
         });
     }
 

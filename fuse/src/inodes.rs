@@ -58,6 +58,12 @@ impl View {
 /// Key of a store node: (view for directories, store path, relative path).
 type StoreKey = (Option<Arc<str>>, Arc<str>, PathBuf);
 
+impl StoreNode {
+    fn key(&self) -> StoreKey {
+        (self.view.clone(), self.base.clone(), self.rel.clone())
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct Inodes {
     pub nodes: HashMap<u64, Node>,
@@ -77,7 +83,7 @@ impl Inodes {
     /// it goes to the kernel in a lookup reply, which the kernel will
     /// forget. A verified node replaces a hinted one under the same key.
     pub fn store_ino(&mut self, next: &AtomicU64, node: &StoreNode, looked_up: bool) -> u64 {
-        let key = (node.view.clone(), node.base.clone(), node.rel.clone());
+        let key = node.key();
         let ino = match self.store.get(&key) {
             Some(ino) => {
                 if !node.hinted {
@@ -112,12 +118,17 @@ impl Inodes {
             .map(|(ino, _)| *ino)
             .collect();
         for ino in &gone {
-            if let Some(Node::Store(sn)) = self.nodes.remove(ino) {
-                self.store.remove(&(sn.view, sn.base, sn.rel));
-            }
-            self.lookups.remove(ino);
+            self.remove_store_node(*ino);
         }
         !gone.is_empty()
+    }
+
+    /// Forgets store node `ino`: the node, its key and its lookup count.
+    fn remove_store_node(&mut self, ino: u64) {
+        if let Some(Node::Store(sn)) = self.nodes.remove(&ino) {
+            self.store.remove(&sn.key());
+        }
+        self.lookups.remove(&ino);
     }
 
     /// The kernel dropped `n` of its lookups of `ino`; returns whether the
@@ -130,17 +141,12 @@ impl Inodes {
         if *count > 0 {
             return false;
         }
-        self.lookups.remove(&ino);
-        if let Some(Node::Store(sn)) = self.nodes.remove(&ino) {
-            self.store.remove(&(sn.view, sn.base, sn.rel));
-        }
+        self.remove_store_node(ino);
         true
     }
 
     pub fn find_store(&self, node: &StoreNode) -> Option<u64> {
-        self.store
-            .get(&(node.view.clone(), node.base.clone(), node.rel.clone()))
-            .copied()
+        self.store.get(&node.key()).copied()
     }
 
     /// Adds view `name` unless present; returns whether it was added.

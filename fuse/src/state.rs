@@ -39,10 +39,10 @@ pub(crate) struct State {
 /// One entry of a listing: name, node id, type.
 pub(crate) type Listed = (OsString, u64, FileType);
 
-/// The answer to a lookup.
 /// `FUSE_UNKNOWN_INO`: what a directory listing may say for an entry.
 const UNKNOWN_INO: u64 = 0xffff_ffff;
 
+/// The answer to a lookup.
 pub(crate) enum Lookup {
     Found(FileAttr),
     /// Not there, for good (views and store paths never change): the
@@ -50,8 +50,14 @@ pub(crate) enum Lookup {
     Absent,
 }
 
-fn errno(e: io::Error) -> Errno {
-    Errno::from(e)
+/// What FUSE calls a kind of entry (anything not a directory or symlink
+/// is shown as a file; a store path holds nothing else).
+fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        _ => FileType::RegularFile,
+    }
 }
 
 pub(crate) fn dir_attr(ino: u64) -> FileAttr {
@@ -76,11 +82,7 @@ pub(crate) fn dir_attr(ino: u64) -> FileAttr {
 }
 
 fn attr_from(ino: u64, st: &Stat) -> FileAttr {
-    let kind = match Kind::of(st) {
-        Kind::Dir => FileType::Directory,
-        Kind::Symlink => FileType::Symlink,
-        _ => FileType::RegularFile,
-    };
+    let kind = file_type(Kind::of(st));
     let t = |s: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(s.max(0) as u64);
     FileAttr {
         ino: INodeNo(ino),
@@ -155,10 +157,10 @@ impl State {
                     // Evicted again: say so (EIO, never cached), not "no
                     // such file", which the kernel would remember for good.
                     Err(e) if e.kind() == io::ErrorKind::NotFound && gone(&dir) => Err(Errno::EIO),
-                    r => r.map_err(errno),
+                    r => r.map_err(Errno::from),
                 }
             }
-            r => r.map_err(errno),
+            r => r.map_err(Errno::from),
         }
     }
 
@@ -403,12 +405,7 @@ impl State {
                             view: if kind == Kind::Dir { sn.view.clone() } else { None },
                             hinted: false,
                         };
-                        let ft = match kind {
-                            Kind::Dir => FileType::Directory,
-                            Kind::Symlink => FileType::Symlink,
-                            _ => FileType::RegularFile,
-                        };
-                        (name, self.listed_ino(&node), ft)
+                        (name, self.listed_ino(&node), file_type(kind))
                     })
                     .collect())
             }

@@ -433,12 +433,7 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<(), ImageError> {
     }
     // Where the store is physically (a chroot store's root, or `/`).
     let store_dir = opts.store_root.join("nix/store");
-    let holder = rustix::fs::open(
-        &store_dir,
-        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    )
-    .map_err(|e| io_err(&store_dir)(e.into()))?;
+    let holder = beneath::root(&store_dir).map_err(io_err(&store_dir))?;
     // Each path's mountpoint type comes from the path itself: one that is
     // not here cannot be described, so it is an error, named.
     let mut closure: Vec<(String, bool)> = Vec::new();

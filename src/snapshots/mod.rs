@@ -417,9 +417,14 @@ impl Snapshotter {
         self.db.commit_active(key, name, rec.id, labels, usage, nix)
     }
 
-    /// Pins the store paths of the live FUSE views (see [`nix::NixSupport::pin`]).
-    pub fn pin_views(&self) {
+    /// Once the store is open: its evictions close the files the FUSE
+    /// store kept open for them, and the views made before it opened get
+    /// their paths pinned (see [`nix::NixSupport::pin`]).
+    pub fn store_opened(&self) {
         if let Some(n) = &self.nix {
+            if let Some(store) = n.store.get() {
+                store.on_evict(n.fs.evictor());
+            }
             // Under the lock that adds and drops views, so the set written
             // is never older than a view just added.
             if let Ok(_views) = self.views.lock() {

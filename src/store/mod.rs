@@ -13,12 +13,11 @@ mod fetch;
 pub mod gc;
 
 use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
-
-use std::os::fd::{AsFd, OwnedFd};
 
 use futures::StreamExt;
 use nix_snapshotter_fuse::beneath;
@@ -115,12 +114,12 @@ pub struct Found {
     pub cache: usize,
 }
 
-/// A fetch under way: its waiters watch for the result. The fetch itself
-/// runs as a task of its own, so a waiter that gives up (a FUSE request's
-/// time bound) stops waiting without stopping the download.
 /// Told the base name of each store path evicted.
 pub type EvictHook = Arc<dyn Fn(&str) + Send + Sync>;
 
+/// A fetch under way: its waiters watch for the result. The fetch itself
+/// runs as a task of its own, so a waiter that gives up (a FUSE request's
+/// time bound) stops waiting without stopping the download.
 type Flight = tokio::sync::watch::Receiver<Option<Result<Location, Arc<StoreError>>>>;
 
 pub struct Store {
@@ -198,15 +197,12 @@ impl Store {
             tracing::info!(path = %gone, "forgetting store path whose directory is gone");
             db.remove(gone)?;
         }
-        let open_dir = |p: &Path| -> std::io::Result<Arc<OwnedFd>> {
-            Ok(Arc::new(rustix::fs::open(
-                p,
-                rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
-                rustix::fs::Mode::empty(),
-            )?))
-        };
-        let dir_fd = open_dir(&opts.dir).map_err(|e| local_err(&opts.dir, e))?;
-        let host_fd = opts.host_store.as_deref().and_then(|h| open_dir(h).ok());
+        let dir_fd = Arc::new(beneath::root(&opts.dir).map_err(|e| local_err(&opts.dir, e))?);
+        let host_fd = opts
+            .host_store
+            .as_deref()
+            .and_then(|h| beneath::root(h).ok())
+            .map(Arc::new);
         Ok(Store {
             dir_fd,
             host_fd,

@@ -17,12 +17,7 @@ use nix_snapshotter_fuse::beneath;
 /// Everything is made beneath `fs_dir`'s fd: a symlink the map holds is
 /// never followed, so nothing lands outside, whatever the map says.
 pub fn materialize(fs_dir: &Path, links: &BTreeMap<String, RootLink>) -> Result<()> {
-    let root = rustix::fs::open(
-        fs_dir,
-        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    )
-    .map_err(|e| Error::io("cannot open", fs_dir)(e.into()))?;
+    let root = beneath::root(fs_dir).map_err(Error::io("cannot open", fs_dir))?;
     // Sorted, so every directory comes before what it holds.
     for (rel, link) in links {
         let path = Path::new(rel);
@@ -41,12 +36,7 @@ pub fn materialize(fs_dir: &Path, links: &BTreeMap<String, RootLink>) -> Result<
 pub fn mountpoints(upper: &Path) -> Option<Vec<NixPath>> {
     // The layer is untrusted: read it beneath its directory, never through
     // a symlink (a `nix -> /` must not make us list the host).
-    let root = rustix::fs::open(
-        upper,
-        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    )
-    .ok()?;
+    let root = beneath::root(upper).ok()?;
     let root = root.as_fd();
     let list = |p: &str| beneath::entries(beneath::open_dir(root, Path::new(p)).ok()?).ok();
     // `nix/` must hold nothing but `store/`.

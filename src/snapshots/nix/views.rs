@@ -50,11 +50,9 @@ impl NixSupport {
     }
 
     /// Keeps every store path a live view shows from eviction: a running
-    /// container may read any of them at any time. (Also connects the
-    /// store's evictions to the filesystem's open files.)
+    /// container may read any of them at any time.
     pub fn pin(&self) {
         if let Some(store) = self.store.get() {
-            store.on_evict(self.fs.evictor());
             let shown = self.fs.shown();
             store.set_pinned(shown.iter().filter_map(|b| StorePath::from_base_name(b).ok()).collect());
         }
