@@ -43,10 +43,7 @@ fn sendfile_program(dir: &Path) -> Vec<u8> {
 
 #[test]
 fn cold_starts_never_lose_or_shorten_sendfile_output() {
-    let starts: usize = std::env::var("NST_STRESS_STARTS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(48);
+    let starts: usize = common::env_or("NST_STRESS_STARTS", 48);
     let tmp = TempRoot::new("stress");
     let nix = NixStore::new(&tmp.join("nix"), "stress-1");
     let mut attrs = Vec::new();

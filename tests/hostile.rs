@@ -130,27 +130,14 @@ fn archive(out: &Path, name: &str, victim: &Path, attack: &[Raw], lie_about_diff
     layers.iter().map(|l| l.diff_id.clone()).collect()
 }
 
-fn image_load(ctrd: &Containerd, ns: &str, archive: &Path) -> std::process::Output {
-    Command::new(common::DAEMON)
-        .args(["image", "load", "--address"])
-        .arg(&ctrd.address)
-        .args(["--namespace", ns])
-        .arg(archive)
-        .output()
-        .unwrap()
-}
-
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
 #[test]
 fn layers_aiming_through_symlinks_at_host_directories_never_touch_the_host() {
-    let tmp = TempRoot::new("hostile");
+    let (tmp, daemon, ctrd) = common::plain_stack("hostile");
     let victim = Victim::new();
-    let sock = tmp.join("nix.sock");
-    let daemon = Daemon::start(&tmp.join("root"), &sock);
-    let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
 
     let attacks: Vec<(&str, Vec<Raw>)> = vec![
         ("whiteout", vec![Raw::File("x/.wh.keep", b"")]),
@@ -180,7 +167,7 @@ fn layers_aiming_through_symlinks_at_host_directories_never_touch_the_host() {
 
         // Our loader: containerd's own applier, inside the snapshot's mounts.
         let ns = format!("{}-load{i}", ctrd.namespace);
-        let out = image_load(&ctrd, &ns, &file);
+        let out = ctrd.image_load(&ns, &file);
         victim.assert_untouched(&format!("image load: {what}"));
         if !out.status.success() {
             let err = text(&out.stderr);
@@ -209,11 +196,8 @@ fn layers_aiming_through_symlinks_at_host_directories_never_touch_the_host() {
 
 #[test]
 fn a_layer_that_is_not_its_diff_id_is_refused_and_nothing_is_committed() {
-    let tmp = TempRoot::new("diffid");
+    let (tmp, daemon, ctrd) = common::plain_stack("diffid");
     let victim = Victim::new();
-    let sock = tmp.join("nix.sock");
-    let daemon = Daemon::start(&tmp.join("root"), &sock);
-    let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
     let file = tmp.join("lying.tar");
     let diff_ids = archive(
         &file,
@@ -222,7 +206,7 @@ fn a_layer_that_is_not_its_diff_id_is_refused_and_nothing_is_committed() {
         &[Raw::File("planted", b"x\n")],
         true,
     );
-    let out = image_load(&ctrd, &ctrd.namespace, &file);
+    let out = ctrd.image_load(&ctrd.namespace, &file);
     assert!(!out.status.success(), "a lying diff_id was accepted");
     let err = text(&out.stderr);
     assert!(err.contains("diff_id"), "the error does not say what is wrong: {err}");
@@ -240,10 +224,7 @@ fn a_layer_that_is_not_its_diff_id_is_refused_and_nothing_is_committed() {
 
 #[test]
 fn a_poisoned_chain_in_one_namespace_is_not_reused_by_another() {
-    let tmp = TempRoot::new("poison");
-    let sock = tmp.join("nix.sock");
-    let daemon = Daemon::start(&tmp.join("root"), &sock);
-    let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
+    let (tmp, daemon, ctrd) = common::plain_stack("poison");
     let file = tmp.join("honest.tar");
     let name = "docker.io/library/honest:latest";
     let layers = busybox_layers();
@@ -302,7 +283,7 @@ fn a_poisoned_chain_in_one_namespace_is_not_reused_by_another() {
 
     // Namespace B loads the honest image: its layers are its own.
     let ns_b = format!("{}-b", ctrd.namespace);
-    let out = image_load(&ctrd, &ns_b, &file);
+    let out = ctrd.image_load(&ns_b, &file);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let run = ctrd.ctr_in(&ns_b, &["run", "--rm", "--snapshotter", "nix", name, &unique("c")]);
     assert_eq!(
@@ -422,6 +403,14 @@ impl Drop for Secret {
     }
 }
 
+/// Runs image `name` once; its output, which must not hold the secret.
+fn run_without_the_secret(ctrd: &Containerd, name: &str) -> String {
+    let run = ctrd.ctr(&["run", "--rm", "--snapshotter", "nix", name, &unique("c")]);
+    let out = text(&run.stdout);
+    assert!(!out.contains("HOST SECRET"), "the container read a host file: {out}");
+    out
+}
+
 /// The evil store path's cache (whose unsigned `.ls` for it says
 /// `listing`), our daemon on it, and a private containerd.
 fn evil_stack(f: &NixFixture, tmp: &TempRoot, listing: &[u8]) -> (Server, Daemon, Containerd) {
@@ -463,14 +452,10 @@ fn a_store_path_that_is_a_symlink_to_root_never_shows_the_host() {
     ctrd.ctr_ok(&["images", "import", "--snapshotter", "nix", file.to_str().unwrap()]);
     // The first container meets the lie: errors, never the host's file.
     // (Its overlay keeps the directory it was first shown, now stale.)
-    let run = ctrd.ctr(&["run", "--rm", "--snapshotter", "nix", name, &unique("c")]);
-    let out = text(&run.stdout);
-    assert!(!out.contains("HOST SECRET"), "the container read a host file: {out}");
+    run_without_the_secret(&ctrd, name);
     // Later containers see the verified store path: the symlink it is,
     // which resolves in the container's own root.
-    let run = ctrd.ctr(&["run", "--rm", "--snapshotter", "nix", name, &unique("c")]);
-    let out = text(&run.stdout);
-    assert!(!out.contains("HOST SECRET"), "the container read a host file: {out}");
+    let out = run_without_the_secret(&ctrd, name);
     assert!(
         out.contains(&format!("{} -> /", f.evil)),
         "{out}\n{}",
@@ -535,11 +520,9 @@ fn a_lying_listing_never_decides_what_a_store_path_is() {
         "config": { "Cmd": [bb, "sh", "-c", script] },
     });
     lib::write_archive(&file, Some(name), config, &[layer]).unwrap();
-    let out = image_load(&ctrd, &ctrd.namespace, &file);
+    let out = ctrd.image_load(&ctrd.namespace, &file);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let run = ctrd.ctr(&["run", "--rm", "--snapshotter", "nix", name, &unique("c")]);
-    let out = text(&run.stdout);
-    assert!(!out.contains("HOST SECRET"), "the container read a host file: {out}");
+    let out = run_without_the_secret(&ctrd, name);
     assert!(
         server.count(".ls") >= 1,
         "the listing was never asked: {:?}",
@@ -551,9 +534,7 @@ fn a_lying_listing_never_decides_what_a_store_path_is() {
         "{out}\n{}",
         daemon.log_text()
     );
-    let run = ctrd.ctr(&["run", "--rm", "--snapshotter", "nix", name, &unique("c")]);
-    let out = text(&run.stdout);
-    assert!(!out.contains("HOST SECRET"), "the container read a host file: {out}");
+    let out = run_without_the_secret(&ctrd, name);
     assert!(
         out.contains(&format!("{} -> /", f.evil)),
         "{out}\n{}",

@@ -7,10 +7,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 
 use common::image::{busybox_layers, Entry};
-use common::{unique, Containerd, Daemon, TempRoot};
+use common::{unique, Containerd};
 use nix_snapshotter::image::{self as lib, Layer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -94,18 +93,9 @@ fn tree(ctrd: &Containerd, ns: &str, name: &str) -> String {
 
 #[test]
 fn random_layer_stacks_unpack_alike_through_image_load_and_ctr_import() {
-    let cases: u64 = std::env::var("NST_LAYER_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
-    let first: u64 = std::env::var("NST_LAYER_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
-    let tmp = TempRoot::new("layereq");
-    let sock = tmp.join("nix.sock");
-    let daemon = Daemon::start(&tmp.join("root"), &sock);
-    let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
+    let cases: u64 = common::env_or("NST_LAYER_CASES", 10);
+    let first: u64 = common::env_or("NST_LAYER_SEED", 1);
+    let (tmp, daemon, ctrd) = common::plain_stack("layereq");
     let ns_import = format!("{}-import", ctrd.namespace);
     let ns_load = format!("{}-load", ctrd.namespace);
     let mut compared = 0;
@@ -135,13 +125,7 @@ fn random_layer_stacks_unpack_alike_through_image_load_and_ctr_import() {
             &ns_import,
             &["images", "import", "--snapshotter", "nix", archive.to_str().unwrap()],
         );
-        let loaded = Command::new(common::DAEMON)
-            .args(["image", "load", "--address"])
-            .arg(&ctrd.address)
-            .args(["--namespace", &ns_load])
-            .arg(&archive)
-            .output()
-            .unwrap();
+        let loaded = ctrd.image_load(&ns_load, &archive);
         assert_eq!(
             imported.status.success(),
             loaded.status.success(),

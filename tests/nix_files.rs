@@ -106,13 +106,7 @@ fn build_image_nix_builds_a_runnable_image() {
     // The same archive through `image load`: the Nix layer now arrives with
     // its labels, so it is made from the closure-info path and copyToRoot.
     let ns = format!("{}-load", ctrd.namespace);
-    let load = Command::new(DAEMON)
-        .args(["image", "load", "--address"])
-        .arg(&ctrd.address)
-        .args(["--namespace", &ns])
-        .arg(&archive)
-        .output()
-        .unwrap();
+    let load = ctrd.image_load(&ns, &archive);
     assert!(load.status.success(), "{}", String::from_utf8_lossy(&load.stderr));
     // buildImage marks the layer (copyToRoot listed): made, not applied.
     assert!(

@@ -157,13 +157,7 @@ fn import_and_load_then_run(ctrd: &Containerd, daemon: &Daemon, archive: &Path, 
 /// `nix-snapshotter image load` of `archive` into namespace `ns` (our loader,
 /// which unpacks through containerd's API itself, instead of `ctr`).
 fn load(ctrd: &Containerd, ns: &str, archive: &Path) {
-    let out = std::process::Command::new(common::DAEMON)
-        .args(["image", "load", "--address"])
-        .arg(&ctrd.address)
-        .args(["--namespace", ns])
-        .arg(archive)
-        .output()
-        .unwrap();
+    let out = ctrd.image_load(ns, archive);
     assert!(
         out.status.success(),
         "image load {}: {}",

@@ -405,6 +405,18 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
         }
     }
 
+    /// Our `nix-snapshotter image load` of `archive` into namespace `ns`
+    /// (it unpacks through containerd's API itself, instead of `ctr`).
+    pub fn image_load(&self, ns: &str, archive: &Path) -> Output {
+        Command::new(DAEMON)
+            .args(["image", "load", "--address"])
+            .arg(&self.address)
+            .args(["--namespace", ns])
+            .arg(archive)
+            .output()
+            .unwrap()
+    }
+
     /// Runs `ctr` against this containerd in this test's namespace.
     pub fn ctr(&self, args: &[&str]) -> Output {
         self.ctr_in(&self.namespace, args)
@@ -471,4 +483,20 @@ pub fn cache_config(dir: &Path, url: &str, key: &str, extra: &str) -> PathBuf {
     )
     .unwrap();
     cfg
+}
+
+/// A fresh directory `name`, our daemon on defaults (root `<dir>/root`) and
+/// a private containerd using it as `nix`.
+pub fn plain_stack(name: &str) -> (TempRoot, Daemon, Containerd) {
+    let tmp = TempRoot::new(name);
+    let sock = tmp.join("nix.sock");
+    let daemon = Daemon::start(&tmp.join("root"), &sock);
+    let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
+    (tmp, daemon, ctrd)
+}
+
+/// The environment variable `name` parsed, or `default` when unset (a test
+/// size a script may raise).
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
