@@ -53,6 +53,10 @@ pub struct FuseConfig {
     pub threads: usize,
     /// Use FUSE passthrough for reads where the kernel allows it (root, Linux >= 6.9).
     pub passthrough: bool,
+    /// Keep the FUSE session across daemon restarts, crashes and upgrades
+    /// (systemd's file descriptor store, else a holder process), so that
+    /// running containers keep their /nix/store.
+    pub keep_session: bool,
 }
 
 impl Default for FuseConfig {
@@ -62,6 +66,7 @@ impl Default for FuseConfig {
             fetch_timeout: 60.0,
             threads: 16,
             passthrough: true,
+            keep_session: true,
         }
     }
 }

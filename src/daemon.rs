@@ -13,10 +13,11 @@ use tokio_stream::StreamExt;
 use crate::api::snapshots::snapshots_server::SnapshotsServer;
 use crate::authority::AuthorityFix;
 use crate::config::Config;
+use crate::keeper::Found;
 use crate::service::SnapshotService;
 use crate::snapshots::nix::{NixSupport, StoreResolver, StoreSlot};
 use crate::snapshots::{MountOptions, Snapshotter};
-use nix_snapshotter_fuse::{MountConfig, StoreFs};
+use nix_snapshotter_fuse::{Keeper, MountConfig, StoreFs};
 
 /// How long in-flight calls may run after a stop signal before we exit anyway.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -38,6 +39,8 @@ pub enum DaemonError {
         #[source]
         source: crate::error::Error,
     },
+    #[error("the daemon serving {} did not stop when asked to hand over", .0.display())]
+    TakeOver(PathBuf),
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -88,11 +91,13 @@ pub fn raise_nofile() -> u64 {
 }
 
 /// Opens the database and the snapshotter, and mounts the FUSE store for
-/// Nix layers (without it, Nix layers are served as ordinary layers).
+/// Nix layers (without it, Nix layers are served as ordinary layers), or
+/// resumes the one `keeper` holds.
 fn open_state(
     cfg: &Config,
     slot: StoreSlot,
     rt: tokio::runtime::Handle,
+    keeper: Option<Arc<dyn Keeper>>,
 ) -> crate::error::Result<(Snapshotter, Arc<crate::db::Database>)> {
     let db = crate::db::open_root(&cfg.root)?;
     let sn = Snapshotter::open(&cfg.root, db.clone(), MountOptions::detect())?;
@@ -101,9 +106,14 @@ fn open_state(
     }
     let timeout = Duration::from_secs_f64(cfg.fuse.fetch_timeout.max(0.001));
     let mnt = cfg.root.join("fuse");
-    // A daemon killed with -9 leaves its FUSE mount behind, answering ENOTCONN.
-    nix_snapshotter_fuse::detach_stale(&mnt);
-    std::fs::create_dir_all(&mnt).map_err(crate::error::Error::io("cannot create", &mnt))?;
+    // Not create_dir_all: it would stat a kept mount that nobody serves
+    // yet, and wait for an answer. A mount left by a daemon that died with
+    // no keeper (answering ENOTCONN) is detached when the store mounts.
+    match std::fs::create_dir(&mnt) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(crate::error::Error::io("cannot create", &mnt)(e)),
+    }
     let resolver = StoreResolver {
         store: slot.clone(),
         rt: rt.clone(),
@@ -117,18 +127,25 @@ fn open_state(
         open_files: (raise_nofile() / 2).clamp(64, 1 << 20) as usize,
         ..Default::default()
     };
-    match StoreFs::mount(&mnt, Arc::new(resolver), &mount_cfg) {
+    match StoreFs::open(&mnt, Arc::new(resolver), &mount_cfg, keeper) {
         Ok(fs) => {
-            tracing::info!(mountpoint = %mnt.display(), "lazy store mounted");
-            Ok((
-                sn.with_nix(NixSupport {
-                    fs,
-                    store: slot,
-                    rt,
-                    timeout,
-                }),
-                db,
-            ))
+            let resumed = fs.resumed();
+            let sn = sn.with_nix(NixSupport {
+                fs,
+                store: slot,
+                rt,
+                timeout,
+            });
+            if resumed {
+                // Before the first request is read: running containers'
+                // views must mean what they meant.
+                let views = sn.restore_views()?;
+                tracing::info!(mountpoint = %mnt.display(), views, "lazy store resumed: running containers kept their store");
+            } else {
+                tracing::info!(mountpoint = %mnt.display(), "lazy store mounted");
+            }
+            sn.start_store_fs()?;
+            Ok((sn, db))
         }
         Err(e) => {
             tracing::warn!(error = %e, "no FUSE: Nix layers will be served as ordinary layers");
@@ -137,14 +154,30 @@ fn open_state(
     }
 }
 
-/// Serves until SIGTERM or SIGINT, then drains and removes the socket.
-pub async fn run(cfg: Config) -> Result<(), DaemonError> {
+/// Serves until SIGTERM or SIGINT, then drains and removes the socket; the
+/// FUSE session is left to the keeper while views need it. `take_over`:
+/// first stops the daemon serving the socket (an upgrade).
+pub async fn run(cfg: Config, found: Found, take_over: bool) -> Result<(), DaemonError> {
     tracing::info!(root = %cfg.root.display(), "starting nix-snapshotter");
+    if take_over {
+        stop_predecessor(&cfg.address).await?;
+    }
+    let keeper = if cfg.fuse.keep_session {
+        match found.keeper(&cfg.root) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                tracing::warn!(error = %e, "no FUSE session keeper: running containers will not survive a restart");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let rt = tokio::runtime::Handle::current();
     let slot: StoreSlot = Arc::new(std::sync::OnceLock::new());
     let (sn, db) = {
         let (c, slot, rt) = (cfg.clone(), slot.clone(), rt.clone());
-        tokio::task::spawn_blocking(move || open_state(&c, slot, rt))
+        tokio::task::spawn_blocking(move || open_state(&c, slot, rt, keeper))
             .await
             .map_err(|e| DaemonError::State {
                 root: cfg.root.clone(),
@@ -216,9 +249,59 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     if let Err(e) = std::fs::remove_file(&cfg.address) {
         tracing::warn!(address = %cfg.address.display(), error = %e, "cannot remove socket");
     }
+    sn.stop_store_fs();
     drop(sn); // closes the database once the last call released it
     tracing::info!("stopped");
     result.map_err(DaemonError::from)
+}
+
+/// Stops the daemon answering on `address` and waits until it is gone, so
+/// that its database and FUSE session are free to take.
+async fn stop_predecessor(address: &Path) -> Result<(), DaemonError> {
+    use rustix::process::{kill_process, pidfd_open, Pid, PidfdFlags, Signal};
+    let stream = match std::os::unix::net::UnixStream::connect(address) {
+        Ok(s) => s,
+        Err(_) => {
+            tracing::info!(address = %address.display(), "no daemon to take over from; starting afresh");
+            return Ok(());
+        }
+    };
+    let cred = rustix::net::sockopt::socket_peercred(&stream).map_err(|e| DaemonError::Io {
+        what: "identify the daemon serving",
+        path: address.to_path_buf(),
+        source: e.into(),
+    })?;
+    drop(stream);
+    let pid: Pid = cred.pid;
+    let pidfd = pidfd_open(pid, PidfdFlags::empty()).map_err(|e| DaemonError::Io {
+        what: "watch the daemon serving",
+        path: address.to_path_buf(),
+        source: e.into(),
+    })?;
+    tracing::info!(
+        pid = pid.as_raw_nonzero().get(),
+        "taking over: stopping the running daemon"
+    );
+    kill_process(pid, Signal::TERM).map_err(|e| DaemonError::Io {
+        what: "stop the daemon serving",
+        path: address.to_path_buf(),
+        source: e.into(),
+    })?;
+    // A pidfd polls readable once the process has exited.
+    let exited = tokio::task::spawn_blocking(move || {
+        let mut fds = [rustix::event::PollFd::new(&pidfd, rustix::event::PollFlags::IN)];
+        let limit = rustix::event::Timespec {
+            tv_sec: (DRAIN_TIMEOUT.as_secs() + 25) as i64,
+            tv_nsec: 0,
+        };
+        matches!(rustix::event::poll(&mut fds, Some(&limit)), Ok(n) if n > 0)
+    })
+    .await
+    .unwrap_or(false);
+    if !exited {
+        return Err(DaemonError::TakeOver(address.to_path_buf()));
+    }
+    Ok(())
 }
 
 /// Sends a systemd notification when `$NOTIFY_SOCKET` is set (Type=notify units).

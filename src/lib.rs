@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod db;
 pub mod error;
 pub mod image;
+pub mod keeper;
 pub mod nixfmt;
 pub mod nixlayer;
 pub mod service;

@@ -25,6 +25,10 @@ struct Cli {
     /// Log level.
     #[arg(short = 'l', long, global = true, value_enum, default_value_t = LogLevel::Info)]
     log_level: LogLevel,
+    /// Take over from the daemon serving the socket (an upgrade): it is
+    /// stopped, and this one resumes its FUSE session and its socket.
+    #[arg(long)]
+    take_over: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -56,6 +60,13 @@ enum Command {
         /// Bound to collect down to (default: store.max_size), e.g. 10GiB or 0.
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         max_size: Option<u64>,
+    },
+    /// Hold the FUSE session while no daemon serves it (started by the daemon).
+    #[command(hide = true)]
+    FuseHolder {
+        /// Socket to answer on.
+        #[arg(long, value_name = "SOCK")]
+        socket: PathBuf,
     },
 }
 
@@ -144,6 +155,14 @@ fn init_logging(level: LogLevel) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_level);
+    if let Some(Command::FuseHolder { socket }) = &cli.command {
+        return match nix_snapshotter::keeper::holder::serve(socket) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        };
+    }
+    // Before any thread: systemd's stored descriptors come with the environment.
+    let found = nix_snapshotter::keeper::Found::from_environment();
     // `fetch` and `gc` also take --config after the subcommand.
     let config_file = match &cli.command {
         Some(Command::Fetch { config: Some(c), .. }) | Some(Command::Gc { config: Some(c), .. }) => Some(c.clone()),
@@ -207,7 +226,8 @@ fn main() -> ExitCode {
             Ok::<(), nix_snapshotter::image::load::LoadError>(())
         }),
         Some(Command::Gc { max_size, .. }) => run(async { nix_snapshotter::commands::gc(&cfg, max_size).await }),
-        None => run(nix_snapshotter::daemon::run(cfg)),
+        None => run(nix_snapshotter::daemon::run(cfg, found, cli.take_over)),
+        Some(Command::FuseHolder { .. }) => ExitCode::SUCCESS,
     }
 }
 

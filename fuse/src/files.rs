@@ -4,13 +4,50 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::num::NonZeroUsize;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use fuser::BackingId;
 
+use crate::journal::{Journal, Record};
+
+/// A passthrough backing id of one inode. The journal hears of it when it
+/// is made and when it is closed, so that a successor reuses it for the
+/// files the kernel still has open (a second id for a busy inode fails).
+pub(crate) struct Backing {
+    pub id: BackingId,
+    ino: u64,
+    journal: Option<Arc<Journal>>,
+}
+
+impl Backing {
+    pub fn new(id: BackingId, raw: u32, ino: u64, journal: Option<Arc<Journal>>) -> Backing {
+        if let Some(j) = &journal {
+            j.append(Record::Backing { ino, id: raw });
+        }
+        Backing { id, ino, journal }
+    }
+}
+
+impl Backing {
+    /// Wraps a backing id an earlier process recorded (no new record).
+    pub fn adopted(id: BackingId, ino: u64, journal: Option<Arc<Journal>>) -> Backing {
+        Backing { id, ino, journal }
+    }
+}
+
+impl Drop for Backing {
+    fn drop(&mut self) {
+        // Before `id` closes it: a successor must never reuse a closed id.
+        if let Some(j) = &self.journal {
+            j.append(Record::Unbacked(self.ino));
+        }
+    }
+}
+
 /// An open backing file and, with passthrough, its kernel backing id.
-pub(crate) type OpenFile = (Arc<File>, Option<Arc<BackingId>>);
+pub(crate) type OpenFile = (Arc<File>, Option<Arc<Backing>>);
 
 pub(crate) struct Files {
     /// Recently opened store files. Reusing them makes a repeated open (every
@@ -20,21 +57,77 @@ pub(crate) struct Files {
     /// One backing id per inode while any open holds it: a second id for a
     /// busy inode makes the kernel fail the open, also after `recent`
     /// evicted it and after passthrough was turned off.
-    weak: Mutex<HashMap<u64, Weak<BackingId>>>,
-    /// Handles the kernel holds.
-    opens: Mutex<HashMap<u64, OpenFile>>,
+    weak: Mutex<HashMap<u64, Weak<Backing>>>,
+    /// Backing ids an earlier process of this session made, by inode
+    /// (from the journal): the kernel may have files open with them, whose
+    /// releases went to that process. Kept until the kernel forgets the
+    /// inode (no file of it can be open then).
+    adopted: Mutex<HashMap<u64, Adopted>>,
+    /// Handles the kernel holds, with their inode.
+    opens: Mutex<HashMap<u64, (u64, OpenFile)>>,
     next_fh: AtomicU64,
 }
 
+enum Adopted {
+    Raw(u32),
+    Held(Arc<Backing>),
+}
+
+/// File handles of one process: `epoch` in the high bits, so a successor's
+/// handles never collide with those the kernel got from its predecessors.
+pub(crate) fn first_handle(epoch: u64) -> u64 {
+    (epoch << 40) | 1
+}
+
 impl Files {
-    pub fn new(capacity: usize) -> Files {
+    pub fn new(capacity: usize, epoch: u64) -> Files {
         Files {
             recent: Mutex::new(lru::LruCache::new(
                 NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN),
             )),
             weak: Mutex::new(HashMap::new()),
+            adopted: Mutex::new(HashMap::new()),
             opens: Mutex::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
+            next_fh: AtomicU64::new(first_handle(epoch)),
+        }
+    }
+
+    /// Takes over the backing ids an earlier process made.
+    pub fn adopt(&self, ids: &HashMap<u64, u32>) {
+        if let Ok(mut a) = self.adopted.lock() {
+            a.extend(ids.iter().map(|(ino, id)| (*ino, Adopted::Raw(*id))));
+        }
+    }
+
+    /// The adopted backing id of `ino`, wrapped by `wrap` on first use.
+    pub fn adopted(&self, ino: u64, wrap: impl FnOnce(u32) -> Backing) -> Option<Arc<Backing>> {
+        let mut a = self.adopted.lock().ok()?;
+        let slot = a.get_mut(&ino)?;
+        let held = match slot {
+            Adopted::Held(b) => b.clone(),
+            Adopted::Raw(id) => {
+                let b = Arc::new(wrap(*id));
+                *slot = Adopted::Held(b.clone());
+                b
+            }
+        };
+        if let Ok(mut w) = self.weak.lock() {
+            w.insert(ino, Arc::downgrade(&held));
+        }
+        Some(held)
+    }
+
+    /// The kernel forgot `ino`: an adopted backing id of it is closed
+    /// (directly on `dev` when never wrapped).
+    pub fn release_adopted(&self, ino: u64, dev: Option<&OwnedFd>, journal: Option<&Arc<Journal>>) {
+        let gone = self.adopted.lock().ok().and_then(|mut a| a.remove(&ino));
+        if let (Some(Adopted::Raw(id)), Some(dev)) = (gone, dev) {
+            if let Some(j) = journal {
+                j.append(Record::Unbacked(ino));
+            }
+            if let Err(e) = BackingId::close_raw(dev, id) {
+                tracing::debug!(error = %e, id, "closing an adopted backing id");
+            }
         }
     }
 
@@ -50,7 +143,7 @@ impl Files {
     }
 
     /// The live backing id of `ino`, if an open still holds one.
-    pub fn live_backing(&self, ino: u64) -> Option<Arc<BackingId>> {
+    pub fn live_backing(&self, ino: u64) -> Option<Arc<Backing>> {
         self.weak.lock().ok()?.get(&ino).and_then(Weak::upgrade)
     }
 
@@ -59,8 +152,8 @@ impl Files {
     pub fn backing_or(
         &self,
         ino: u64,
-        make: impl FnOnce() -> std::io::Result<BackingId>,
-    ) -> std::io::Result<Arc<BackingId>> {
+        make: impl FnOnce() -> std::io::Result<Backing>,
+    ) -> std::io::Result<Arc<Backing>> {
         let mut weak = self.weak.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(id) = weak.get(&ino).and_then(Weak::upgrade) {
             return Ok(id);
@@ -79,14 +172,24 @@ impl Files {
             c.put(ino, file.clone());
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut o) = self.opens.lock() {
-            o.insert(fh, file);
-        }
+        self.insert(fh, ino, file);
         fh
     }
 
-    pub fn file(&self, fh: u64) -> Option<Arc<File>> {
-        self.opens.lock().ok()?.get(&fh).map(|o| o.0.clone())
+    /// Serves handle `fh` (one an earlier process gave) from `file`.
+    pub fn insert(&self, fh: u64, ino: u64, file: OpenFile) {
+        if let Ok(mut o) = self.opens.lock() {
+            o.insert(fh, (ino, file));
+        }
+    }
+
+    /// The file behind handle `fh` of inode `ino`; None for a handle this
+    /// process did not give (an earlier one did).
+    pub fn file(&self, fh: u64, ino: u64) -> Option<Arc<File>> {
+        match self.opens.lock().ok()?.get(&fh) {
+            Some((i, o)) if *i == ino => Some(o.0.clone()),
+            _ => None,
+        }
     }
 
     pub fn release(&self, fh: u64) {

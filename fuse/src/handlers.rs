@@ -8,11 +8,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use fuser::{
-    Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
-    ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyXattr, Request,
+    BackingId, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyXattr, Request,
 };
 
-use crate::files::OpenFile;
+use crate::files::{Backing, OpenFile};
 use crate::inodes::Node;
 use crate::state::{dir_attr, Lookup, State};
 use crate::TTL;
@@ -40,13 +40,37 @@ fn open_file(state: &State, ino: INodeNo, sn: &crate::inodes::StoreNode, kept: O
             Err(e) => return reply.error(e),
         },
     };
+    let journal = state.journal.get().cloned();
     // An inode already open through passthrough must stay so (the kernel
-    // refuses mixing), even after passthrough was turned off.
+    // refuses mixing), even after passthrough was turned off; also one an
+    // earlier process of this session opened so.
     if backing.is_none() {
-        backing = state.files.live_backing(ino.0);
+        backing = state.files.live_backing(ino.0).or_else(|| {
+            state.files.adopted(ino.0, |raw| {
+                // SAFETY (of wrap_backing): `raw` was made on this
+                // connection by an earlier process and never closed (the
+                // journal records closes before they happen).
+                Backing::adopted(unsafe { reply.wrap_backing(raw) }, ino.0, journal.clone())
+            })
+        });
     }
     if backing.is_none() && state.passthrough.load(Ordering::Relaxed) {
-        match state.files.backing_or(ino.0, || reply.open_backing(file.as_ref())) {
+        let made = state.files.backing_or(ino.0, || {
+            let dev = state
+                .dev
+                .get()
+                .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EBADF))?;
+            let raw = BackingId::create_raw(dev, file.as_ref())?;
+            // SAFETY (of wrap_backing): `raw` was just made on this
+            // connection, and only this wrapper will close it.
+            Ok(Backing::new(
+                unsafe { reply.wrap_backing(raw) },
+                raw,
+                ino.0,
+                journal.clone(),
+            ))
+        });
+        match made {
             Ok(id) => backing = Some(id),
             // A passing shortage: fail this open and keep passthrough
             // (serving it cached would mix modes on the inode).
@@ -64,9 +88,24 @@ fn open_file(state: &State, ino: INodeNo, sn: &crate::inodes::StoreNode, kept: O
     }
     let fh = state.files.opened(ino.0, (file, backing.clone()));
     match backing {
-        Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
+        Some(b) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b.id),
         None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
     }
+}
+
+fn read_at(file: &std::fs::File, offset: u64, size: u32, reply: ReplyData) {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; size as usize];
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return reply.error(Errno::from(e)),
+        }
+    }
+    reply.data(&buf[..filled]);
 }
 
 impl Filesystem for FsImpl {
@@ -75,6 +114,11 @@ impl Filesystem for FsImpl {
         // Without it the kernel serialises lookups in one directory: a
         // lookup waiting for a fetch would hold up every other name in
         // `nix/store`.
+        // Kept for a successor, which resumes without an INIT of its own.
+        state.has_resend.store(
+            config.capabilities().contains(InitFlags::FUSE_HAS_RESEND),
+            Ordering::Relaxed,
+        );
         if let Err(e) = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS) {
             tracing::warn!(flags = ?e, "the kernel does not take parallel directory operations");
         }
@@ -122,6 +166,9 @@ impl Filesystem for FsImpl {
         // only hold a descriptor (and the space of an evicted path).
         if gone {
             self.state.files.forget(ino.0);
+            self.state
+                .files
+                .release_adopted(ino.0, self.state.dev.get(), self.state.journal.get());
         }
     }
 
@@ -171,7 +218,7 @@ impl Filesystem for FsImpl {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -179,21 +226,26 @@ impl Filesystem for FsImpl {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        use std::os::unix::fs::FileExt;
-        let Some(file) = self.state.files.file(fh.0) else {
-            return reply.error(Errno::EBADF);
-        };
-        let mut buf = vec![0u8; size as usize];
-        let mut filled = 0;
-        while filled < buf.len() {
-            match file.read_at(&mut buf[filled..], offset + filled as u64) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return reply.error(Errno::from(e)),
+        match self.state.files.file(fh.0, ino.0) {
+            Some(file) => read_at(&file, offset, size, reply),
+            // A handle an earlier process of this session gave: open the
+            // file again by its node, and serve the handle from it.
+            None => {
+                let Some(Node::Store(sn)) = self.state.node(ino) else {
+                    return reply.error(Errno::EBADF);
+                };
+                self.answer(&Node::Store(sn.clone()), None, move |state| {
+                    match state.open_file(&sn) {
+                        Ok(f) => {
+                            let f = Arc::new(f);
+                            state.files.insert(fh.0, ino.0, (f.clone(), None));
+                            read_at(&f, offset, size, reply)
+                        }
+                        Err(e) => reply.error(e),
+                    }
+                });
             }
         }
-        reply.data(&buf[..filled]);
     }
 
     // Store paths carry no extended attributes and nothing is ever written:

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::journal::{Journal, Model, Record};
 use crate::ClosureEntry;
 
 #[derive(Debug, Clone)]
@@ -56,10 +57,10 @@ impl View {
 }
 
 /// Key of a store node: (view for directories, store path, relative path).
-type StoreKey = (Option<Arc<str>>, Arc<str>, PathBuf);
+pub(crate) type StoreKey = (Option<Arc<str>>, Arc<str>, PathBuf);
 
 impl StoreNode {
-    fn key(&self) -> StoreKey {
+    pub(crate) fn key(&self) -> StoreKey {
         (self.view.clone(), self.base.clone(), self.rel.clone())
     }
 }
@@ -76,6 +77,9 @@ pub(crate) struct Inodes {
     /// Inode numbers ever given to each view name: a view dropped and added
     /// again gets the same ones, so entries the kernel still caches stay right.
     view_inos: HashMap<String, [u64; 3]>,
+    /// Where every change is written before the kernel hears of it, when
+    /// the session is kept across restarts.
+    pub journal: Option<Arc<Journal>>,
 }
 
 impl Inodes {
@@ -88,7 +92,10 @@ impl Inodes {
             Some(ino) => {
                 if !node.hinted {
                     if let Some(Node::Store(n)) = self.nodes.get_mut(ino) {
-                        n.hinted = false;
+                        if n.hinted {
+                            n.hinted = false;
+                            self.record(Record::Verified(*ino));
+                        }
                     }
                 }
                 *ino
@@ -97,13 +104,41 @@ impl Inodes {
                 let ino = next.fetch_add(1, Ordering::Relaxed);
                 self.store.insert(key, ino);
                 self.nodes.insert(ino, Node::Store(node.clone()));
+                self.record(Record::Node {
+                    ino,
+                    node: node.clone(),
+                });
                 ino
             }
         };
         if looked_up {
             *self.lookups.entry(ino).or_insert(0) += 1;
+            self.record(Record::Lookup { ino, n: 1 });
         }
         ino
+    }
+
+    fn record(&self, r: Record) {
+        if let Some(j) = &self.journal {
+            j.append(r);
+        }
+    }
+
+    /// The table a journal describes (views come back with `add_view`).
+    pub fn restore(model: &Model, journal: Option<Arc<Journal>>) -> Inodes {
+        let mut t = Inodes {
+            journal,
+            ..Default::default()
+        };
+        for (ino, kept) in &model.nodes {
+            t.store.insert(kept.node.key(), *ino);
+            t.nodes.insert(*ino, Node::Store(kept.node.clone()));
+            if let Some(n) = kept.lookups {
+                t.lookups.insert(*ino, n);
+            }
+        }
+        t.view_inos = model.views.clone();
+        t
     }
 
     /// Drops the nodes that showed store path `base` as a directory on a
@@ -119,6 +154,7 @@ impl Inodes {
             .collect();
         for ino in &gone {
             self.remove_store_node(*ino);
+            self.record(Record::Removed(*ino));
         }
         !gone.is_empty()
     }
@@ -138,6 +174,9 @@ impl Inodes {
             return false;
         };
         *count = count.saturating_sub(n);
+        if let Some(j) = &self.journal {
+            j.append(Record::Forget { ino, n });
+        }
         if *count > 0 {
             return false;
         }
@@ -157,10 +196,18 @@ impl Inodes {
         let mut closure = closure.to_vec();
         closure.sort();
         closure.dedup_by(|a, b| a.base_name == b.base_name);
-        let inos = *self
-            .view_inos
-            .entry(name.to_string())
-            .or_insert_with(|| [0, 1, 2].map(|_| next.fetch_add(1, Ordering::Relaxed)));
+        let inos = match self.view_inos.get(name) {
+            Some(inos) => *inos,
+            None => {
+                let inos = [0, 1, 2].map(|_| next.fetch_add(1, Ordering::Relaxed));
+                self.view_inos.insert(name.to_string(), inos);
+                self.record(Record::View {
+                    name: name.to_string(),
+                    inos,
+                });
+                inos
+            }
+        };
         let view = Arc::new(View {
             name: Arc::from(name),
             closure,

@@ -18,27 +18,32 @@
 //!
 //! A view is typically the top-most lower directory of a container's overlay.
 //!
+//! The session can outlive the process: with a [`Keeper`] holding the
+//! `/dev/fuse` descriptor and the inode journal, a restarted daemon resumes
+//! serving the same mount, and running containers never see it go.
+//!
 //! Modules: [`beneath`] (fd-relative path resolution), `inodes` (the node
-//! table), `state` (what each node is), `files` (open files), `handlers`
-//! (the FUSE requests).
+//! table), `journal` (the node table kept for a successor), `session`
+//! (mounting, resuming, leaving), `state` (what each node is), `files`
+//! (open files), `handlers` (the FUSE requests).
 
 pub mod beneath;
 mod files;
 mod handlers;
 mod inodes;
+mod journal;
+mod session;
 mod state;
+
+pub use journal::FUSE_FD_NAME;
+pub use session::Keeper;
 
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use fuser::{Config, INodeNo, MountOption, SessionACL};
-
-use crate::handlers::FsImpl;
-use crate::inodes::{Inodes, Node};
 use crate::state::State;
 
 /// Store paths never change: the kernel may cache what we say for good.
@@ -89,12 +94,15 @@ pub enum FuseError {
     },
     #[error("invalid view name {0:?}")]
     BadViewName(String),
+    #[error("cannot keep the store filesystem's session: {0}")]
+    Keep(std::io::Error),
 }
 
-/// A mounted store filesystem. Unmounts when dropped.
+/// A mounted store filesystem. Unmounts when dropped, unless a keeper
+/// holds its session for a successor ([`StoreFs::open`]).
 pub struct StoreFs {
     state: Arc<State>,
-    session: Option<fuser::BackgroundSession>,
+    session: std::sync::Mutex<session::Serving>,
 }
 
 #[derive(Debug, Clone)]
@@ -122,53 +130,12 @@ impl Default for MountConfig {
 }
 
 impl StoreFs {
-    /// Mounts at `mountpoint` (an existing directory). A stale mount left
-    /// there by a dead process is detached first.
+    /// Mounts at `mountpoint` (an existing directory) and starts serving.
+    /// A stale mount left there by a dead process is detached first.
     pub fn mount(mountpoint: &Path, resolver: Arc<dyn Resolver>, cfg: &MountConfig) -> Result<StoreFs, FuseError> {
-        detach_stale(mountpoint);
-        let mut inodes = Inodes::default();
-        inodes.nodes.insert(INodeNo::ROOT.0, Node::Root);
-        let state = Arc::new(State {
-            resolver,
-            inodes: RwLock::new(inodes),
-            next_ino: AtomicU64::new(2),
-            files: files::Files::new(cfg.open_files),
-            passthrough: AtomicBool::new(cfg.passthrough),
-            mountpoint: mountpoint.to_path_buf(),
-            notifier: OnceLock::new(),
-            waiting: AtomicUsize::new(0),
-            listings: Default::default(),
-            next_dir_fh: AtomicU64::new(1),
-        });
-        let mut config = Config::default();
-        config.mount_options = vec![
-            MountOption::FSName("nix-snapshotter".into()),
-            MountOption::Subtype("nixstore".into()),
-            MountOption::RO,
-            MountOption::DefaultPermissions,
-            MountOption::NoDev,
-            MountOption::NoSuid,
-            MountOption::Exec,
-        ];
-        // Containers run as any uid (and in user namespaces).
-        config.acl = SessionACL::All;
-        config.n_threads = Some(cfg.threads.max(1));
-        // One /dev/fuse fd per worker (FUSE_DEV_IOC_CLONE): requests do not
-        // contend on a single queue.
-        config.clone_fd = true;
-        let fs = FsImpl {
-            state: state.clone(),
-            max_waiting: cfg.max_waiting,
-        };
-        let session = fuser::spawn_mount(fs, mountpoint, &config).map_err(|source| FuseError::Mount {
-            path: mountpoint.to_path_buf(),
-            source,
-        })?;
-        let _ = state.notifier.set(session.notifier());
-        Ok(StoreFs {
-            state,
-            session: Some(session),
-        })
+        let fs = StoreFs::open(mountpoint, resolver, cfg, None)?;
+        fs.start()?;
+        Ok(fs)
     }
 
     pub fn mountpoint(&self) -> &Path {
@@ -226,22 +193,45 @@ impl StoreFs {
         inodes.nodes.len()
     }
 
-    /// Unmounts and waits for the worker threads.
-    pub fn unmount(mut self) -> std::io::Result<()> {
-        match self.session.take() {
-            Some(s) => s.umount_and_join(),
-            None => Ok(()),
-        }
+    /// Unmounts, waits for the worker threads and tells the keeper to let
+    /// the session go.
+    pub fn unmount(&self) -> std::io::Result<()> {
+        self.serving().unmount(&self.state.mountpoint)
+    }
+
+    /// Stops serving and leaves the mount to whoever the keeper hands it
+    /// to next (a restarted or upgraded daemon): nothing is unmounted, and
+    /// requests in flight are resent to the successor. Without a keeper,
+    /// unmounts as [`StoreFs::unmount`] does.
+    pub fn leave(&self) -> std::io::Result<()> {
+        self.serving().leave(&self.state.mountpoint)
+    }
+
+    /// Whether this filesystem resumed a session an earlier process served.
+    pub fn resumed(&self) -> bool {
+        self.serving().resumed()
+    }
+
+    /// Whether a keeper holds the session for a successor.
+    pub fn kept(&self) -> bool {
+        self.state.journal.get().is_some()
+    }
+
+    /// The inode journal's size in bytes, when the session is kept.
+    pub fn journal_bytes(&self) -> Option<u64> {
+        self.state.journal.get().map(|j| j.size().0)
+    }
+
+    fn serving(&self) -> std::sync::MutexGuard<'_, session::Serving> {
+        self.session.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl Drop for StoreFs {
     fn drop(&mut self) {
-        if let Some(s) = self.session.take() {
-            if let Err(e) = s.umount_and_join() {
-                tracing::warn!(error = %e, "unmounting the store filesystem failed; detaching it");
-                detach_stale(&self.state.mountpoint);
-            }
+        if let Err(e) = self.serving().leave(&self.state.mountpoint) {
+            tracing::warn!(error = %e, "unmounting the store filesystem failed; detaching it");
+            detach_stale(&self.state.mountpoint);
         }
     }
 }

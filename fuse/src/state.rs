@@ -25,9 +25,15 @@ pub(crate) struct State {
     pub next_ino: AtomicU64,
     pub files: Files,
     pub passthrough: AtomicBool,
+    /// The kernel takes `FUSE_NOTIFY_RESEND` (said at INIT).
+    pub has_resend: AtomicBool,
     pub mountpoint: PathBuf,
     /// Set once mounted: tells the kernel to forget entries it cached.
     pub notifier: OnceLock<fuser::Notifier>,
+    /// The connection's `/dev/fuse` descriptor (backing ids are made on it).
+    pub dev: OnceLock<std::os::fd::OwnedFd>,
+    /// The inode journal, when the session is kept for a successor.
+    pub journal: OnceLock<Arc<crate::journal::Journal>>,
     /// Requests being answered off the worker threads (they wait for a fetch).
     pub waiting: AtomicUsize,
     /// Directory listings by handle: taken on the handle's first readdir

@@ -433,6 +433,44 @@ impl Snapshotter {
         }
     }
 
+    /// Adds the view of every snapshot that needs one (a resumed FUSE
+    /// session: running containers use them); returns how many there are.
+    pub fn restore_views(&self) -> Result<usize> {
+        let Some(n) = &self.nix else {
+            return Ok(0);
+        };
+        let _views = self.views.lock().map_err(|_| Error::Database("lock poisoned".into()))?;
+        for chain in self.db.live_chains()? {
+            n.view_for(&chain)?;
+        }
+        Ok(n.fs.view_names().len())
+    }
+
+    /// Starts serving the FUSE store (after [`Snapshotter::restore_views`]).
+    pub fn start_store_fs(&self) -> Result<()> {
+        match &self.nix {
+            Some(n) => n.fs.start().map_err(|e| Error::Fuse(e.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// At a stop: while views exist (containers may run on them) the FUSE
+    /// session is left to its keeper for the next daemon; otherwise it ends.
+    pub fn stop_store_fs(&self) {
+        let Some(n) = &self.nix else {
+            return;
+        };
+        let result = if n.has_views() && n.fs.kept() {
+            tracing::info!("leaving the FUSE session to its keeper: running containers keep their store");
+            n.fs.leave()
+        } else {
+            n.fs.unmount()
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "stopping the FUSE store");
+        }
+    }
+
     pub fn remove(&self, key: &str) -> Result<()> {
         let _guard = self.dirs.read().map_err(|_| Error::Database("lock poisoned".into()))?;
         let rec = {
