@@ -369,8 +369,10 @@ impl Serving {
             return self.unmount(mountpoint);
         }
         if let Some(mut s) = self.running.take() {
-            // Its workers read on until the process exits; what they read
-            // and leave unanswered the successor has resent.
+            // Nothing this process still works out reaches the kernel (its
+            // store and runtime are about to go); what its workers read and
+            // leave unanswered the successor has resent.
+            s.seal();
             s.forget_mount();
             std::mem::forget(s);
         }

@@ -19,10 +19,28 @@ pub struct StoreResolver {
     pub timeout: Duration,
 }
 
+impl StoreResolver {
+    /// The store, waiting (within the time bound) while it opens: a daemon
+    /// that resumed a FUSE session serves running containers' requests
+    /// from its first instant, before the store has opened.
+    fn opened_store(&self) -> std::result::Result<&Arc<Store>, String> {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(s) = self.store.get() {
+                return Ok(s);
+            }
+            if start.elapsed() >= self.timeout {
+                return Err(format!("the local store did not open within {:?}", self.timeout));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
 impl Resolver for StoreResolver {
     fn resolve(&self, base_name: &str) -> std::result::Result<StoreDir, String> {
         let path = StorePath::from_base_name(base_name).map_err(|e| e.to_string())?;
-        let store = self.store.get().ok_or("the local store is not open (yet)")?;
+        let store = self.opened_store()?;
         if let Some(loc) = store.local(&path) {
             return Ok(store.holder(&loc));
         }

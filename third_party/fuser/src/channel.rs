@@ -2,6 +2,8 @@ use std::io;
 use std::os::fd::AsFd;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
 
 use nix::errno::Errno;
 
@@ -10,7 +12,7 @@ use crate::passthrough::BackingId;
 
 /// A raw communication channel to the FUSE kernel driver
 #[derive(Debug, Clone)]
-pub(crate) struct Channel(Arc<DevFuse>);
+pub(crate) struct Channel(Arc<DevFuse>, Arc<AtomicBool>);
 
 impl AsFd for Channel {
     fn as_fd(&self) -> BorrowedFd<'_> {
@@ -23,7 +25,12 @@ impl Channel {
     /// given path. The kernel driver will delegate filesystem operations of
     /// the given path to the channel.
     pub(crate) fn new(device: Arc<DevFuse>) -> Self {
-        Self(device)
+        Self(device, Arc::new(AtomicBool::new(false)))
+    }
+
+    /// Whether [`ChannelSender::seal`] was called on this channel's session.
+    pub(crate) fn sealed(&self) -> bool {
+        self.1.load(Ordering::Acquire)
     }
 
     /// Receives data up to the capacity of the given buffer (can block).
@@ -53,7 +60,7 @@ impl Channel {
     pub(crate) fn sender(&self) -> ChannelSender {
         // Since write/writev syscalls are threadsafe, we can simply create
         // a sender by using the same file and use it in other threads.
-        ChannelSender(self.0.clone())
+        ChannelSender(self.0.clone(), self.1.clone())
     }
 
     /// Clone the FUSE device fd using FUSE_DEV_IOC_CLONE ioctl.
@@ -75,15 +82,25 @@ impl Channel {
             crate::ll::ioctl::fuse_dev_ioc_clone(new_dev.as_raw_fd(), &mut source_fd)?;
         }
 
-        Ok(Channel::new(Arc::new(new_dev)))
+        Ok(Channel(Arc::new(new_dev), self.1.clone()))
     }
 }
 
 #[derive(Clone, Debug)]
-pub(crate) struct ChannelSender(Arc<DevFuse>);
+pub(crate) struct ChannelSender(Arc<DevFuse>, Arc<AtomicBool>);
 
 impl ChannelSender {
+    /// From now on nothing is written to the kernel through this session:
+    /// replies and notifications are dropped unsent. Another process that
+    /// now serves the connection answers (after `Notifier::resend`).
+    pub(crate) fn seal(&self) {
+        self.1.store(true, Ordering::Release);
+    }
+
     pub(crate) fn send(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<()> {
+        if self.1.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let rc = nix::sys::uio::writev(&self.0, bufs)?;
         // writev is atomic, so do not need to check how many bytes are written.
         // libfuse does not do it either

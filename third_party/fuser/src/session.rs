@@ -567,7 +567,12 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
         loop {
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
-            match self.ch.receive_retrying(buf) {
+            let received = self.ch.receive_retrying(buf);
+            if self.ch.sealed() {
+                // Left unanswered, for the process that took over.
+                return Ok(());
+            }
+            match received {
                 Ok(size) => match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
                     // Dispatch request
                     Some(req) => {
@@ -616,6 +621,14 @@ impl BackgroundSession {
     /// Returns an object that can be used to send notifications to the kernel
     pub fn notifier(&self) -> Notifier {
         Notifier::new(self.sender.clone())
+    }
+
+    /// Stop answering: replies and notifications of this session are
+    /// dropped unsent from now on, and each worker stops after the request
+    /// it reads next. For handing the connection to another process, which
+    /// asks the kernel to resend what was left unanswered.
+    pub fn seal(&self) {
+        self.sender.seal();
     }
 
     /// Give up the mount without unmounting it: another process that was
