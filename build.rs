@@ -1,4 +1,5 @@
-//! Compiles our own definitions of containerd's gRPC APIs (see `proto/`) with
+//! Compiles our own definitions of containerd's gRPC APIs and of our admin
+//! API (see `proto/`) with
 //! protox, a pure-Rust protobuf compiler, so building needs no `protoc` binary.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -8,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/containerd/services/images/v1/images.proto",
         "proto/containerd/services/leases/v1/leases.proto",
         "proto/containerd/services/diff/v1/diff.proto",
+        "proto/nixsnapshotter/admin/v1/admin.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -36,9 +36,18 @@ pub mod containerd {
     }
 }
 
+pub mod nixsnapshotter {
+    pub mod admin {
+        pub mod v1 {
+            tonic::include_proto!("nixsnapshotter.admin.v1");
+        }
+    }
+}
+
 pub use containerd::services::content::v1 as content;
 pub use containerd::services::diff::v1 as diff;
 pub use containerd::services::images::v1 as images;
 pub use containerd::services::leases::v1 as leases;
 pub use containerd::services::snapshots::v1 as snapshots;
 pub use containerd::types::Mount;
+pub use nixsnapshotter::admin::v1 as admin;

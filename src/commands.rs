@@ -1,14 +1,15 @@
-//! One-shot subcommands that work on the daemon's state directly:
-//! `fetch` and `gc`. They open the state database, which the running daemon
-//! holds, so they refuse (with a clear message) while it runs on that root.
+//! The store subcommands: `fetch`, `gc`, `evict`, `status`. While a daemon
+//! answers on the socket they ask it (its admin API); otherwise they open
+//! the state in the root directly (which a daemon serving elsewhere holds:
+//! then they refuse, with a clear message).
 
 use std::io::IsTerminal;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-
+use crate::api::admin::admin_client::AdminClient;
+use crate::api::admin::{EvictRequest, FetchRequest, GcRequest, StatusRequest, StatusResponse};
 use crate::config::Config;
 use crate::nixfmt::StorePath;
 use crate::store::{self, Location, Store};
@@ -23,12 +24,25 @@ pub enum CommandError {
     Store(#[from] store::StoreError),
     #[error("{0}")]
     BadPath(#[from] crate::nixfmt::store_path::StorePathError),
+    #[error("the daemon at {address}: {status}", status = .status.message())]
+    Daemon { address: String, status: tonic::Status },
     #[error("{failed} of {total} paths could not be fetched:\n  {}", messages.join("\n  "))]
     Failed {
         failed: usize,
         total: usize,
         messages: Vec<String>,
     },
+}
+
+/// The running daemon's admin API on `address`, if one answers there.
+async fn daemon(address: &std::path::Path) -> Option<AdminClient<tonic::transport::Channel>> {
+    let channel = crate::uds::connect(address).await.ok()?;
+    Some(AdminClient::new(channel))
+}
+
+fn daemon_err(address: &std::path::Path) -> impl FnOnce(tonic::Status) -> CommandError {
+    let address = address.display().to_string();
+    move |status| CommandError::Daemon { address, status }
 }
 
 async fn open(cfg: &Config) -> Result<Arc<Store>, CommandError> {
@@ -51,13 +65,43 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
-/// `nix-snapshotter fetch [--closure] PATH...`
+/// `nix-snapshotter fetch [--closure] PATH...`: prewarms the running
+/// daemon's store, or the root's when no daemon runs.
 pub async fn fetch(cfg: &Config, paths: &[String], closure: bool) -> Result<(), CommandError> {
     let roots = paths
         .iter()
         .map(|p| StorePath::parse(p))
         .collect::<Result<Vec<_>, _>>()?;
     let started = Instant::now();
+    if let Some(mut d) = daemon(&cfg.address).await {
+        let r = d
+            .fetch(FetchRequest {
+                paths: paths.to_vec(),
+                closure,
+            })
+            .await
+            .map_err(daemon_err(&cfg.address))?
+            .into_inner();
+        for p in &r.paths {
+            println!("{p}");
+        }
+        eprintln!(
+            "the daemon fetched {} paths ({} downloaded) in {:.2} s; {} now local",
+            r.fetched,
+            human(r.bytes_downloaded),
+            started.elapsed().as_secs_f64(),
+            r.paths.len()
+        );
+        return if r.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(CommandError::Failed {
+                failed: r.errors.len(),
+                total: r.errors.len() + r.paths.len(),
+                messages: r.errors,
+            })
+        };
+    }
     let store = open(cfg).await?;
     let targets = if closure { store.closure(&roots).await? } else { roots };
 
@@ -97,14 +141,7 @@ pub async fn fetch(cfg: &Config, paths: &[String], closure: bool) -> Result<(), 
         })
     });
 
-    let parallel = cfg.fetch.max_parallel.max(1);
-    let results: Vec<_> = futures::stream::iter(targets.iter().map(|p| {
-        let store = store.clone();
-        async move { (p, store.ensure(p).await) }
-    }))
-    .buffer_unordered(parallel)
-    .collect()
-    .await;
+    let results = crate::admin::fetch_all(&store, &targets, cfg.fetch.max_parallel).await;
     if let Some(t) = ticker {
         t.abort();
     }
@@ -147,6 +184,24 @@ pub async fn fetch(cfg: &Config, paths: &[String], closure: bool) -> Result<(), 
 
 /// `nix-snapshotter gc [--max-size SIZE]`
 pub async fn gc(cfg: &Config, max_size: Option<u64>) -> Result<(), CommandError> {
+    if let Some(mut d) = daemon(&cfg.address).await {
+        let r = d
+            .gc(GcRequest { max_size })
+            .await
+            .map_err(daemon_err(&cfg.address))?
+            .into_inner();
+        for p in &r.removed {
+            println!("removed {p}");
+        }
+        eprintln!(
+            "freed {} ({} paths); {} in the store; {} in use kept",
+            human(r.freed),
+            r.removed.len(),
+            human(r.remaining),
+            r.kept_in_use
+        );
+        return Ok(());
+    }
     let store = open(cfg).await?;
     let target = max_size.unwrap_or(cfg.store.max_size.0);
     let report = tokio::task::spawn_blocking(move || store.gc(target))
@@ -163,4 +218,153 @@ pub async fn gc(cfg: &Config, max_size: Option<u64>) -> Result<(), CommandError>
         report.kept_in_use
     );
     Ok(())
+}
+
+/// `nix-snapshotter evict PATH...`: makes store paths cold again.
+pub async fn evict(cfg: &Config, paths: &[String]) -> Result<(), CommandError> {
+    let parsed = paths
+        .iter()
+        .map(|p| StorePath::parse(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (evicted, absent, freed) = match daemon(&cfg.address).await {
+        Some(mut d) => {
+            let r = d
+                .evict(EvictRequest { paths: paths.to_vec() })
+                .await
+                .map_err(daemon_err(&cfg.address))?
+                .into_inner();
+            (r.evicted, r.absent, r.freed)
+        }
+        None => {
+            let store = open(cfg).await?;
+            let r = tokio::task::spawn_blocking(move || store.evict(&parsed))
+                .await
+                .map_err(|e| crate::error::Error::Database(e.to_string()))??;
+            (r.evicted, r.absent, r.freed)
+        }
+    };
+    for p in &evicted {
+        println!("evicted {p}");
+    }
+    for p in &absent {
+        println!("not local {p}");
+    }
+    eprintln!("freed {} ({} paths)", human(freed), evicted.len());
+    Ok(())
+}
+
+/// `nix-snapshotter status [--json]`
+pub async fn status(cfg: &Config, json: bool) -> Result<(), CommandError> {
+    let (daemon_runs, s) = match daemon(&cfg.address).await {
+        Some(mut d) => (
+            true,
+            d.status(StatusRequest {})
+                .await
+                .map_err(daemon_err(&cfg.address))?
+                .into_inner(),
+        ),
+        None => {
+            let store = open(cfg).await?;
+            let (paths, bytes) = store.usage()?;
+            (
+                false,
+                StatusResponse {
+                    root: cfg.root.display().to_string(),
+                    store_paths: paths,
+                    store_bytes: bytes,
+                    store_max_size: cfg.store.max_size.0,
+                    store_open: true,
+                    ..Default::default()
+                },
+            )
+        }
+    };
+    if json {
+        println!("{}", status_json(&s, daemon_runs, &cfg.address));
+        return Ok(());
+    }
+    if daemon_runs {
+        println!("daemon:   serving on {} (root {})", cfg.address.display(), s.root);
+        let session = match (s.session_kept, s.session_resumed) {
+            (true, true) => "kept for the next daemon; resumed from the last one",
+            (true, false) => "kept for the next daemon",
+            (false, _) => "not kept: running containers lose /nix/store when the daemon stops",
+        };
+        println!("session:  {session}");
+        println!(
+            "fuse:     {} views, {} nodes, {} open files",
+            s.views.len(),
+            s.fuse_nodes,
+            s.open_files
+        );
+    } else {
+        println!(
+            "daemon:   none answers on {}; the state in {}:",
+            cfg.address.display(),
+            s.root
+        );
+    }
+    if !s.store_open {
+        println!("store:    not open yet (it opens in the background; the daemon's log says why if it cannot)");
+        return Ok(());
+    }
+    let bound = if s.store_max_size == 0 {
+        "no bound".to_string()
+    } else {
+        format!("bound {}", human(s.store_max_size))
+    };
+    println!(
+        "store:    {} paths, {} ({bound}), {} pinned, {} fetches in flight, {} evictions",
+        s.store_paths,
+        human(s.store_bytes),
+        s.pinned,
+        s.fetches_in_flight,
+        s.evictions
+    );
+    for c in &s.caches {
+        println!(
+            "cache:    {}: {} requests, {} NARs, {}, {} errors, {} retries{}",
+            c.url,
+            c.requests,
+            c.nar_fetches,
+            human(c.bytes),
+            c.errors,
+            c.retries,
+            if c.last_error.is_empty() {
+                String::new()
+            } else {
+                format!(" (last: {})", c.last_error)
+            }
+        );
+    }
+    Ok(())
+}
+
+fn status_json(s: &StatusResponse, daemon_runs: bool, address: &std::path::Path) -> serde_json::Value {
+    serde_json::json!({
+        "daemon": daemon_runs,
+        "address": address.display().to_string(),
+        "root": s.root,
+        "views": s.views,
+        "session": { "kept": s.session_kept, "resumed": s.session_resumed },
+        "fuse": { "nodes": s.fuse_nodes, "open_files": s.open_files },
+        "store": {
+            "open": s.store_open,
+            "paths": s.store_paths,
+            "bytes": s.store_bytes,
+            "max_size": s.store_max_size,
+            "pinned": s.pinned,
+            "fetches_in_flight": s.fetches_in_flight,
+            "evictions": s.evictions,
+        },
+        "caches": s.caches.iter().map(|c| serde_json::json!({
+            "url": c.url,
+            "requests": c.requests,
+            "nar_fetches": c.nar_fetches,
+            "bytes": c.bytes,
+            "errors": c.errors,
+            "retries": c.retries,
+            "last_error": c.last_error,
+        })).collect::<Vec<_>>(),
+    })
 }

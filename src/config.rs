@@ -35,6 +35,8 @@ pub struct Config {
     pub host_store: PathBuf,
     /// netrc file with credentials for private caches; empty for none.
     pub netrc_file: PathBuf,
+    /// `host:port` to serve Prometheus metrics on (`GET /metrics`); empty: off.
+    pub metrics_address: String,
     pub image_service: ImageServiceConfig,
     pub store: StoreConfig,
     pub fetch: FetchConfig,
@@ -181,6 +183,7 @@ impl Default for Config {
             require_sigs: true,
             host_store: "/nix/store".into(),
             netrc_file: PathBuf::new(),
+            metrics_address: String::new(),
             store: StoreConfig::default(),
             fetch: FetchConfig::default(),
             fuse: FuseConfig::default(),

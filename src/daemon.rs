@@ -10,10 +10,13 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_stream::StreamExt;
 
+use crate::admin::AdminService;
+use crate::api::admin::admin_server::AdminServer;
 use crate::api::snapshots::snapshots_server::SnapshotsServer;
 use crate::authority::AuthorityFix;
 use crate::config::Config;
 use crate::keeper::Found;
+use crate::metrics::Metrics;
 use crate::service::SnapshotService;
 use crate::snapshots::nix::{NixSupport, StoreResolver, StoreSlot};
 use crate::snapshots::{MountOptions, Snapshotter};
@@ -41,6 +44,12 @@ pub enum DaemonError {
     },
     #[error("the daemon serving {} did not stop when asked to hand over", .0.display())]
     TakeOver(PathBuf),
+    #[error("cannot serve metrics on {address}: {source}")]
+    Metrics {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -98,6 +107,7 @@ fn open_state(
     slot: StoreSlot,
     rt: tokio::runtime::Handle,
     keeper: Option<Arc<dyn Keeper>>,
+    metrics: &Metrics,
 ) -> crate::error::Result<(Snapshotter, Arc<crate::db::Database>)> {
     let db = crate::db::open_root(&cfg.root)?;
     let sn = Snapshotter::open(&cfg.root, db.clone(), MountOptions::detect())?;
@@ -118,6 +128,7 @@ fn open_state(
         store: slot.clone(),
         rt: rt.clone(),
         timeout,
+        waited: metrics.fuse_wait_seconds.clone(),
     };
     let mount_cfg = MountConfig {
         threads: cfg.fuse.threads,
@@ -161,6 +172,9 @@ pub async fn run(cfg: Config, found: Found, take_over: bool) -> Result<(), Daemo
     tracing::info!(root = %cfg.root.display(), "starting nix-snapshotter");
     if take_over {
         stop_predecessor(&cfg.address).await?;
+    } else if std::os::unix::net::UnixStream::connect(&cfg.address).is_ok() {
+        // Before touching any state: the other daemon may serve this root.
+        return Err(DaemonError::SocketInUse(cfg.address.clone()));
     }
     let keeper = if cfg.fuse.keep_session {
         match found.keeper(&cfg.root) {
@@ -173,11 +187,21 @@ pub async fn run(cfg: Config, found: Found, take_over: bool) -> Result<(), Daemo
     } else {
         None
     };
+    // Everything that can fail on a bad setting fails before the FUSE
+    // session is opened (or resumed), so that an error leaves nothing behind.
+    let metrics_listener = match cfg.metrics_address.trim() {
+        "" => None,
+        a => Some(metrics_listener(a)?),
+    };
+    let listener = bind(&cfg.address)?;
+    let mut term = signal(SignalKind::terminate()).map_err(io_err("install SIGTERM handler for", &cfg.address))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io_err("install SIGINT handler for", &cfg.address))?;
     let rt = tokio::runtime::Handle::current();
     let slot: StoreSlot = Arc::new(std::sync::OnceLock::new());
+    let metrics = Arc::new(Metrics::default());
     let (sn, db) = {
-        let (c, slot, rt) = (cfg.clone(), slot.clone(), rt.clone());
-        tokio::task::spawn_blocking(move || open_state(&c, slot, rt, keeper))
+        let (c, slot, rt, m) = (cfg.clone(), slot.clone(), rt.clone(), metrics.clone());
+        tokio::task::spawn_blocking(move || open_state(&c, slot, rt, keeper, &m))
             .await
             .map_err(|e| DaemonError::State {
                 root: cfg.root.clone(),
@@ -204,16 +228,22 @@ pub async fn run(cfg: Config, found: Found, take_over: bool) -> Result<(), Daemo
         });
     }
 
-    let listener = bind(&cfg.address)?;
-    let mut term = signal(SignalKind::terminate()).map_err(io_err("install SIGTERM handler for", &cfg.address))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(io_err("install SIGINT handler for", &cfg.address))?;
+    let metrics_task =
+        metrics_listener.map(|l| tokio::spawn(crate::metrics::serve(l, metrics.clone(), sn.clone(), slot.clone())));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         let _ = stop_rx.await;
     };
 
     let server = tonic::transport::Server::builder()
-        .add_service(SnapshotsServer::new(SnapshotService::new(sn.clone())))
+        .add_service(SnapshotsServer::new(
+            SnapshotService::new(sn.clone()).with_metrics(metrics.clone()),
+        ))
+        .add_service(AdminServer::new(AdminService::new(
+            sn.clone(),
+            slot.clone(),
+            cfg.clone(),
+        )))
         .serve_with_incoming_shutdown(
             UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityFix::new)),
             shutdown,
@@ -249,10 +279,30 @@ pub async fn run(cfg: Config, found: Found, take_over: bool) -> Result<(), Daemo
     if let Err(e) = std::fs::remove_file(&cfg.address) {
         tracing::warn!(address = %cfg.address.display(), error = %e, "cannot remove socket");
     }
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     sn.stop_store_fs();
     drop(sn); // closes the database once the last call released it
     tracing::info!("stopped");
     result.map_err(DaemonError::from)
+}
+
+/// Binds the metrics address (`host:port`).
+fn metrics_listener(address: &str) -> Result<tokio::net::TcpListener, DaemonError> {
+    let err = |source| DaemonError::Metrics {
+        address: address.to_string(),
+        source,
+    };
+    let addr: std::net::SocketAddr = address.parse().map_err(|e| {
+        err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("not host:port ({e})"),
+        ))
+    })?;
+    let l = std::net::TcpListener::bind(addr).map_err(err)?;
+    l.set_nonblocking(true).map_err(err)?;
+    tokio::net::TcpListener::from_std(l).map_err(err)
 }
 
 /// Stops the daemon answering on `address` and waits until it is gone, so

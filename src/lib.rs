@@ -6,6 +6,7 @@
 //! - [`daemon`]: socket, signals, readiness.
 //! - [`config`]: the TOML configuration.
 
+pub mod admin;
 pub mod api;
 pub mod authority;
 pub mod cache;
@@ -16,6 +17,7 @@ pub mod db;
 pub mod error;
 pub mod image;
 pub mod keeper;
+pub mod metrics;
 pub mod nixfmt;
 pub mod nixlayer;
 pub mod service;

@@ -61,6 +61,24 @@ enum Command {
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         max_size: Option<u64>,
     },
+    /// Make store paths cold again: remove them from the local store.
+    Evict {
+        /// Configuration file (TOML), as for the daemon.
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Store paths (/nix/store/<hash>-<name>).
+        #[arg(required = true, value_name = "STORE_PATH")]
+        paths: Vec<String>,
+    },
+    /// What the daemon (or, with none running, the root) holds and does.
+    Status {
+        /// Configuration file (TOML), as for the daemon.
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Hold the FUSE session while no daemon serves it (started by the daemon).
     #[command(hide = true)]
     FuseHolder {
@@ -163,9 +181,12 @@ fn main() -> ExitCode {
     }
     // Before any thread: systemd's stored descriptors come with the environment.
     let found = nix_snapshotter::keeper::Found::from_environment();
-    // `fetch` and `gc` also take --config after the subcommand.
+    // The store subcommands also take --config after the subcommand.
     let config_file = match &cli.command {
-        Some(Command::Fetch { config: Some(c), .. }) | Some(Command::Gc { config: Some(c), .. }) => Some(c.clone()),
+        Some(Command::Fetch { config: Some(c), .. })
+        | Some(Command::Gc { config: Some(c), .. })
+        | Some(Command::Evict { config: Some(c), .. })
+        | Some(Command::Status { config: Some(c), .. }) => Some(c.clone()),
         _ => cli.config.clone(),
     };
     let mut cfg = match Config::load(config_file.as_deref()) {
@@ -226,6 +247,8 @@ fn main() -> ExitCode {
             Ok::<(), nix_snapshotter::image::load::LoadError>(())
         }),
         Some(Command::Gc { max_size, .. }) => run(async { nix_snapshotter::commands::gc(&cfg, max_size).await }),
+        Some(Command::Evict { paths, .. }) => run(async { nix_snapshotter::commands::evict(&cfg, &paths).await }),
+        Some(Command::Status { json, .. }) => run(async { nix_snapshotter::commands::status(&cfg, json).await }),
         None => run(nix_snapshotter::daemon::run(cfg, found, cli.take_over)),
         Some(Command::FuseHolder { .. }) => ExitCode::SUCCESS,
     }

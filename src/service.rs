@@ -16,11 +16,24 @@ const LIST_BATCH: usize = 100;
 #[derive(Clone)]
 pub struct SnapshotService {
     sn: Arc<Snapshotter>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl SnapshotService {
     pub fn new(sn: Arc<Snapshotter>) -> Self {
-        SnapshotService { sn }
+        SnapshotService { sn, metrics: None }
+    }
+
+    /// Counts each call by operation and result.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn count(&self, call: &'static str, code: tonic::Code) {
+        if let Some(m) = &self.metrics {
+            m.snapshot_op(call, crate::metrics::code_name(code));
+        }
     }
 
     /// Runs `f` against the core off the async runtime and maps its error.
@@ -30,14 +43,16 @@ impl SnapshotService {
         f: impl FnOnce(&Snapshotter) -> crate::error::Result<T> + Send + 'static,
     ) -> Result<T, Status> {
         let sn = self.sn.clone();
-        match tokio::task::spawn_blocking(move || f(&sn)).await {
+        let result = match tokio::task::spawn_blocking(move || f(&sn)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 tracing::debug!(call, error = %e, "call failed");
-                Err(e.into())
+                Err(Status::from(e))
             }
             Err(e) => Err(Status::internal(format!("{call}: worker failed: {e}"))),
-        }
+        };
+        self.count(call, result.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok));
+        result
     }
 }
 

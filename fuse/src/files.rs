@@ -192,6 +192,11 @@ impl Files {
         }
     }
 
+    /// Handles the kernel holds now.
+    pub fn open_count(&self) -> usize {
+        self.opens.lock().map(|o| o.len()).unwrap_or(0)
+    }
+
     pub fn release(&self, fh: u64) {
         if let Ok(mut o) = self.opens.lock() {
             o.remove(&fh);

@@ -14,7 +14,7 @@ use fuser::{
 
 use crate::files::{Backing, OpenFile};
 use crate::inodes::Node;
-use crate::state::{dir_attr, Lookup, State};
+use crate::state::{dir_attr, Lookup, Op, State};
 use crate::TTL;
 
 pub(crate) struct FsImpl {
@@ -132,6 +132,7 @@ impl Filesystem for FsImpl {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.state.count(Op::Lookup);
         let Some(node) = self.state.node(parent) else {
             // A directory we no longer know (a view just dropped): a miss,
             // but not one the kernel may remember, since the view may come
@@ -158,6 +159,7 @@ impl Filesystem for FsImpl {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.state.count(Op::Forget);
         let gone = {
             let mut inodes = self.state.inodes.write().unwrap_or_else(|e| e.into_inner());
             inodes.forget(ino.0, nlookup)
@@ -173,6 +175,7 @@ impl Filesystem for FsImpl {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.state.count(Op::Getattr);
         let Some(node) = self.state.node(ino) else {
             return reply.error(Errno::ENOENT);
         };
@@ -183,6 +186,7 @@ impl Filesystem for FsImpl {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.state.count(Op::Readlink);
         let Some(node) = self.state.node(ino) else {
             return reply.error(Errno::ENOENT);
         };
@@ -193,6 +197,7 @@ impl Filesystem for FsImpl {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.state.count(Op::Open);
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
@@ -226,6 +231,7 @@ impl Filesystem for FsImpl {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.state.count(Op::Read);
         match self.state.files.file(fh.0, ino.0) {
             Some(file) => read_at(&file, offset, size, reply),
             // A handle an earlier process of this session gave: open the
@@ -252,14 +258,17 @@ impl Filesystem for FsImpl {
     // ENOSYS tells the kernel never to ask again (without fuser's
     // "not implemented" warning on every mount).
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _owner: LockOwner, reply: ReplyEmpty) {
+        self.state.count(Op::Other);
         reply.error(Errno::ENOSYS);
     }
 
     fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+        self.state.count(Op::Other);
         reply.error(Errno::ENOSYS);
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        self.state.count(Op::Other);
         reply.error(Errno::ENOSYS);
     }
 
@@ -273,11 +282,13 @@ impl Filesystem for FsImpl {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.state.count(Op::Release);
         self.state.files.release(fh.0);
         reply.ok();
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.state.count(Op::Opendir);
         match self.state.node(ino) {
             // Resolving here makes an `ls` of a store path fetch it once, up
             // front (and checks a hinted one).
@@ -299,6 +310,7 @@ impl Filesystem for FsImpl {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
+        self.state.count(Op::Readdir);
         let Some(node) = self.state.node(ino) else {
             return reply.error(Errno::ENOENT);
         };
@@ -319,11 +331,13 @@ impl Filesystem for FsImpl {
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.state.count(Op::Releasedir);
         self.state.drop_listing(fh.0);
         reply.ok();
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        self.state.count(Op::Access);
         // default_permissions makes the kernel check modes; we only refuse writes.
         if mask.bits() & libc::W_OK != 0 {
             reply.error(Errno::EROFS);

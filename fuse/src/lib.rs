@@ -212,6 +212,20 @@ impl StoreFs {
         self.serving().resumed()
     }
 
+    /// Requests served so far, by FUSE operation.
+    pub fn request_counts(&self) -> Vec<(&'static str, u64)> {
+        state::OPS
+            .iter()
+            .zip(&self.state.requests)
+            .map(|(op, n)| (*op, n.load(std::sync::atomic::Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Files the kernel holds open through this filesystem.
+    pub fn open_files(&self) -> usize {
+        self.state.files.open_count()
+    }
+
     /// Whether a keeper holds the session for a successor.
     pub fn kept(&self) -> bool {
         self.state.journal.get().is_some()

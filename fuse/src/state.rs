@@ -40,6 +40,40 @@ pub(crate) struct State {
     /// (the kernel serves repeats from its cache), dropped at releasedir.
     pub listings: std::sync::Mutex<std::collections::HashMap<u64, Option<Arc<Vec<Listed>>>>>,
     pub next_dir_fh: AtomicU64,
+    /// Requests served, by operation.
+    pub requests: [AtomicU64; OPS.len()],
+}
+
+/// FUSE operations counted (for metrics), by [`Op`] index.
+pub(crate) const OPS: [&str; 12] = [
+    "lookup",
+    "forget",
+    "getattr",
+    "readlink",
+    "open",
+    "read",
+    "release",
+    "opendir",
+    "readdir",
+    "releasedir",
+    "access",
+    "other",
+];
+
+#[derive(Clone, Copy)]
+pub(crate) enum Op {
+    Lookup,
+    Forget,
+    Getattr,
+    Readlink,
+    Open,
+    Read,
+    Release,
+    Opendir,
+    Readdir,
+    Releasedir,
+    Access,
+    Other,
 }
 
 /// One entry of a listing: name, node id, type.
@@ -111,6 +145,10 @@ fn attr_from(ino: u64, st: &Stat) -> FileAttr {
 }
 
 impl State {
+    pub fn count(&self, op: Op) {
+        self.requests[op as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn node(&self, ino: INodeNo) -> Option<Node> {
         self.inodes.read().ok()?.nodes.get(&ino.0).cloned()
     }

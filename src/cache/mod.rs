@@ -13,6 +13,7 @@ pub mod netrc;
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -111,6 +112,31 @@ impl RetryPolicy {
     }
 }
 
+/// What one cache has done, for `status` and metrics.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    /// Small files asked for (narinfo, .ls, nix-cache-info).
+    pub requests: AtomicU64,
+    /// NARs streamed (a transfer resumed at an offset counts once).
+    pub nar_fetches: AtomicU64,
+    /// NAR bytes received.
+    pub bytes: AtomicU64,
+    /// Requests that failed for good.
+    pub errors: AtomicU64,
+    /// Retries and resumed transfers.
+    pub retries: AtomicU64,
+    pub last_error: std::sync::Mutex<String>,
+}
+
+impl CacheStats {
+    fn failed(&self, e: &CacheError) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut l) = self.last_error.lock() {
+            *l = e.to_string();
+        }
+    }
+}
+
 /// A configured substituter.
 pub struct Cache {
     pub inner: Arc<dyn BinaryCache>,
@@ -121,6 +147,7 @@ pub struct Cache {
     /// When false, this cache's narinfos need no trusted signature (`?trusted=1`).
     pub require_sigs: bool,
     pub retry: RetryPolicy,
+    pub stats: Arc<CacheStats>,
 }
 
 impl Cache {
@@ -131,6 +158,7 @@ impl Cache {
     /// `get` with retries.
     pub async fn get(&self, rel: &str) -> Result<Option<Bytes>, CacheError> {
         let mut attempt = 0;
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         loop {
             let res = tokio::time::timeout(self.retry.stall_timeout, self.inner.get(rel))
                 .await
@@ -143,8 +171,13 @@ impl Cache {
             match res {
                 Err(e) if e.retryable() && attempt + 1 < self.retry.attempts => {
                     tracing::debug!(error = %e, attempt, "retrying");
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(self.retry.delay(attempt)).await;
                     attempt += 1;
+                }
+                Err(e) => {
+                    self.stats.failed(&e);
+                    return Err(e);
                 }
                 other => return other,
             }
@@ -166,6 +199,7 @@ impl Cache {
         let mut failures = 0u32;
         let url = format!("{}/{rel}", self.url());
         let stall = self.retry.stall_timeout;
+        self.stats.nar_fetches.fetch_add(1, Ordering::Relaxed);
         let err: CacheError = loop {
             let error = match tokio::time::timeout(stall, self.inner.open(rel, offset)).await {
                 Err(_) => CacheError::Stalled {
@@ -189,6 +223,7 @@ impl Cache {
                         }
                         Ok(Some(Ok(chunk))) => {
                             offset += chunk.len() as u64;
+                            self.stats.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                             if expected_len.is_some_and(|n| offset > n) {
                                 break CacheError::Invalid {
                                     url: url.clone(),
@@ -227,8 +262,10 @@ impl Cache {
                 break error;
             }
             tracing::debug!(error = %error, offset, failures, "resuming transfer");
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(self.retry.delay(failures - 1)).await;
         };
+        self.stats.failed(&err);
         let _ = tx.send(Err(io::Error::other(err.to_string()))).await;
         Err(err)
     }
@@ -295,6 +332,7 @@ pub fn open_all(urls: &[String], opts: &CacheOptions) -> Result<Vec<Cache>, Cach
             priority_fixed: p.priority.is_some(),
             require_sigs: opts.require_sigs && !p.trusted,
             retry: opts.retry,
+            stats: Arc::default(),
         });
     }
     Ok(caches)

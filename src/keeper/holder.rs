@@ -247,12 +247,19 @@ impl HolderKeeper {
         if self.ask("remove -", &[])?.is_some() {
             return Ok(());
         }
+        // Its own log: it outlives the daemon, whose output (a pipe, a
+        // journal stream) must not be held open by it.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.socket.with_extension("log"))?;
         let mut child = std::process::Command::new(&self.exe)
             .arg("fuse-holder")
             .arg("--socket")
             .arg(&self.socket)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
+            .stderr(log)
             // Its own process group: a signal to the daemon's group (a
             // terminal's Ctrl-C, a supervisor) leaves it alone.
             .process_group(0)

@@ -146,6 +146,16 @@ pub struct Snapshotter {
     nix: Option<nix::NixSupport>,
 }
 
+/// What [`Snapshotter::fuse_status`] tells.
+#[derive(Debug, Clone)]
+pub struct FuseStatus {
+    pub views: Vec<String>,
+    pub kept: bool,
+    pub resumed: bool,
+    pub nodes: usize,
+    pub open_files: usize,
+}
+
 impl Snapshotter {
     /// Opens (or creates) the state under `root` and removes leftovers of
     /// calls that a crash interrupted.
@@ -431,6 +441,23 @@ impl Snapshotter {
                 n.pin();
             }
         }
+    }
+
+    /// The FUSE store's state, when Nix layers are served through it.
+    pub fn fuse_status(&self) -> Option<FuseStatus> {
+        let n = self.nix.as_ref()?;
+        Some(FuseStatus {
+            views: n.fs.view_names(),
+            kept: n.fs.kept(),
+            resumed: n.fs.resumed(),
+            nodes: n.fs.node_count(),
+            open_files: n.fs.open_files(),
+        })
+    }
+
+    /// FUSE requests served so far, by operation.
+    pub fn fuse_requests(&self) -> Vec<(&'static str, u64)> {
+        self.nix.as_ref().map(|n| n.fs.request_counts()).unwrap_or_default()
     }
 
     /// Adds the view of every snapshot that needs one (a resumed FUSE

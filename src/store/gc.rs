@@ -44,21 +44,7 @@ impl Store {
                 report.kept_in_use += 1;
                 continue;
             }
-            let dir = self.dir().join(&base);
-            let trash = self.dir().join(format!(".trash-{base}"));
-            // Forget first: a crash now leaves an unrecorded directory, which
-            // the next start removes.
-            self.db.remove(&base)?;
-            if std::fs::rename(&dir, &trash).is_ok() {
-                drop(leases);
-                if let Err(e) = remove_tree(&trash) {
-                    tracing::warn!(path = %trash.display(), error = %e, "cannot delete evicted path");
-                }
-            }
-            if let Ok(mut n) = self.narinfos.lock() {
-                n.remove(&path);
-            }
-            self.tell_evicted(&base);
+            self.remove_unused(&base, &path, leases)?;
             report.freed += rec.disk_size;
             report.remaining -= rec.disk_size;
             report.removed.push(base);
@@ -69,6 +55,78 @@ impl Store {
             "store garbage collection"
         );
         Ok(report)
+    }
+}
+
+/// What [`Store::evict`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EvictReport {
+    pub evicted: Vec<String>,
+    /// Not in the local store (already cold, or only in the host store).
+    pub absent: Vec<String>,
+    pub freed: u64,
+}
+
+impl Store {
+    /// Makes `paths` cold: removes them from the local store, so the next
+    /// access fetches them again. A path a live snapshot needs (pinned) or
+    /// being read now (leased) is refused, by name: the store of a running
+    /// container is never pulled from under it.
+    pub fn evict(&self, paths: &[StorePath]) -> std::result::Result<EvictReport, super::StoreError> {
+        self.flush_uses()?;
+        let records: std::collections::HashMap<String, u64> =
+            self.db.all()?.into_iter().map(|(b, r)| (b, r.disk_size)).collect();
+        let mut report = EvictReport::default();
+        for path in paths {
+            let base = path.base_name().to_string();
+            let Some(size) = records.get(&base) else {
+                report.absent.push(path.to_string());
+                continue;
+            };
+            let leases = self.leases.lock().map_err(|_| poisoned())?;
+            let pinned = self.pinned.lock().map_err(|_| poisoned())?.contains(path);
+            if pinned || leases.contains_key(path) {
+                return Err(super::StoreError::InUse {
+                    path: path.to_string(),
+                    done: report.evicted.len(),
+                });
+            }
+            self.remove_unused(&base, path, leases)?;
+            report.freed += size;
+            report.evicted.push(path.to_string());
+        }
+        tracing::info!(
+            evicted = report.evicted.len(),
+            freed = report.freed,
+            "store paths evicted on request"
+        );
+        Ok(report)
+    }
+
+    /// Removes `base` (checked unused under `leases`, which is held until
+    /// it is out of readers' way).
+    fn remove_unused(
+        &self,
+        base: &str,
+        path: &StorePath,
+        leases: std::sync::MutexGuard<'_, std::collections::HashMap<StorePath, usize>>,
+    ) -> Result<()> {
+        let dir = self.dir().join(base);
+        let trash = self.dir().join(format!(".trash-{base}"));
+        // Forget first: a crash now leaves an unrecorded directory, which
+        // the next start removes.
+        self.db.remove(base)?;
+        if std::fs::rename(&dir, &trash).is_ok() {
+            drop(leases);
+            if let Err(e) = remove_tree(&trash) {
+                tracing::warn!(path = %trash.display(), error = %e, "cannot delete evicted path");
+            }
+        }
+        if let Ok(mut n) = self.narinfos.lock() {
+            n.remove(path);
+        }
+        self.tell_evicted(base);
+        Ok(())
     }
 }
 

@@ -63,6 +63,8 @@ pub enum StoreError {
     },
     #[error("{path}: {msg}")]
     Local { path: String, msg: String },
+    #[error("{path} is in use by a running container (or a snapshot being made); not evicted{}", if *done > 0 { format!(" ({done} paths before it were)") } else { String::new() })]
+    InUse { path: String, done: usize },
     #[error("{0}")]
     Substituter(String),
     #[error(transparent)]
@@ -104,6 +106,9 @@ pub struct Counters {
     pub bytes_downloaded: AtomicU64,
     pub paths_fetched: AtomicU64,
     pub bytes_on_disk: AtomicU64,
+    pub evictions: AtomicU64,
+    /// How long each fetch took (download, verify, unpack).
+    pub fetch_seconds: crate::metrics::Histogram,
 }
 
 /// A verified narinfo and the cache that has the NAR.
@@ -305,7 +310,9 @@ impl Store {
                             }
                         }
                         let landed = Landed(me, path);
+                        let started = Instant::now();
                         let res = landed.0.fetch_now(&landed.1).await.map_err(Arc::new);
+                        landed.0.counters.fetch_seconds.observe(started.elapsed());
                         drop(landed);
                         let _ = tx.send(Some(res));
                     });
@@ -355,7 +362,37 @@ impl Store {
         }
     }
 
+    /// Paths and bytes in the local store (from its records).
+    pub fn usage(&self) -> Result<(u64, u64)> {
+        let all = self.db.all()?;
+        Ok((all.len() as u64, all.iter().map(|(_, r)| r.disk_size).sum()))
+    }
+
+    /// Fetches under way now.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.lock().map(|f| f.len()).unwrap_or(0)
+    }
+
+    /// Paths live snapshots need now.
+    pub fn pinned_count(&self) -> usize {
+        self.pinned.lock().map(|p| p.len()).unwrap_or(0)
+    }
+
+    /// The configured size bound (0: none).
+    pub fn max_size(&self) -> u64 {
+        self.opts.max_size
+    }
+
+    /// The caches, if they were opened already (no network).
+    pub fn opened_caches(&self) -> &[Cache] {
+        match self.ordered.get() {
+            Some(Ok(c)) => c,
+            _ => &[],
+        }
+    }
+
     pub(crate) fn tell_evicted(&self, base: &str) {
+        self.counters.evictions.fetch_add(1, Ordering::Relaxed);
         let f = self.evicted.lock().ok().and_then(|e| e.clone());
         if let Some(f) = f {
             f(base);

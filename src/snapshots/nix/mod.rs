@@ -137,6 +137,8 @@ impl NixSupport {
             store: self.store.clone(),
             rt: self.rt.clone(),
             timeout: self.timeout,
+            // Not a FUSE request's wait: not counted.
+            waited: std::sync::Arc::default(),
         }
     }
 

@@ -17,6 +17,8 @@ pub struct StoreResolver {
     pub store: StoreSlot,
     pub rt: tokio::runtime::Handle,
     pub timeout: Duration,
+    /// How long requests waited for fetches.
+    pub waited: Arc<crate::metrics::Histogram>,
 }
 
 impl StoreResolver {
@@ -48,10 +50,12 @@ impl Resolver for StoreResolver {
         let fetch = async move { fetching.ensure(&path).await };
         // Waiting stops at the time bound; the download goes on, and a
         // later access finds it done (or still under way).
-        match self
+        let started = std::time::Instant::now();
+        let result = self
             .rt
-            .block_on(async { tokio::time::timeout(self.timeout, fetch).await })
-        {
+            .block_on(async { tokio::time::timeout(self.timeout, fetch).await });
+        self.waited.observe(started.elapsed());
+        match result {
             Ok(Ok(loc)) => Ok(store.holder(&loc)),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!(
