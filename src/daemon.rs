@@ -187,13 +187,12 @@ pub async fn run(cfg: Config, found: Found, take_over: bool) -> Result<(), Daemo
     } else {
         None
     };
-    // Everything that can fail on a bad setting fails before the FUSE
-    // session is opened (or resumed), so that an error leaves nothing behind.
+    // What can fail on a bad setting fails before the FUSE session is
+    // opened (or resumed), so that an error leaves nothing behind.
     let metrics_listener = match cfg.metrics_address.trim() {
         "" => None,
         a => Some(metrics_listener(a)?),
     };
-    let listener = bind(&cfg.address)?;
     let mut term = signal(SignalKind::terminate()).map_err(io_err("install SIGTERM handler for", &cfg.address))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io_err("install SIGINT handler for", &cfg.address))?;
     let rt = tokio::runtime::Handle::current();
@@ -228,6 +227,14 @@ pub async fn run(cfg: Config, found: Found, take_over: bool) -> Result<(), Daemo
         });
     }
 
+    // Bound last: a socket that accepts means a daemon that serves.
+    let listener = match bind(&cfg.address) {
+        Ok(l) => l,
+        Err(e) => {
+            sn.stop_store_fs();
+            return Err(e);
+        }
+    };
     let metrics_task =
         metrics_listener.map(|l| tokio::spawn(crate::metrics::serve(l, metrics.clone(), sn.clone(), slot.clone())));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -204,6 +204,7 @@ impl StoreFs {
     /// requests in flight are resent to the successor. Without a keeper,
     /// unmounts as [`StoreFs::unmount`] does.
     pub fn leave(&self) -> std::io::Result<()> {
+        self.state.leaving.store(true, std::sync::atomic::Ordering::Relaxed);
         self.serving().leave(&self.state.mountpoint)
     }
 

@@ -97,6 +97,7 @@ fn new_state(
         listings: Default::default(),
         next_dir_fh: AtomicU64::new(first_handle(epoch)),
         requests: Default::default(),
+        leaving: AtomicBool::new(false),
     })
 }
 

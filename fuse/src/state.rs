@@ -42,6 +42,9 @@ pub(crate) struct State {
     pub next_dir_fh: AtomicU64,
     /// Requests served, by operation.
     pub requests: [AtomicU64; OPS.len()],
+    /// The session was left to a successor: what still fails here is
+    /// never seen (and resent), so it is not worth a warning.
+    pub leaving: AtomicBool,
 }
 
 /// FUSE operations counted (for metrics), by [`Op`] index.
@@ -210,7 +213,9 @@ impl State {
 
     fn holder(&self, base: &str) -> Result<StoreDir, Errno> {
         self.resolver.resolve(base).map_err(|e| {
-            tracing::warn!(path = %base, error = %e, "store path unavailable; access gets EIO");
+            if !self.leaving.load(Ordering::Relaxed) {
+                tracing::warn!(path = %base, error = %e, "store path unavailable; access gets EIO");
+            }
             Errno::EIO
         })
     }

@@ -34,6 +34,9 @@ in
         Type = "notify";
         NotifyAccess = "all";
         LimitNOFILE = 1048576;
+        # The FUSE session outlives restarts in systemd's fd store.
+        FileDescriptorStoreMax = 16;
+        FileDescriptorStorePreserve = "yes";
         ExecStart = lib.concatStringsSep " " [
           "${pkgs.util-linux}/bin/nsenter --no-fork --preserve-credentials --mount --net --user"
           "--target \${CHILD_PID}"

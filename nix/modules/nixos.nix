@@ -54,6 +54,9 @@ in
       before = [ "containerd.service" ];
       requiredBy = [ "containerd.service" ];
       path = [ pkgs.fuse3 ];
+      # A switch restarts the daemon in place: running containers keep their
+      # /nix/store, since the FUSE session waits in systemd's fd store.
+      stopIfChanged = false;
       serviceConfig = {
         Type = "notify";
         ExecStart = "${lib.getExe cfg.package} --config ${configFile}";
@@ -62,6 +65,11 @@ in
         # The store keeps backing files open for every container; the daemon
         # raises its soft limit to this hard limit at start.
         LimitNOFILE = 1048576;
+        # The FUSE session (the /dev/fuse fd and the inode journal) is handed
+        # to systemd's file descriptor store and resumed by the next start,
+        # whatever ended the last one (see docs/operations.md).
+        FileDescriptorStoreMax = 16;
+        FileDescriptorStorePreserve = "yes";
       };
     };
   };

@@ -6,6 +6,7 @@
 pub mod http;
 pub mod image;
 pub mod nix;
+pub mod reader;
 pub mod registry;
 
 use std::io::Read;
