@@ -16,10 +16,8 @@
 //!
 //! Needs root, containerd, runc and nix-bin (scripts/install-deps).
 
-#[allow(dead_code)]
 #[path = "../tests/common/mod.rs"]
 mod common;
-#[allow(dead_code)]
 #[path = "common.rs"]
 mod helpers;
 
