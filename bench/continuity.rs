@@ -128,7 +128,10 @@ fn main() {
         let runs: Vec<(f64, f64)> = (0..rounds)
             .map(|i| {
                 let (w, g) = run_case(&format!("bench-cont-{key}"), secs, event);
-                eprintln!("{label}: round {} of {rounds}: longest read {w:.2} s, gap {g:.3} s", i + 1);
+                eprintln!(
+                    "{label}: round {} of {rounds}: longest read {w:.2} s, gap {g:.3} s",
+                    i + 1
+                );
                 (w, g)
             })
             .collect();

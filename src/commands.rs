@@ -47,7 +47,13 @@ fn daemon_err(address: &std::path::Path) -> impl FnOnce(tonic::Status) -> Comman
 
 async fn open(cfg: &Config) -> Result<Arc<Store>, CommandError> {
     let db = crate::db::open_root(&cfg.root)?;
-    Ok(store::open_from_config(cfg, db).await?)
+    // No daemon pins what live snapshots need (containers may be running
+    // on a session kept for the next daemon): pin it here, from the
+    // snapshot records, so that evict and gc spare it as the daemon would.
+    let pinned = crate::snapshots::pinned_paths(db.clone())?;
+    let store = store::open_from_config(cfg, db).await?;
+    store.set_pinned(pinned);
+    Ok(store)
 }
 
 pub fn human(bytes: u64) -> String {

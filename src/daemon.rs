@@ -170,28 +170,41 @@ fn open_state(
 /// first stops the daemon serving the socket (an upgrade).
 pub async fn run(cfg: Config, found: Found, take_over: bool) -> Result<(), DaemonError> {
     tracing::info!(root = %cfg.root.display(), "starting nix-snapshotter");
+    // A bad setting fails before anything is stopped or opened: an upgrade
+    // that cannot start leaves the running daemon alone.
+    let metrics_addr = match cfg.metrics_address.trim() {
+        "" => None,
+        a => Some(parse_metrics_address(a)?),
+    };
     if take_over {
         stop_predecessor(&cfg.address).await?;
     } else if std::os::unix::net::UnixStream::connect(&cfg.address).is_ok() {
         // Before touching any state: the other daemon may serve this root.
         return Err(DaemonError::SocketInUse(cfg.address.clone()));
     }
-    let keeper = if cfg.fuse.keep_session {
-        match found.keeper(&cfg.root) {
-            Ok(k) => Some(k),
-            Err(e) => {
-                tracing::warn!(error = %e, "no FUSE session keeper: running containers will not survive a restart");
-                None
-            }
-        }
-    } else {
-        None
+    let metrics_listener = match metrics_addr {
+        None => None,
+        Some(a) => Some(metrics_listener(&cfg.metrics_address, a)?),
     };
-    // What can fail on a bad setting fails before the FUSE session is
-    // opened (or resumed), so that an error leaves nothing behind.
-    let metrics_listener = match cfg.metrics_address.trim() {
-        "" => None,
-        a => Some(metrics_listener(a)?),
+    let keeper = match found.keeper(&cfg.root) {
+        Ok(k) if cfg.fuse.keep_session && cfg.fuse.enable => Some(k),
+        // Turned off: a session kept by an earlier run is let go (its
+        // mount is detached when the store mounts), so that its old
+        // containers get ENOTCONN rather than reads that wait forever.
+        Ok(k) => {
+            if k.take().is_ok_and(|held| !held.is_empty()) {
+                tracing::info!("fuse.keep_session is off: letting go of the session an earlier daemon kept");
+                let _ = k.clear();
+                if !cfg.fuse.enable {
+                    nix_snapshotter_fuse::detach_stale(&cfg.root.join("fuse"));
+                }
+            }
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no FUSE session keeper: running containers will not survive a restart");
+            None
+        }
     };
     let mut term = signal(SignalKind::terminate()).map_err(io_err("install SIGTERM handler for", &cfg.address))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io_err("install SIGINT handler for", &cfg.address))?;
@@ -218,10 +231,7 @@ pub async fn run(cfg: Config, found: Found, take_over: bool) -> Result<(), Daemo
         let (cfg, slot, sn) = (cfg.clone(), slot.clone(), sn.clone());
         tokio::spawn(async move {
             match crate::store::open_from_config(&cfg, db).await {
-                Ok(store) => {
-                    let _ = slot.set(store);
-                    sn.store_opened();
-                }
+                Ok(store) => sn.store_opened(&slot, store),
                 Err(e) => tracing::error!(error = %e, "cannot open the local store; Nix layers will fail"),
             }
         });
@@ -295,18 +305,19 @@ pub async fn run(cfg: Config, found: Found, take_over: bool) -> Result<(), Daemo
     result.map_err(DaemonError::from)
 }
 
-/// Binds the metrics address (`host:port`).
-fn metrics_listener(address: &str) -> Result<tokio::net::TcpListener, DaemonError> {
+fn parse_metrics_address(address: &str) -> Result<std::net::SocketAddr, DaemonError> {
+    address.parse().map_err(|e| DaemonError::Metrics {
+        address: address.to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("not host:port ({e})")),
+    })
+}
+
+/// Binds the metrics address.
+fn metrics_listener(address: &str, addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, DaemonError> {
     let err = |source| DaemonError::Metrics {
         address: address.to_string(),
         source,
     };
-    let addr: std::net::SocketAddr = address.parse().map_err(|e| {
-        err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("not host:port ({e})"),
-        ))
-    })?;
     let l = std::net::TcpListener::bind(addr).map_err(err)?;
     l.set_nonblocking(true).map_err(err)?;
     tokio::net::TcpListener::from_std(l).map_err(err)

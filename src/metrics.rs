@@ -255,13 +255,21 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 
 /// The most of a request we read: scrapers send a line and a few headers.
 const MAX_REQUEST: usize = 8 * 1024;
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 8;
 
 /// Serves `GET /metrics` on `listener` until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, sn: Arc<Snapshotter>, store: StoreSlot) {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(address = %addr, "serving metrics");
     }
+    // Scrapers come one at a time; a flood of connections waits here
+    // instead of taking descriptors and blocking threads from fetches.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (mut conn, _) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
@@ -271,6 +279,7 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, sn:
         };
         let (metrics, sn, store) = (metrics.clone(), sn.clone(), store.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let request = tokio::time::timeout(Duration::from_secs(5), read_head(&mut conn)).await;
             let response = match request {
                 Ok(Some(line)) if line.starts_with("GET /metrics ") || line == "GET /metrics" => {
@@ -285,8 +294,11 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, sn:
                 Ok(Some(_)) => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string(),
                 _ => return,
             };
-            let _ = conn.write_all(response.as_bytes()).await;
-            let _ = conn.shutdown().await;
+            let write = async {
+                conn.write_all(response.as_bytes()).await?;
+                conn.shutdown().await
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
         });
     }
 }

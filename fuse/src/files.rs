@@ -16,7 +16,10 @@ use crate::journal::{Journal, Record};
 /// is made and when it is closed, so that a successor reuses it for the
 /// files the kernel still has open (a second id for a busy inode fails).
 pub(crate) struct Backing {
-    pub id: BackingId,
+    /// Closed on drop, unless the session was left to a successor (which
+    /// may still need it for files the kernel has open).
+    pub id: std::mem::ManuallyDrop<BackingId>,
+    raw: u32,
     ino: u64,
     journal: Option<Arc<Journal>>,
 }
@@ -26,23 +29,43 @@ impl Backing {
         if let Some(j) = &journal {
             j.append(Record::Backing { ino, id: raw });
         }
-        Backing { id, ino, journal }
+        Backing {
+            id: std::mem::ManuallyDrop::new(id),
+            raw,
+            ino,
+            journal,
+        }
     }
 }
 
 impl Backing {
     /// Wraps a backing id an earlier process recorded (no new record).
-    pub fn adopted(id: BackingId, ino: u64, journal: Option<Arc<Journal>>) -> Backing {
-        Backing { id, ino, journal }
+    pub fn adopted(id: BackingId, raw: u32, ino: u64, journal: Option<Arc<Journal>>) -> Backing {
+        Backing {
+            id: std::mem::ManuallyDrop::new(id),
+            raw,
+            ino,
+            journal,
+        }
     }
 }
 
 impl Drop for Backing {
     fn drop(&mut self) {
-        // Before `id` closes it: a successor must never reuse a closed id.
         if let Some(j) = &self.journal {
-            j.append(Record::Unbacked(self.ino));
+            if j.stopped() {
+                // Left to a successor, which adopts it: not ours to close.
+                return;
+            }
+            // Before the id closes: a successor must never reuse a closed id.
+            j.append(Record::Unbacked {
+                ino: self.ino,
+                id: self.raw,
+            });
         }
+        // SAFETY (of ManuallyDrop::drop): `id` is dropped once, here, and
+        // not used after.
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.id) };
     }
 }
 
@@ -123,7 +146,7 @@ impl Files {
         let gone = self.adopted.lock().ok().and_then(|mut a| a.remove(&ino));
         if let (Some(Adopted::Raw(id)), Some(dev)) = (gone, dev) {
             if let Some(j) = journal {
-                j.append(Record::Unbacked(ino));
+                j.append(Record::Unbacked { ino, id });
             }
             if let Err(e) = BackingId::close_raw(dev, id) {
                 tracing::debug!(error = %e, id, "closing an adopted backing id");

@@ -50,7 +50,7 @@ fn open_file(state: &State, ino: INodeNo, sn: &crate::inodes::StoreNode, kept: O
                 // SAFETY (of wrap_backing): `raw` was made on this
                 // connection by an earlier process and never closed (the
                 // journal records closes before they happen).
-                Backing::adopted(unsafe { reply.wrap_backing(raw) }, ino.0, journal.clone())
+                Backing::adopted(unsafe { reply.wrap_backing(raw) }, raw, ino.0, journal.clone())
             })
         });
     }

@@ -81,7 +81,15 @@ pub(crate) enum Record {
         ino: u64,
         id: u32,
     },
-    Unbacked(u64),
+    /// Backing id `id` of `ino` was closed (a later id of the same inode
+    /// is not affected).
+    Unbacked {
+        ino: u64,
+        id: u32,
+    },
+    /// Node ids up to here were given out (a rewritten journal keeps the
+    /// mark of ids the kernel may still hold though their nodes are gone).
+    HighWater(u64),
 }
 
 /// A store node as the journal keeps it, with the kernel's lookup count
@@ -100,6 +108,8 @@ pub(crate) struct Model {
     pub views: HashMap<String, [u64; 3]>,
     pub nodes: HashMap<u64, KeptNode>,
     pub backing: HashMap<u64, u32>,
+    /// The highest node id ever given out in this session: never reused.
+    pub high_water: u64,
 }
 
 impl Model {
@@ -109,8 +119,10 @@ impl Model {
             Record::Epoch(e) => self.epoch = *e,
             Record::View { name, inos } => {
                 self.views.insert(name.clone(), *inos);
+                self.high_water = self.high_water.max(inos.iter().copied().max().unwrap_or(0));
             }
             Record::Node { ino, node } => {
+                self.high_water = self.high_water.max(*ino);
                 self.nodes.insert(
                     *ino,
                     KeptNode {
@@ -138,7 +150,9 @@ impl Model {
                     None => false,
                 };
                 if gone {
+                    // The kernel forgot the inode: no file of it is open.
                     self.nodes.remove(ino);
+                    self.backing.remove(ino);
                 }
             }
             Record::Removed(ino) => {
@@ -147,9 +161,12 @@ impl Model {
             Record::Backing { ino, id } => {
                 self.backing.insert(*ino, *id);
             }
-            Record::Unbacked(ino) => {
-                self.backing.remove(ino);
+            Record::Unbacked { ino, id } => {
+                if self.backing.get(ino) == Some(id) {
+                    self.backing.remove(ino);
+                }
             }
+            Record::HighWater(n) => self.high_water = self.high_water.max(*n),
         }
     }
 
@@ -160,6 +177,7 @@ impl Model {
             out.push(Record::Init(i));
         }
         out.push(Record::Epoch(self.epoch));
+        out.push(Record::HighWater(self.high_water));
         for (name, inos) in &self.views {
             out.push(Record::View {
                 name: name.clone(),
@@ -181,11 +199,9 @@ impl Model {
         out
     }
 
-    /// The highest node id in use (views included).
+    /// The highest node id ever given out (views included).
     pub fn max_ino(&self) -> u64 {
-        let v = self.views.values().flat_map(|i| i.iter().copied()).max().unwrap_or(1);
-        let n = self.nodes.keys().copied().max().unwrap_or(1);
-        v.max(n)
+        self.high_water.max(1)
     }
 }
 
@@ -261,9 +277,14 @@ fn encode(r: &Record, out: &mut Vec<u8>) {
             put_u64(&mut b, *ino);
             put_u64(&mut b, u64::from(*id));
         }
-        Record::Unbacked(ino) => {
+        Record::Unbacked { ino, id } => {
             b.push(10);
             put_u64(&mut b, *ino);
+            put_u64(&mut b, u64::from(*id));
+        }
+        Record::HighWater(n) => {
+            b.push(11);
+            put_u64(&mut b, *n);
         }
     }
     out.extend_from_slice(&(b.len() as u32).to_le_bytes());
@@ -352,10 +373,30 @@ fn decode_body(body: &[u8]) -> Option<Record> {
             ino: r.u64()?,
             id: u32::try_from(r.u64()?).ok()?,
         },
-        10 => Record::Unbacked(r.u64()?),
+        10 => Record::Unbacked {
+            ino: r.u64()?,
+            id: u32::try_from(r.u64()?).ok()?,
+        },
+        11 => Record::HighWater(r.u64()?),
         _ => return None,
     };
     r.0.is_empty().then_some(rec)
+}
+
+/// The records in `bytes` up to the first damaged one, how many bytes
+/// they take, and whether the damage is only a torn last record (a death in
+/// mid-write) rather than something in the middle.
+pub(crate) fn decode_checked(bytes: &[u8]) -> (Vec<Record>, usize, bool) {
+    let (records, at) = decode(bytes);
+    let torn_only = match bytes.get(at..at + 4) {
+        None => true,
+        Some(h) => {
+            let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+            // A frame whose declared end is past the end: cut in mid-write.
+            len > MAX_RECORD || at + 12 + len >= bytes.len()
+        }
+    };
+    (records, at, torn_only)
 }
 
 /// The records in `bytes` up to the first damaged one, and how many bytes
@@ -420,7 +461,17 @@ pub(crate) fn load(fds: &mut Vec<(String, OwnedFd)>) -> Option<Loaded> {
     }
     let mut bytes = vec![0u8; size as usize];
     file.read_exact_at(&mut bytes, 0).ok()?;
-    let (records, len) = decode(&bytes);
+    let (records, len, torn_only) = decode_checked(&bytes);
+    if !torn_only {
+        // Records after the damage are lost: node ids the kernel holds
+        // could be misread or given out again. Not worth the risk.
+        tracing::error!(
+            at = len,
+            size = bytes.len(),
+            "the inode journal is damaged (or written by a newer version); not resuming"
+        );
+        return None;
+    }
     if len < bytes.len() {
         tracing::warn!(
             dropped = bytes.len() - len,
@@ -450,6 +501,8 @@ struct Inner {
     /// A write failed: the keeper no longer holds a journal, and nothing
     /// more is written (a successor mounts afresh).
     broken: bool,
+    /// The session was left to a successor: this process writes no more.
+    sealed: bool,
 }
 
 /// The journal being written, shared by the inode table and the open files.
@@ -475,6 +528,7 @@ impl Journal {
                 compact_at: (len * GROWTH).max(MIN_COMPACT),
                 model,
                 broken: false,
+                sealed: false,
             }),
             keeper,
         })
@@ -492,6 +546,7 @@ impl Journal {
                 compact_at: (loaded.len * GROWTH).max(MIN_COMPACT),
                 model: loaded.model,
                 broken: false,
+                sealed: false,
             }),
             keeper,
         })
@@ -499,7 +554,7 @@ impl Journal {
 
     pub fn append(&self, r: Record) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if inner.broken {
+        if inner.broken || inner.sealed {
             return;
         }
         let mut buf = Vec::with_capacity(64);
@@ -538,9 +593,33 @@ impl Journal {
     }
 
     fn break_off(&self, inner: &mut Inner, e: &io::Error) {
-        tracing::error!(error = %e, "cannot write the inode journal; a restarted daemon will not keep this mount");
+        tracing::error!(error = %e, "cannot write the inode journal; the session ends with this process");
         inner.broken = true;
-        let _ = self.keeper.remove(&journal_name(inner.generation));
+        // The descriptor too: a successor must not resume a session whose
+        // node ids it cannot read.
+        let _ = self.keeper.clear();
+    }
+
+    /// Writes nothing more: a successor owns the journal from now on (once
+    /// this returns, no write of this process is under way).
+    pub fn seal(&self) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).sealed = true;
+    }
+
+    /// Whether this process no longer writes (sealed, or a write failed).
+    pub fn stopped(&self) -> bool {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.sealed || inner.broken
+    }
+
+    /// What INIT negotiated (the journal's first record).
+    pub fn init(&self) -> Option<Init> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).model.init
+    }
+
+    /// Whether a write failed (the keeper was told to let go).
+    pub fn broken(&self) -> bool {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).broken
     }
 
     /// The journal's length and generation (for tests and status).
@@ -643,7 +722,7 @@ mod tests {
         assert!(!m.nodes[&5].node.hinted);
         assert_eq!(m.nodes[&6].lookups, Some(2));
         assert_eq!(m.backing[&6], 9);
-        assert_eq!(m.max_ino(), 6);
+        assert_eq!(m.max_ino(), 8, "the highest id ever given (8 was removed)");
     }
 
     #[test]
@@ -676,6 +755,48 @@ mod tests {
         let (records, _) = decode(&bad);
         assert!(records.len() < sample().len());
         assert_eq!(records[..], sample()[..records.len()]);
+    }
+
+    #[test]
+    fn node_ids_once_given_are_never_given_again() {
+        let mut records = sample();
+        records.push(Record::Removed(6));
+        records.push(Record::Forget { ino: 5, n: 1 });
+        let m = model_of(&records);
+        assert!(m.nodes.is_empty());
+        assert_eq!(m.max_ino(), 8, "ids 7 and 8 went, but the kernel may hold them");
+        // Also through a rewrite.
+        let mut buf = Vec::new();
+        for r in m.records() {
+            encode(&r, &mut buf);
+        }
+        assert_eq!(model_of(&decode(&buf).0).max_ino(), 8);
+    }
+
+    #[test]
+    fn a_closed_backing_id_does_not_close_a_newer_one() {
+        let mut m = model_of(&sample());
+        m.apply(&Record::Backing { ino: 6, id: 10 });
+        m.apply(&Record::Unbacked { ino: 6, id: 9 });
+        assert_eq!(m.backing[&6], 10);
+        m.apply(&Record::Unbacked { ino: 6, id: 10 });
+        assert!(!m.backing.contains_key(&6));
+    }
+
+    #[test]
+    fn damage_in_the_middle_is_told_from_a_torn_tail() {
+        let mut buf = Vec::new();
+        for r in sample() {
+            encode(&r, &mut buf);
+        }
+        let (_, _, torn) = decode_checked(&buf[..buf.len() - 3]);
+        assert!(torn);
+        let mut bad = buf.clone();
+        bad[40] ^= 0x01;
+        let (_, _, torn) = decode_checked(&bad);
+        assert!(!torn, "a flipped bit mid-journal is damage, not a tear");
+        let (_, len, torn) = decode_checked(&buf);
+        assert!(torn && len == buf.len());
     }
 
     #[test]

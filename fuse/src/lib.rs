@@ -196,7 +196,7 @@ impl StoreFs {
     /// Unmounts, waits for the worker threads and tells the keeper to let
     /// the session go.
     pub fn unmount(&self) -> std::io::Result<()> {
-        self.serving().unmount(&self.state.mountpoint)
+        self.serving().unmount(&self.state)
     }
 
     /// Stops serving and leaves the mount to whoever the keeper hands it
@@ -205,7 +205,7 @@ impl StoreFs {
     /// unmounts as [`StoreFs::unmount`] does.
     pub fn leave(&self) -> std::io::Result<()> {
         self.state.leaving.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.serving().leave(&self.state.mountpoint)
+        self.serving().leave(&self.state)
     }
 
     /// Whether this filesystem resumed a session an earlier process served.
@@ -229,7 +229,7 @@ impl StoreFs {
 
     /// Whether a keeper holds the session for a successor.
     pub fn kept(&self) -> bool {
-        self.state.journal.get().is_some()
+        self.state.journal.get().is_some_and(|j| !j.broken())
     }
 
     /// The inode journal's size in bytes, when the session is kept.
@@ -244,7 +244,7 @@ impl StoreFs {
 
 impl Drop for StoreFs {
     fn drop(&mut self) {
-        if let Err(e) = self.serving().leave(&self.state.mountpoint) {
+        if let Err(e) = self.serving().leave(&self.state) {
             tracing::warn!(error = %e, "unmounting the store filesystem failed; detaching it");
             detach_stale(&self.state.mountpoint);
         }

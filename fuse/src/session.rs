@@ -126,7 +126,10 @@ impl StoreFs {
             match resume(&mountpoint, resolver.clone(), cfg, keeper) {
                 Ok(Some(fs)) => return Ok(fs),
                 Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot resume the kept FUSE session; mounting afresh"),
+                // A live session that could not be taken now (a passing
+                // error): mounting afresh would cut every running container
+                // off. Fail, and leave it held for the next try.
+                Err(e) => return Err(FuseError::Keep(e)),
             }
         }
         detach_stale(&mountpoint);
@@ -180,14 +183,16 @@ impl StoreFs {
             return Ok(());
         };
         let _ = self.state.notifier.set(session.notifier());
+        // Before any worker of ours reads: what is resent is then only
+        // what the predecessor left unanswered, never a request of ours.
+        if serving.resumed.is_some() {
+            self.resend(self.state.has_resend.load(Ordering::Relaxed));
+        }
         let running = session.spawn().map_err(|source| FuseError::Mount {
             path: self.state.mountpoint.clone(),
             source,
         })?;
         serving.running = Some(running);
-        if serving.resumed.is_some() {
-            self.resend(self.state.has_resend.load(Ordering::Relaxed));
-        }
         Ok(())
     }
 
@@ -243,20 +248,25 @@ fn resume(
         return Ok(None);
     };
     let dev = fds.remove(i).1;
+    if !connected(&dev) {
+        tracing::info!("the kept FUSE session was disconnected (unmounted); mounting afresh");
+        return Ok(None);
+    }
+    // Without its journal a live session's node ids cannot be read: the
+    // only way on is a new mount (its containers lose /nix/store).
     let Some(loaded) = journal::load(&mut fds) else {
-        tracing::warn!("the kept FUSE session has no usable inode journal; mounting afresh");
+        tracing::error!(
+            "the kept FUSE session has no usable inode journal; mounting afresh (running containers lose /nix/store)"
+        );
         return Ok(None);
     };
     let Some(init) = loaded.model.init else {
         return Ok(None);
     };
-    if !connected(&dev) {
-        tracing::info!("the kept FUSE session was disconnected (unmounted); mounting afresh");
-        return Ok(None);
-    }
     if mount_dev(mountpoint) != Some(init.mount_dev) {
-        tracing::warn!(mountpoint = %mountpoint.display(), "the kept FUSE session no longer serves the mountpoint; mounting afresh");
-        return Ok(None);
+        // Still connected, so mounted somewhere (another mount namespace,
+        // or moved): serving it is what its users need.
+        tracing::warn!(mountpoint = %mountpoint.display(), "the kept FUSE session is not mounted here as this process sees it; resuming it anyway");
     }
     let epoch = loaded.model.epoch + 1;
     let mut inodes = Inodes::restore(&loaded.model, None);
@@ -291,6 +301,19 @@ fn resume(
             resumed: Some(init),
         }),
     }))
+}
+
+/// Ends the FUSE connection of `state`'s mount (its workers then stop),
+/// through the connection's `abort` file in the fusectl filesystem.
+fn abort_connection(state: &State) {
+    let Some(init_dev) = state.journal.get().and_then(|j| j.init()).map(|i| i.mount_dev) else {
+        return;
+    };
+    let minor = init_dev & 0xffff_ffff;
+    let abort = format!("/sys/fs/fuse/connections/{minor}/abort");
+    if let Err(e) = std::fs::write(&abort, b"1") {
+        tracing::debug!(path = %abort, error = %e, "aborting the FUSE connection");
+    }
 }
 
 /// Whether the FUSE connection behind `dev` is still up (an unmounted or
@@ -349,32 +372,49 @@ impl Serving {
         self.resumed.is_some()
     }
 
-    pub fn unmount(&mut self, mountpoint: &Path) -> io::Result<()> {
+    pub fn unmount(&mut self, state: &State) -> io::Result<()> {
         if let Some(k) = &self.keeper {
             if let Err(e) = k.clear() {
                 tracing::warn!(error = %e, "cannot tell the session keeper to let go");
             }
         }
         self.pending = None;
+        let resumed = self.resumed.is_some();
         match self.running.take() {
+            // A resumed session has no mount object of its own (the mount
+            // was made by an earlier process): detach it, and end the
+            // connection so that the workers stop reading.
+            Some(s) if resumed => {
+                detach_stale(&state.mountpoint);
+                abort_connection(state);
+                s.join()
+            }
             Some(s) => s.umount_and_join(),
-            // A resumed session that never ran: its mount is still ours.
             None => {
-                detach_stale(mountpoint);
+                detach_stale(&state.mountpoint);
                 Ok(())
             }
         }
     }
 
-    pub fn leave(&mut self, mountpoint: &Path) -> io::Result<()> {
-        if self.keeper.is_none() {
-            return self.unmount(mountpoint);
+    pub fn leave(&mut self, state: &State) -> io::Result<()> {
+        if self.keeper.is_none() || state.journal.get().is_none_or(|j| j.broken()) {
+            return self.unmount(state);
+        }
+        // From here this process records nothing, and closes no backing
+        // id: the successor reads the journal as it is now.
+        if let Some(j) = state.journal.get() {
+            j.seal();
         }
         if let Some(mut s) = self.running.take() {
-            // Nothing this process still works out reaches the kernel (its
-            // store and runtime are about to go); what its workers read and
-            // leave unanswered the successor has resent.
-            s.seal();
+            if state.has_resend.load(Ordering::Relaxed) {
+                // Nothing this process still works out reaches the kernel
+                // (its store and runtime are about to go); what its workers
+                // read and leave unanswered the successor has resent.
+                s.seal();
+            }
+            // (Without resend, workers answer until the process exits: a
+            // request they dropped would wait forever.)
             s.forget_mount();
             std::mem::forget(s);
         }

@@ -358,6 +358,9 @@ impl State {
             .unwrap_or_default();
         for ino in inos {
             self.files.forget(ino);
+            // An earlier process's backing id would keep the evicted file
+            // (and its space) in use for new opens.
+            self.files.release_adopted(ino, self.dev.get(), self.journal.get());
         }
     }
 

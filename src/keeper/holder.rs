@@ -24,6 +24,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
@@ -185,6 +187,9 @@ pub fn serve(path: &Path) -> Result<(), HolderError> {
             }
             ("clear", 0) => {
                 held.clear();
+                // Gone from its path before it answers: a holder started
+                // right after never finds this one's socket.
+                let _ = std::fs::remove_file(path);
                 let _ = send(conn.as_fd(), b"ok", &[]);
                 tracing::info!("told to let go of the FUSE session; holder exits");
                 break;
@@ -206,20 +211,67 @@ fn conn_timeout(conn: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
-/// The daemon's side: talks to (and starts) the holder process.
+/// The daemon's side: talks to (and starts) the holder process. It keeps
+/// its own duplicates of what it handed over, and watches the holder: one
+/// that died (killed, OOM) is replaced and given everything again, so that
+/// the session stays kept while the daemon lives.
 pub struct HolderKeeper {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     socket: PathBuf,
     exe: PathBuf,
+    /// What the holder should hold, by name.
+    mirror: Mutex<BTreeMap<String, OwnedFd>>,
+    watching: AtomicBool,
 }
+
+/// How often the watchdog checks that the holder is alive.
+const WATCH_EVERY: Duration = Duration::from_secs(2);
 
 impl HolderKeeper {
     pub fn new(socket: PathBuf) -> io::Result<HolderKeeper> {
         Ok(HolderKeeper {
-            socket,
-            exe: std::env::current_exe()?,
+            inner: Arc::new(Inner {
+                socket,
+                exe: std::env::current_exe()?,
+                mirror: Mutex::new(BTreeMap::new()),
+                watching: AtomicBool::new(false),
+            }),
         })
     }
 
+    fn mirror(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, OwnedFd>> {
+        self.inner.mirror.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the watchdog once; it ends when the mirror is cleared.
+    fn watch(&self) {
+        if self.inner.watching.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        let spawned = std::thread::Builder::new()
+            .name("fuse-holder-watch".into())
+            .spawn(move || loop {
+                std::thread::sleep(WATCH_EVERY);
+                let Some(inner) = weak.upgrade() else { return };
+                if inner.mirror.lock().map(|m| m.is_empty()).unwrap_or(true) {
+                    inner.watching.store(false, Ordering::Release);
+                    return;
+                }
+                if let Err(e) = inner.ensure_running() {
+                    tracing::warn!(error = %e, "the FUSE session holder is gone and cannot be replaced");
+                }
+            });
+        if spawned.is_err() {
+            self.inner.watching.store(false, Ordering::Release);
+        }
+    }
+}
+
+impl Inner {
     /// One request, one answer. `Ok(None)`: no holder is running.
     fn ask(&self, msg: &str, fds: &[BorrowedFd<'_>]) -> io::Result<Option<(String, Vec<OwnedFd>)>> {
         let sock = seqpacket()?;
@@ -242,9 +294,14 @@ impl HolderKeeper {
         }
     }
 
-    /// Starts a holder unless one answers.
+    fn alive(&self) -> bool {
+        matches!(self.ask("remove -", &[]), Ok(Some(_)))
+    }
+
+    /// Starts a holder unless one answers, and gives a new one everything
+    /// it should hold.
     fn ensure_running(&self) -> io::Result<()> {
-        if self.ask("remove -", &[])?.is_some() {
+        if self.alive() {
             return Ok(());
         }
         // Its own log: it outlives the daemon, whose output (a pipe, a
@@ -266,9 +323,16 @@ impl HolderKeeper {
             .spawn()?;
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            if self.ask("remove -", &[])?.is_some() {
+            if self.alive() {
                 // Reaped when it exits, so it never lingers as a zombie.
                 std::thread::spawn(move || child.wait());
+                let mirror = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
+                for (name, fd) in mirror.iter() {
+                    self.ask(&format!("put {name}"), &[fd.as_fd()])?;
+                }
+                if !mirror.is_empty() {
+                    tracing::warn!("the FUSE session holder had gone; a new one holds the session again");
+                }
                 return Ok(());
             }
             if let Ok(Some(status)) = child.try_wait() {
@@ -286,18 +350,22 @@ impl HolderKeeper {
 
 impl Keeper for HolderKeeper {
     fn put(&self, name: &str, fd: BorrowedFd<'_>) -> io::Result<()> {
-        self.ensure_running()?;
-        self.ask(&format!("put {name}"), &[fd])?
-            .map(drop)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "the FUSE session holder went away"))
+        self.inner.ensure_running()?;
+        self.inner
+            .ask(&format!("put {name}"), &[fd])?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "the FUSE session holder went away"))?;
+        self.mirror().insert(name.to_string(), fd.try_clone_to_owned()?);
+        self.watch();
+        Ok(())
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {
-        self.ask(&format!("remove {name}"), &[]).map(drop)
+        self.mirror().remove(name);
+        self.inner.ask(&format!("remove {name}"), &[]).map(drop)
     }
 
     fn take(&self) -> io::Result<Vec<(String, OwnedFd)>> {
-        let Some((names, fds)) = self.ask("take", &[])? else {
+        let Some((names, fds)) = self.inner.ask("take", &[])? else {
             return Ok(Vec::new());
         };
         let names: Vec<String> = names.lines().map(str::to_string).collect();
@@ -307,11 +375,22 @@ impl Keeper for HolderKeeper {
                 "the FUSE session holder sent a name per descriptor, not as many",
             ));
         }
-        Ok(names.into_iter().zip(fds).collect())
+        let taken: Vec<(String, OwnedFd)> = names.into_iter().zip(fds).collect();
+        // What it holds is what it should hold, if it has to be replaced.
+        let mut mirror = self.mirror();
+        for (name, fd) in &taken {
+            mirror.insert(name.clone(), fd.try_clone()?);
+        }
+        drop(mirror);
+        if !taken.is_empty() {
+            self.watch();
+        }
+        Ok(taken)
     }
 
     fn clear(&self) -> io::Result<()> {
-        self.ask("clear", &[]).map(drop)
+        self.mirror().clear();
+        self.inner.ask("clear", &[]).map(drop)
     }
 }
 

@@ -33,9 +33,16 @@ impl SystemdKeeper {
     /// the `LISTEN_*` variables.
     pub fn from_environment() -> Option<SystemdKeeper> {
         let socket = std::env::var_os("NOTIFY_SOCKET")?;
-        let store_max: u32 = std::env::var("FDSTORE").ok()?.parse().ok()?;
-        if store_max == 0 {
-            return None;
+        match std::env::var("FDSTORE").ok().and_then(|v| v.parse::<u32>().ok()) {
+            Some(n) if n > 0 => {}
+            _ => {
+                tracing::warn!(
+                    "run by systemd without a file descriptor store ($FDSTORE unset: systemd < 254 or \
+                     FileDescriptorStoreMax=0): the FUSE session is kept by a holder process, which dies \
+                     with the unit's cgroup unless KillMode=process"
+                );
+                return None;
+            }
         }
         let held = passed_fds();
         Some(SystemdKeeper {

@@ -97,6 +97,18 @@ fn kernel_at_least(major: u32, minor: u32) -> bool {
 
 /// Rejects keys that containerd would never send and that could confuse
 /// anything that treats keys as text: empty, NUL bytes, or `.`/`..` segments.
+/// The store paths live snapshots need (what a daemon pins against
+/// eviction), read from the snapshot records alone.
+pub fn pinned_paths(db: Arc<crate::db::Database>) -> Result<std::collections::HashSet<crate::nixfmt::StorePath>> {
+    let meta = MetaStore::open(db)?;
+    Ok(meta
+        .live_chains()?
+        .iter()
+        .flat_map(|chain| chain.iter().flat_map(|a| a.nix.iter().flatten()))
+        .filter_map(|p| crate::nixfmt::StorePath::from_base_name(&p.name).ok())
+        .collect())
+}
+
 pub fn validate_key(what: &str, key: &str) -> Result<()> {
     if key.is_empty() {
         return Err(Error::InvalidArgument(format!("{what} must not be empty")));
@@ -427,20 +439,24 @@ impl Snapshotter {
         self.db.commit_active(key, name, rec.id, labels, usage, nix)
     }
 
-    /// Once the store is open: its evictions close the files the FUSE
-    /// store kept open for them, and the views made before it opened get
-    /// their paths pinned (see [`nix::NixSupport::pin`]).
-    pub fn store_opened(&self) {
+    /// Publishes the opened store in `slot`: its evictions close the files
+    /// the FUSE store kept open for them, and what the views made before
+    /// it opened show is pinned before anything can evict through it.
+    pub fn store_opened(&self, slot: &nix::StoreSlot, store: Arc<crate::store::Store>) {
+        // Under the lock that adds and drops views: no view is added between
+        // the pins and the publication.
+        let _views = self.views.lock();
         if let Some(n) = &self.nix {
-            if let Some(store) = n.store.get() {
-                store.on_evict(n.fs.evictor());
-            }
-            // Under the lock that adds and drops views, so the set written
-            // is never older than a view just added.
-            if let Ok(_views) = self.views.lock() {
-                n.pin();
-            }
+            store.on_evict(n.fs.evictor());
+            let shown = n.fs.shown();
+            store.set_pinned(
+                shown
+                    .iter()
+                    .filter_map(|b| crate::nixfmt::StorePath::from_base_name(b).ok())
+                    .collect(),
+            );
         }
+        let _ = slot.set(store);
     }
 
     /// The FUSE store's state, when Nix layers are served through it.
