@@ -271,9 +271,29 @@ fn prewarm_evict_and_status_on_a_running_daemon() {
     assert!(err.contains(&f.data) && err.contains("in use"), "{err}");
     std::thread::sleep(std::time::Duration::from_millis(100));
     let _ = node.ctrd.ctr(&["tasks", "kill", "-s", "KILL", &id]);
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let _ = node.ctrd.ctr(&["tasks", "rm", "-f", &id]);
-    let _ = node.ctrd.ctr(&["containers", "rm", &id]);
+    let start = std::time::Instant::now();
+    while !node.ctrd.ctr(&["tasks", "rm", "-f", &id]).status.success() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "the task did not go"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    node.ctrd.ctr_ok(&["containers", "rm", &id]);
+    // Its snapshot goes in containerd's background collection: until then
+    // its paths stay pinned (also for the commands without a daemon).
+    let start = std::time::Instant::now();
+    loop {
+        let json: serde_json::Value = serde_json::from_str(&node.cli_ok(&["status", "--json"])).unwrap();
+        if json["store"]["pinned"] == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "still pinned: {json}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 
     // With the daemon gone the commands work on the root directly.
     node.daemon.stop();
@@ -380,4 +400,31 @@ fn metrics_during_a_cold_start_match_the_cache_log_and_pass_promtool() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("nowhere"), "{err}");
+}
+
+/// With no daemon answering (stopped while a container runs, its session
+/// kept for the next daemon), `evict` and `gc` work on the root directly,
+/// and still spare what the snapshot records say live snapshots need.
+#[test]
+fn without_a_daemon_evict_and_gc_spare_what_running_containers_need() {
+    let f = fixture();
+    let mut node = Node::start("live-offline");
+    let long = "docker.io/library/live-offline-long:latest";
+    let archive = node.tmp.join("long.tar");
+    let bb = format!("{}/bin/busybox", f.tool);
+    write_oci_archive(&archive, long, &[nix_layer(&f.closure, &[])], &[&bb, "sleep", "30"]);
+    node.ctrd
+        .ctr_ok(&["images", "import", "--snapshotter", "nix", archive.to_str().unwrap()]);
+    let id = unique("long");
+    node.ctrd.ctr_ok(&["run", "-d", "--snapshotter", "nix", long, &id]);
+    node.cli_ok(&["fetch", &f.data]);
+    node.daemon.stop();
+    let err = node.cli_err(&["evict", &f.data]);
+    assert!(err.contains(&f.data) && err.contains("in use"), "{err}");
+    let out = node.cli_ok(&["gc", "--max-size", "0"]);
+    assert!(
+        out.contains("in use kept") && !out.contains(&format!("removed {}", f.data)),
+        "{out}"
+    );
+    let _ = node.ctrd.ctr(&["tasks", "kill", "-s", "KILL", &id]);
 }
