@@ -10,7 +10,7 @@ use std::process::Command;
 
 use common::http::Server;
 use common::image::{busybox_layers, nix_layer, symlink, Entry};
-use common::nix::{derivation, NixStore};
+use common::nix::{busybox_tool, derivation, NixStore};
 use common::{unique, Containerd, Daemon, TempRoot};
 use nix_snapshotter::image::{self as lib, Layer};
 use nix_snapshotter::nixfmt::StorePath;
@@ -347,7 +347,7 @@ fn nix_fixture(dir: TempRoot) -> NixFixture {
     let nix = NixStore::new(&dir.join("nix"), "hostile-1");
     let expr = format!(
         "rec {{ tool = {}; evil = {}; info = {}; top = {}; }}",
-        derivation("tool", "b mkdir -p $out/bin; b cp /bin/busybox $out/bin/busybox", &[]),
+        busybox_tool(),
         derivation("evil", "b ln -s / $out", &[]),
         derivation(
             "closure-info",

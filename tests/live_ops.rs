@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use common::http::Server;
 use common::image::{nix_layer, write_oci_archive};
-use common::nix::{derivation, NixStore};
+use common::nix::{busybox_tool, derivation, NixStore};
 use common::{unique, Containerd, Daemon, TempRoot};
 use nix_snapshotter::nixfmt::{NarInfo, StorePath};
 
@@ -36,7 +36,7 @@ fn fixture() -> &'static Fixture {
         let nix = NixStore::new(&dir.join("nix"), "live-1");
         let expr = format!(
             "rec {{ tool = {}; data = {}; top = {}; }}",
-            derivation("tool", "b mkdir -p $out/bin; b cp /bin/busybox $out/bin/busybox", &[]),
+            busybox_tool(),
             derivation("data", "b mkdir $out; b printf 'warm or cold\\n' > $out/greeting", &[]),
             derivation(
                 "top",
@@ -49,16 +49,7 @@ fn fixture() -> &'static Fixture {
         let top = find("-top");
         let cache = dir.join("cache");
         nix.publish(&cache, "zstd", std::slice::from_ref(&top));
-        let closure = nix
-            .closure(&top)
-            .into_iter()
-            .map(|p| {
-                (
-                    StorePath::parse(&p).unwrap().base_name().to_string(),
-                    nix.real(&p).is_dir(),
-                )
-            })
-            .collect();
+        let closure = nix.layer_closure(&top);
         Fixture {
             _dir: dir,
             cache,

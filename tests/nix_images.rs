@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use common::http::{Fault, Server};
 use common::image::{self, nix_layer, write_oci_archive};
-use common::nix::{derivation, dump_sha256, NixStore};
+use common::nix::{busybox_tool, derivation, dump_sha256, NixStore};
 use common::{unique, Containerd, Daemon, TempRoot};
 use nix_snapshotter::nixfmt::{NarInfo, StorePath};
 
@@ -36,7 +36,7 @@ fn fixture() -> &'static Fixture {
         let dir = TempRoot::leaked("nixfix");
         let nix = NixStore::new(&dir.join("nix"), "images-1");
         let mut attrs = vec![
-            format!("tool = {};", derivation("tool", "b mkdir -p $out/bin; b cp /bin/busybox $out/bin/busybox", &[])),
+            format!("tool = {};", busybox_tool()),
             format!(
                 "data = {};",
                 derivation(
@@ -72,15 +72,7 @@ fn fixture() -> &'static Fixture {
         let find = |s: &str| outs.iter().find(|o| o.ends_with(s)).unwrap().clone();
         let cache = dir.join("cache");
         nix.publish(&cache, "zstd", std::slice::from_ref(&top));
-        let closure = nix
-            .closure(&top)
-            .into_iter()
-            .map(|p| {
-                let base = StorePath::parse(&p).unwrap().base_name().to_string();
-                let is_dir = nix.real(&p).is_dir();
-                (base, is_dir)
-            })
-            .collect();
+        let closure = nix.layer_closure(&top);
         Fixture {
             _dir: dir,
             cache,

@@ -95,6 +95,22 @@ impl NixStore {
             .collect()
     }
 
+    /// `path`'s closure as an image's Nix layer names it: (base name,
+    /// whether it is a directory).
+    pub fn layer_closure(&self, path: &str) -> Vec<(String, bool)> {
+        self.closure(path)
+            .into_iter()
+            .map(|p| {
+                let base = nix_snapshotter::nixfmt::StorePath::parse(&p)
+                    .unwrap()
+                    .base_name()
+                    .to_string();
+                let is_dir = self.real(&p).is_dir();
+                (base, is_dir)
+            })
+            .collect()
+    }
+
     /// Where a store path physically is.
     pub fn real(&self, store_path: &str) -> PathBuf {
         self.root.join(store_path.trim_start_matches('/'))
@@ -137,6 +153,12 @@ pub fn dump_sha256(path: &Path) -> String {
 }
 
 /// A derivation built with busybox only: `script` runs with `$out` set.
+/// A store path `tool` holding busybox at `bin/busybox`: the userland of
+/// most test images.
+pub fn busybox_tool() -> String {
+    derivation("tool", "b mkdir -p $out/bin; b cp /bin/busybox $out/bin/busybox", &[])
+}
+
 pub fn derivation(name: &str, script: &str, deps: &[&str]) -> String {
     format!(
         r#"derivation {{

@@ -9,9 +9,8 @@ use std::time::{Duration, Instant};
 
 use super::http::{Fault, Server};
 use super::image::{nix_layer, write_oci_archive};
-use super::nix::{derivation, NixStore};
+use super::nix::{busybox_tool, derivation, NixStore};
 use super::{unique, Containerd, Daemon, TempRoot};
-use nix_snapshotter::nixfmt::StorePath;
 
 /// Twelve store paths of 1 MiB of random bytes each, and one that lists
 /// their SHA-256 sums.
@@ -31,10 +30,7 @@ pub fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         let dir = TempRoot::leaked("contfix");
         let nix = NixStore::new(&dir.join("nix"), "continuity-1");
-        let mut attrs = vec![format!(
-            "tool = {};",
-            derivation("tool", "b mkdir -p $out/bin; b cp /bin/busybox $out/bin/busybox", &[])
-        )];
+        let mut attrs = vec![format!("tool = {};", busybox_tool())];
         let mut blobs = Vec::new();
         for i in 0..BLOBS {
             attrs.push(format!(
@@ -61,15 +57,7 @@ pub fn fixture() -> &'static Fixture {
         let sums = find("-sums");
         let cache = dir.join("cache");
         nix.publish(&cache, "zstd", std::slice::from_ref(&sums));
-        let closure = nix
-            .closure(&sums)
-            .into_iter()
-            .map(|p| {
-                let base = StorePath::parse(&p).unwrap().base_name().to_string();
-                let is_dir = nix.real(&p).is_dir();
-                (base, is_dir)
-            })
-            .collect();
+        let closure = nix.layer_closure(&sums);
         Fixture {
             _dir: dir,
             cache,
