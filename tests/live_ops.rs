@@ -44,19 +44,14 @@ fn fixture() -> &'static Fixture {
                 &["tool", "data"]
             ),
         );
-        let outs = nix.build(&expr);
-        let find = |s: &str| outs.iter().find(|o| o.ends_with(s)).unwrap().clone();
-        let top = find("-top");
-        let cache = dir.join("cache");
-        nix.publish(&cache, "zstd", std::slice::from_ref(&top));
-        let closure = nix.layer_closure(&top);
+        let built = nix.build_cache(&expr, "top", &dir.join("cache"));
         Fixture {
+            cache: dir.join("cache"),
             _dir: dir,
-            cache,
-            tool: find("-tool"),
-            data: find("-data"),
-            top,
-            closure,
+            tool: built.find("-tool"),
+            data: built.find("-data"),
+            top: built.top,
+            closure: built.closure,
             nix,
         }
     })

@@ -67,20 +67,15 @@ fn fixture() -> &'static Fixture {
             attrs.join("\n"),
             derivation("top", "b mkdir $out; for r in $deps; do b echo $r >> $out/refs; done", &refs.iter().map(String::as_str).collect::<Vec<_>>()),
         );
-        let outs = nix.build(&expr);
-        let top = outs.iter().find(|o| o.ends_with("-top")).unwrap().clone();
-        let find = |s: &str| outs.iter().find(|o| o.ends_with(s)).unwrap().clone();
-        let cache = dir.join("cache");
-        nix.publish(&cache, "zstd", std::slice::from_ref(&top));
-        let closure = nix.layer_closure(&top);
+        let built = nix.build_cache(&expr, "top", &dir.join("cache"));
         Fixture {
+            cache: dir.join("cache"),
             _dir: dir,
-            cache,
-            tool: find("-tool"),
-            data: find("-data"),
-            extra: find("-filler7"),
-            exe: find("-exe"),
-            closure,
+            tool: built.find("-tool"),
+            data: built.find("-data"),
+            extra: built.find("-filler7"),
+            exe: built.find("-exe"),
+            closure: built.closure,
             nix,
         }
     })

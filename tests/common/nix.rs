@@ -95,6 +95,21 @@ impl NixStore {
             .collect()
     }
 
+    /// Builds `expr` and publishes the closure of its output named
+    /// `*-<top>` in `cache` as a signed zstd binary cache.
+    pub fn build_cache(&self, expr: &str, top: &str, cache: &Path) -> Built {
+        let outs = self.build(expr);
+        let built = Built {
+            outs,
+            top: String::new(),
+            closure: Vec::new(),
+        };
+        let top = built.find(&format!("-{top}"));
+        self.publish(cache, "zstd", std::slice::from_ref(&top));
+        let closure = self.layer_closure(&top);
+        Built { top, closure, ..built }
+    }
+
     /// `path`'s closure as an image's Nix layer names it: (base name,
     /// whether it is a directory).
     pub fn layer_closure(&self, path: &str) -> Vec<(String, bool)> {
@@ -153,6 +168,26 @@ pub fn dump_sha256(path: &Path) -> String {
 }
 
 /// A derivation built with busybox only: `script` runs with `$out` set.
+/// What [`NixStore::build_cache`] built.
+pub struct Built {
+    pub outs: Vec<String>,
+    /// The published output.
+    pub top: String,
+    /// Its closure, as [`NixStore::layer_closure`] gives it.
+    pub closure: Vec<(String, bool)>,
+}
+
+impl Built {
+    /// The output whose name ends in `suffix`.
+    pub fn find(&self, suffix: &str) -> String {
+        self.outs
+            .iter()
+            .find(|o| o.ends_with(suffix))
+            .unwrap_or_else(|| panic!("no output *{suffix} in {:?}", self.outs))
+            .clone()
+    }
+}
+
 /// A store path `tool` holding busybox at `bin/busybox`: the userland of
 /// most test images.
 pub fn busybox_tool() -> String {

@@ -52,18 +52,13 @@ pub fn fixture() -> &'static Fixture {
                 &blobs.iter().map(String::as_str).collect::<Vec<_>>()
             ),
         );
-        let outs = nix.build(&expr);
-        let find = |s: &str| outs.iter().find(|o| o.ends_with(s)).unwrap().clone();
-        let sums = find("-sums");
-        let cache = dir.join("cache");
-        nix.publish(&cache, "zstd", std::slice::from_ref(&sums));
-        let closure = nix.layer_closure(&sums);
+        let built = nix.build_cache(&expr, "sums", &dir.join("cache"));
         Fixture {
+            cache: dir.join("cache"),
             _dir: dir,
-            cache,
-            tool: find("-tool"),
-            sums,
-            closure,
+            tool: built.find("-tool"),
+            sums: built.top,
+            closure: built.closure,
             nix,
         }
     })
