@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/containerd/services/leases/v1/leases.proto",
         "proto/containerd/services/diff/v1/diff.proto",
         "proto/nixsnapshotter/admin/v1/admin.proto",
+        "proto/k8s/cri/runtime/v1/images.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -36,6 +36,13 @@ pub mod containerd {
     }
 }
 
+/// The Kubernetes CRI (package `runtime.v1`): the image service's messages.
+pub mod runtime {
+    pub mod v1 {
+        tonic::include_proto!("runtime.v1");
+    }
+}
+
 pub mod nixsnapshotter {
     pub mod admin {
         pub mod v1 {
@@ -51,3 +58,4 @@ pub use containerd::services::leases::v1 as leases;
 pub use containerd::services::snapshots::v1 as snapshots;
 pub use containerd::types::Mount;
 pub use nixsnapshotter::admin::v1 as admin;
+pub use runtime::v1 as cri;

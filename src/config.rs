@@ -165,7 +165,8 @@ impl<'de> Deserialize<'de> for ByteSize {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ImageServiceConfig {
-    /// Serve the CRI ImageService on the same socket (resolves `nix:0/...` refs).
+    /// Serve the CRI ImageService on the same socket, passed through to
+    /// containerd's CRI (`nix:0/...` refs are not resolved yet).
     pub enable: bool,
     /// containerd's socket, where the image service stores images.
     pub containerd_address: PathBuf,
@@ -247,13 +248,6 @@ impl Config {
                 self.external_builder
             ));
         }
-        if self.image_service.enable {
-            return Err(
-                "[image_service] enable = true: the CRI image service (nix:0/... image refs) is not in this \
-                 build yet; set enable = false"
-                    .into(),
-            );
-        }
         Ok(())
     }
 }
@@ -278,8 +272,12 @@ mod tests {
             err.contains("external_builder") && err.contains("not supported"),
             "{err}"
         );
-        let err = Config::parse("[image_service]\nenable = true").unwrap_err();
-        assert!(err.contains("image_service") && err.contains("not in this"), "{err}");
+        assert!(
+            Config::parse("[image_service]\nenable = true")
+                .unwrap()
+                .image_service
+                .enable
+        );
     }
 
     #[test]

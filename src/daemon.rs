@@ -261,6 +261,12 @@ pub async fn run(cfg: Config, found: Found, take_over: bool) -> Result<(), Daemo
             slot.clone(),
             cfg.clone(),
         )))
+        // The CRI image service, only when enabled: off means off.
+        .add_optional_service(
+            cfg.image_service
+                .enable
+                .then(|| crate::cri::ImageService::new(cfg.image_service.containerd_address.clone())),
+        )
         .serve_with_incoming_shutdown(
             UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityFix::new)),
             shutdown,

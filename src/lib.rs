@@ -12,6 +12,7 @@ pub mod authority;
 pub mod cache;
 pub mod commands;
 pub mod config;
+pub mod cri;
 pub mod daemon;
 pub mod db;
 pub mod error;

@@ -342,6 +342,16 @@ impl Containerd {
 
     /// Like [`start`](Self::start), with containerd, its shims and ctr from `bin`.
     pub fn start_from(dir: &Path, nix_socket: &Path, bin: Option<&Path>) -> Containerd {
+        Self::start_opts(dir, nix_socket, bin, false)
+    }
+
+    /// Like [`start`](Self::start), with the CRI plugin on (snapshotter
+    /// `nix`, snapshot annotations passed, no lowering of OOM scores).
+    pub fn start_with_cri(dir: &Path, nix_socket: &Path) -> Containerd {
+        Self::start_opts(dir, nix_socket, None, true)
+    }
+
+    fn start_opts(dir: &Path, nix_socket: &Path, bin: Option<&Path>, cri: bool) -> Containerd {
         assert!(
             have("containerd") && have("ctr") && have("runc"),
             "containerd, ctr and runc must be installed (see .ci/run)"
@@ -355,7 +365,7 @@ impl Containerd {
                 r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"]
+{plugins}
 
 [grpc]
   address = "{address}"
@@ -377,6 +387,23 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
                 state = dir.join("state").display(),
                 address = address.display(),
                 nix = nix_socket.display(),
+                plugins = if cri {
+                    format!(
+                        r#"[plugins."io.containerd.grpc.v1.cri"]
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "nix"
+    disable_snapshot_annotations = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{cni}/bin"
+    conf_dir = "{cni}/conf"
+"#,
+                        cni = dir.join("cni").display()
+                    )
+                } else {
+                    r#"disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"]"#
+                        .to_string()
+                },
             ),
         )
         .unwrap();
