@@ -165,8 +165,8 @@ impl<'de> Deserialize<'de> for ByteSize {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ImageServiceConfig {
-    /// Serve the CRI ImageService on the same socket, passed through to
-    /// containerd's CRI (`nix:0/...` refs are not resolved yet).
+    /// Serve the CRI ImageService on the same socket: `nix:0/...` refs are
+    /// pulled here, everything else is passed to containerd's CRI.
     pub enable: bool,
     /// containerd's socket, where the image service stores images.
     pub containerd_address: PathBuf,
@@ -195,7 +195,7 @@ impl Default for Config {
 impl Default for ImageServiceConfig {
     fn default() -> Self {
         ImageServiceConfig {
-            enable: false,
+            enable: true,
             containerd_address: DEFAULT_CONTAINERD_ADDRESS.into(),
         }
     }

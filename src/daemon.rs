@@ -262,11 +262,13 @@ pub async fn run(cfg: Config, found: Found, take_over: bool) -> Result<(), Daemo
             cfg.clone(),
         )))
         // The CRI image service, only when enabled: off means off.
-        .add_optional_service(
-            cfg.image_service
-                .enable
-                .then(|| crate::cri::ImageService::new(cfg.image_service.containerd_address.clone())),
-        )
+        .add_optional_service(cfg.image_service.enable.then(|| {
+            crate::cri::ImageService::new(
+                cfg.image_service.containerd_address.clone(),
+                slot.clone(),
+                Duration::from_secs_f64(cfg.fuse.fetch_timeout.max(1.0)),
+            )
+        }))
         .serve_with_incoming_shutdown(
             UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityFix::new)),
             shutdown,

@@ -1,8 +1,8 @@
 //! The CRI image service on our socket, as a kubelet pointed at it with
 //! `--image-service-endpoint` would use it, against containerd's CRI plugin
 //! (Debian's containerd 1.6): every call is passed through, a `nix:0` ref is
-//! refused by name for now, an unreachable containerd is named, and
-//! `enable = false` really turns the service off.
+//! pulled from a signed binary cache without a nix-daemon, an unreachable
+//! containerd is named, and `enable = false` really turns the service off.
 
 mod common;
 
@@ -146,19 +146,6 @@ async fn the_image_service_passes_every_call_to_containerds_cri() {
         .unwrap_err();
     assert!(err.message().contains("nothing/here"), "{err:?}");
 
-    // A nix:0 ref: refused, by name, for now.
-    let nix_ref = "nix:0/nix/store/00000000000000000000000000000000-nix-image-x.tar:latest";
-    let err = ours
-        .clone()
-        .pull_image(PullImageRequest {
-            image: spec(nix_ref),
-            auth: None,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
-    assert!(err.message().contains(nix_ref), "{err:?}");
-
     // RemoveImage through us: gone for the CRI.
     ours.clone()
         .remove_image(RemoveImageRequest { image: spec(name) })
@@ -202,4 +189,122 @@ async fn an_unreachable_containerd_is_named_and_a_disabled_service_is_off() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
+}
+
+/// A `nix:0` ref whose archive only a signed binary cache on 127.0.0.1 has
+/// (empty local store, no nix-daemon): PullImage through our socket fetches
+/// the archive, loads the image for snapshotter `nix` and answers once
+/// containerd's CRI reports it. The image's own store paths are not fetched
+/// by the pull (they come when a container reads them). Bad refs are named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nix_ref_is_pulled_from_a_signed_cache_into_the_cri() {
+    use common::nix::{busybox_tool, derivation, NixStore};
+    let tmp = TempRoot::new("cri-nix");
+    let nix = NixStore::new(&tmp.join("nix"), "cri-1");
+    let expr = format!(
+        "rec {{ tool = {}; data = {}; }}",
+        busybox_tool(),
+        derivation(
+            "data",
+            "b mkdir $out; b printf 'hello from a pod\\n' > $out/greeting",
+            &[]
+        )
+    );
+    let outs = nix.build(&expr);
+    let closure: Vec<String> = outs.iter().flat_map(|o| nix.closure(o)).collect();
+    let list = tmp.join("store-paths");
+    std::fs::write(&list, closure.join("\n")).unwrap();
+    let conf = tmp.join("config.json");
+    let tool = outs.iter().find(|o| o.ends_with("-tool")).unwrap();
+    std::fs::write(
+        &conf,
+        format!("{{\"Cmd\": [\"{tool}/bin/busybox\", \"cat\", \"/greeting\"]}}"),
+    )
+    .unwrap();
+    let archive = tmp.join("nix-image-hello.tar");
+    let built = std::process::Command::new(common::DAEMON)
+        .args(["image", "build", "--config"])
+        .arg(&conf)
+        .arg("--closure")
+        .arg(&list)
+        .arg("--store-root")
+        .arg(&nix.root)
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let stored = nix.add_file(&archive);
+    let cache = tmp.join("cache");
+    let mut published = closure.clone();
+    published.push(stored.clone());
+    nix.publish(&cache, "zstd", &published);
+    let server = common::http::Server::start(cache);
+
+    let ctrd_dir = tmp.join("ctrd");
+    let cfg = common::cache_config(
+        &tmp.path,
+        &server.url(),
+        &nix.public_key,
+        &format!(
+            "[image_service]\nenable = true\ncontainerd_address = \"{}\"\n",
+            ctrd_dir.join("containerd.sock").display()
+        ),
+    );
+    let daemon = Daemon::start_with(
+        &tmp.join("root"),
+        &tmp.join("nix.sock"),
+        &["--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    let ctrd = Containerd::start_with_cri(&ctrd_dir, &daemon.address);
+    let ours = client(&daemon.address).await;
+
+    let image = format!("nix:0{stored}:latest");
+    let id = ours
+        .clone()
+        .pull_image(PullImageRequest {
+            image: spec(&image),
+            auth: None,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("PullImage {image}: {e:?}\n{}", daemon.log_problems()))
+        .into_inner()
+        .image_ref;
+    assert!(id.starts_with("sha256:"), "{id}");
+    let status = client(&ctrd.address)
+        .await
+        .image_status(ImageStatusRequest {
+            image: spec(&image),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.image.map(|i| i.id), Some(id));
+    // Only the archive came from the cache: the image's store paths wait
+    // for a container to read them.
+    let nars: Vec<String> = server.log().into_iter().filter(|l| l.contains("/nar/")).collect();
+    assert_eq!(nars.len(), 1, "{nars:?}");
+
+    // Bad refs, each named.
+    let p = &stored;
+    for (bad, code) in [
+        (format!("nix:0{p}:v2"), tonic::Code::InvalidArgument),
+        (
+            "nix:0/nix/store/00000000000000000000000000000000-nix-image-missing.tar".to_string(),
+            tonic::Code::NotFound,
+        ),
+        (format!("nix:0{tool}"), tonic::Code::InvalidArgument),
+    ] {
+        let err = ours
+            .clone()
+            .pull_image(PullImageRequest {
+                image: spec(&bad),
+                auth: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "{bad}: {err:?}");
+        assert!(err.message().contains(bad.trim_end_matches(":v2")), "{err:?}");
+    }
 }

@@ -143,6 +143,20 @@ impl NixStore {
         nix(&args);
     }
 
+    /// Adds `file` to this store as it is (a store path with no references,
+    /// named after the file); returns its store path.
+    pub fn add_file(&self, file: &Path) -> String {
+        nix(&[
+            "store",
+            "add-file",
+            "--store",
+            self.root.to_str().unwrap(),
+            file.to_str().unwrap(),
+        ])
+        .trim()
+        .to_string()
+    }
+
     /// The closure of `path` in this store.
     pub fn closure(&self, path: &str) -> Vec<String> {
         let out = nix(&["path-info", "--store", self.root.to_str().unwrap(), "--recursive", path]);
