@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/containerd/services/diff/v1/diff.proto",
         "proto/nixsnapshotter/admin/v1/admin.proto",
         "proto/k8s/cri/runtime/v1/images.proto",
+        "proto/k8s/cri/runtime/v1/runtime.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -191,15 +191,18 @@ async fn an_unreachable_containerd_is_named_and_a_disabled_service_is_off() {
     assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
 }
 
-/// A `nix:0` ref whose archive only a signed binary cache on 127.0.0.1 has
-/// (empty local store, no nix-daemon): PullImage through our socket fetches
-/// the archive, loads the image for snapshotter `nix` and answers once
-/// containerd's CRI reports it. The image's own store paths are not fetched
-/// by the pull (they come when a container reads them). Bad refs are named.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_nix_ref_is_pulled_from_a_signed_cache_into_the_cri() {
+/// A Nix image (busybox and a greeting) whose archive, with its closure,
+/// only a signed binary cache on 127.0.0.1 has.
+struct NixImage {
+    nix: common::nix::NixStore,
+    /// The archive's store path.
+    stored: String,
+    tool: String,
+    server: common::http::Server,
+}
+
+fn nix_image_in_cache(tmp: &TempRoot) -> NixImage {
     use common::nix::{busybox_tool, derivation, NixStore};
-    let tmp = TempRoot::new("cri-nix");
     let nix = NixStore::new(&tmp.join("nix"), "cri-1");
     let expr = format!(
         "rec {{ tool = {}; data = {}; }}",
@@ -215,10 +218,11 @@ async fn a_nix_ref_is_pulled_from_a_signed_cache_into_the_cri() {
     let list = tmp.join("store-paths");
     std::fs::write(&list, closure.join("\n")).unwrap();
     let conf = tmp.join("config.json");
-    let tool = outs.iter().find(|o| o.ends_with("-tool")).unwrap();
+    let tool = outs.iter().find(|o| o.ends_with("-tool")).unwrap().clone();
+    let data = outs.iter().find(|o| o.ends_with("-data")).unwrap().clone();
     std::fs::write(
         &conf,
-        format!("{{\"Cmd\": [\"{tool}/bin/busybox\", \"cat\", \"/greeting\"]}}"),
+        format!("{{\"Cmd\": [\"{tool}/bin/busybox\", \"cat\", \"{data}/greeting\"]}}"),
     )
     .unwrap();
     let archive = tmp.join("nix-image-hello.tar");
@@ -235,16 +239,26 @@ async fn a_nix_ref_is_pulled_from_a_signed_cache_into_the_cri() {
     assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
     let stored = nix.add_file(&archive);
     let cache = tmp.join("cache");
-    let mut published = closure.clone();
+    let mut published = closure;
     published.push(stored.clone());
     nix.publish(&cache, "zstd", &published);
     let server = common::http::Server::start(cache);
+    NixImage {
+        nix,
+        stored,
+        tool,
+        server,
+    }
+}
 
+/// Our daemon (image service on, pointed at `ctrd_dir`'s containerd) using
+/// the image's cache, and containerd with its CRI plugin.
+fn node(tmp: &TempRoot, img: &NixImage) -> (Daemon, Containerd) {
     let ctrd_dir = tmp.join("ctrd");
     let cfg = common::cache_config(
         &tmp.path,
-        &server.url(),
-        &nix.public_key,
+        &img.server.url(),
+        &img.nix.public_key,
         &format!(
             "[image_service]\nenable = true\ncontainerd_address = \"{}\"\n",
             ctrd_dir.join("containerd.sock").display()
@@ -257,9 +271,22 @@ async fn a_nix_ref_is_pulled_from_a_signed_cache_into_the_cri() {
         &[],
     );
     let ctrd = Containerd::start_with_cri(&ctrd_dir, &daemon.address);
+    (daemon, ctrd)
+}
+
+/// A `nix:0` ref whose archive only a signed binary cache on 127.0.0.1 has
+/// (empty local store, no nix-daemon): PullImage through our socket fetches
+/// the archive, loads the image for snapshotter `nix` and answers once
+/// containerd's CRI reports it. The image's own store paths are not fetched
+/// by the pull (they come when a container reads them). Bad refs are named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nix_ref_is_pulled_from_a_signed_cache_into_the_cri() {
+    let tmp = TempRoot::new("cri-nix");
+    let img = nix_image_in_cache(&tmp);
+    let (daemon, ctrd) = node(&tmp, &img);
     let ours = client(&daemon.address).await;
 
-    let image = format!("nix:0{stored}:latest");
+    let image = format!("nix:0{}:latest", img.stored);
     let id = ours
         .clone()
         .pull_image(PullImageRequest {
@@ -283,18 +310,18 @@ async fn a_nix_ref_is_pulled_from_a_signed_cache_into_the_cri() {
     assert_eq!(status.image.map(|i| i.id), Some(id));
     // Only the archive came from the cache: the image's store paths wait
     // for a container to read them.
-    let nars: Vec<String> = server.log().into_iter().filter(|l| l.contains("/nar/")).collect();
+    let nars: Vec<String> = img.server.log().into_iter().filter(|l| l.contains("/nar/")).collect();
     assert_eq!(nars.len(), 1, "{nars:?}");
 
     // Bad refs, each named.
-    let p = &stored;
+    let p = &img.stored;
     for (bad, code) in [
         (format!("nix:0{p}:v2"), tonic::Code::InvalidArgument),
         (
             "nix:0/nix/store/00000000000000000000000000000000-nix-image-missing.tar".to_string(),
             tonic::Code::NotFound,
         ),
-        (format!("nix:0{tool}"), tonic::Code::InvalidArgument),
+        (format!("nix:0{}", img.tool), tonic::Code::InvalidArgument),
     ] {
         let err = ours
             .clone()
@@ -307,4 +334,145 @@ async fn a_nix_ref_is_pulled_from_a_signed_cache_into_the_cri() {
         assert_eq!(err.code(), code, "{bad}: {err:?}");
         assert!(err.message().contains(bad.trim_end_matches(":v2")), "{err:?}");
     }
+}
+
+/// As a kubelet does: ImageStatus, PullImage (through our image service),
+/// RunPodSandbox with host network, CreateContainer, StartContainer, read
+/// its log, stop and remove. The pod's store paths are fetched lazily.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_runs_from_a_nix_ref_through_the_cri() {
+    use nix_snapshotter::api::cri::runtime_service_client::RuntimeServiceClient;
+    use nix_snapshotter::api::cri::{
+        ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest, CreateContainerRequest,
+        LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
+        PodSandboxMetadata, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+        StartContainerRequest, StopPodSandboxRequest,
+    };
+    let tmp = TempRoot::new("cri-pod");
+    let img = nix_image_in_cache(&tmp);
+    let (daemon, ctrd) = node(&tmp, &img);
+    ctrd.import_pause_image();
+    let images = client(&daemon.address).await;
+    let mut runtime = RuntimeServiceClient::new(nix_snapshotter::uds::connect(&ctrd.address).await.unwrap());
+
+    let image = format!("nix:0{}", img.stored);
+    let absent = images
+        .clone()
+        .image_status(ImageStatusRequest {
+            image: spec(&format!("{image}:latest")),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(absent.image.is_none(), "{absent:?}");
+    images
+        .clone()
+        .pull_image(PullImageRequest {
+            image: spec(&format!("{image}:latest")),
+            auth: None,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("PullImage: {e:?}\n{}", daemon.log_problems()));
+
+    let logs = tmp.join("pod-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let sandbox = PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: "hello".into(),
+            uid: common::unique("uid"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: String::new(),
+        log_directory: logs.display().to_string(),
+        linux: Some(LinuxPodSandboxConfig {
+            cgroup_parent: String::new(),
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Node as i32,
+                    pid: NamespaceMode::Container as i32,
+                    ipc: NamespaceMode::Pod as i32,
+                }),
+            }),
+        }),
+        ..Default::default()
+    };
+    let pod = runtime
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(sandbox.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e:?}"))
+        .into_inner()
+        .pod_sandbox_id;
+    let container = runtime
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(ContainerConfig {
+                metadata: Some(ContainerMetadata {
+                    name: "hello".into(),
+                    attempt: 0,
+                }),
+                image: spec(&format!("{image}:latest")),
+                log_path: "hello.log".into(),
+                ..Default::default()
+            }),
+            sandbox_config: Some(sandbox),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer: {e:?}\n{}", daemon.log_problems()))
+        .into_inner()
+        .container_id;
+    runtime
+        .start_container(StartContainerRequest {
+            container_id: container.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer: {e:?}\n{}", daemon.log_problems()));
+    let start = std::time::Instant::now();
+    let status = loop {
+        let s = runtime
+            .container_status(ContainerStatusRequest {
+                container_id: container.clone(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        if s.state == ContainerState::ContainerExited as i32 {
+            break s;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "{s:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let log = std::fs::read_to_string(logs.join("hello.log")).unwrap_or_default();
+    assert!(
+        status.exit_code == 0 && log.contains("hello from a pod"),
+        "{status:?}\nlog: {log}\n--- daemon:\n{}",
+        daemon.log_problems()
+    );
+    // Lazily: the archive, busybox and the greeting, each once.
+    let nars: Vec<String> = img.server.log().into_iter().filter(|l| l.contains("/nar/")).collect();
+    assert_eq!(nars.len(), 3, "{nars:?}");
+
+    runtime
+        .remove_container(RemoveContainerRequest {
+            container_id: container,
+        })
+        .await
+        .unwrap();
+    runtime
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap();
+    runtime
+        .remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod })
+        .await
+        .unwrap();
 }

@@ -335,7 +335,33 @@ pub fn containerd_of(suite: &str) -> PathBuf {
     bin
 }
 
+/// The pod sandbox image of a containerd started with its CRI plugin (a
+/// busybox that sleeps; see [`Containerd::import_pause_image`]).
+pub const PAUSE_IMAGE: &str = "docker.io/library/nst-pause:latest";
+
 impl Containerd {
+    /// Imports [`PAUSE_IMAGE`] into the CRI's namespace, for snapshotter
+    /// `nix` (the CRI's), so pods start offline.
+    pub fn import_pause_image(&self) {
+        let archive = self.dir.join("pause.tar");
+        image::write_oci_archive(
+            &archive,
+            PAUSE_IMAGE,
+            &image::busybox_layers(),
+            &["/bin/sleep", "100000"],
+        );
+        // (In the CRI's namespace: its containers' runc state is under this
+        // containerd's own runc root.)
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(&self.address)
+            .args(["--namespace", "k8s.io", "images", "import", "--snapshotter", "nix"])
+            .arg(&archive)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
     pub fn start(dir: &Path, nix_socket: &Path) -> Containerd {
         Self::start_from(dir, nix_socket, None)
     }
@@ -391,14 +417,21 @@ state = "{state}"
                     format!(
                         r#"[plugins."io.containerd.grpc.v1.cri"]
   restrict_oom_score_adj = true
+  sandbox_image = "{PAUSE_IMAGE}"
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "nix"
     disable_snapshot_annotations = false
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+    SystemdCgroup = false
+    Root = "{runc}"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{cni}/bin"
     conf_dir = "{cni}/conf"
 "#,
-                        cni = dir.join("cni").display()
+                        cni = dir.join("cni").display(),
+                        runc = dir.join("runc").display()
                     )
                 } else {
                     r#"disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"]"#
