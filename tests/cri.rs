@@ -254,6 +254,11 @@ fn nix_image_in_cache(tmp: &TempRoot) -> NixImage {
 /// Our daemon (image service on, pointed at `ctrd_dir`'s containerd) using
 /// the image's cache, and containerd with its CRI plugin.
 fn node(tmp: &TempRoot, img: &NixImage) -> (Daemon, Containerd) {
+    node_from(tmp, img, None)
+}
+
+/// [`node`] with containerd from `bin` (another Debian release's).
+fn node_from(tmp: &TempRoot, img: &NixImage, bin: Option<&Path>) -> (Daemon, Containerd) {
     let ctrd_dir = tmp.join("ctrd");
     let cfg = common::cache_config(
         &tmp.path,
@@ -270,7 +275,7 @@ fn node(tmp: &TempRoot, img: &NixImage) -> (Daemon, Containerd) {
         &["--config", cfg.to_str().unwrap()],
         &[],
     );
-    let ctrd = Containerd::start_with_cri(&ctrd_dir, &daemon.address);
+    let ctrd = Containerd::start_with_cri_from(&ctrd_dir, &daemon.address, bin);
     (daemon, ctrd)
 }
 
@@ -336,11 +341,25 @@ async fn a_nix_ref_is_pulled_from_a_signed_cache_into_the_cri() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_runs_from_a_nix_ref_through_the_cri_of_containerd_1_6() {
+    pod_from_a_nix_ref("cri-pod", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_runs_from_a_nix_ref_through_the_cri_of_containerd_1_7() {
+    pod_from_a_nix_ref("cri-pod17", Some(&common::containerd_of("trixie"))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_runs_from_a_nix_ref_through_the_cri_of_containerd_2() {
+    pod_from_a_nix_ref("cri-pod2", Some(&common::containerd_of("sid"))).await;
+}
+
 /// As a kubelet does: ImageStatus, PullImage (through our image service),
 /// RunPodSandbox with host network, CreateContainer, StartContainer, read
 /// its log, stop and remove. The pod's store paths are fetched lazily.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pod_runs_from_a_nix_ref_through_the_cri() {
+async fn pod_from_a_nix_ref(name: &str, bin: Option<&Path>) {
     use nix_snapshotter::api::cri::runtime_service_client::RuntimeServiceClient;
     use nix_snapshotter::api::cri::{
         ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest, CreateContainerRequest,
@@ -348,9 +367,9 @@ async fn a_pod_runs_from_a_nix_ref_through_the_cri() {
         PodSandboxMetadata, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
         StartContainerRequest, StopPodSandboxRequest,
     };
-    let tmp = TempRoot::new("cri-pod");
+    let tmp = TempRoot::new(name);
     let img = nix_image_in_cache(&tmp);
-    let (daemon, ctrd) = node(&tmp, &img);
+    let (daemon, ctrd) = node_from(&tmp, &img, bin);
     ctrd.import_pause_image();
     let images = client(&daemon.address).await;
     let mut runtime = RuntimeServiceClient::new(nix_snapshotter::uds::connect(&ctrd.address).await.unwrap());

@@ -352,7 +352,7 @@ impl Containerd {
         );
         // (In the CRI's namespace: its containers' runc state is under this
         // containerd's own runc root.)
-        let out = Command::new("ctr")
+        let out = Command::new(self.bin.as_ref().map_or(PathBuf::from("ctr"), |b| b.join("ctr")))
             .arg("--address")
             .arg(&self.address)
             .args(["--namespace", "k8s.io", "images", "import", "--snapshotter", "nix"])
@@ -375,6 +375,11 @@ impl Containerd {
     /// `nix`, snapshot annotations passed, no lowering of OOM scores).
     pub fn start_with_cri(dir: &Path, nix_socket: &Path) -> Containerd {
         Self::start_opts(dir, nix_socket, None, true)
+    }
+
+    /// [`start_with_cri`](Self::start_with_cri) with containerd from `bin`.
+    pub fn start_with_cri_from(dir: &Path, nix_socket: &Path, bin: Option<&Path>) -> Containerd {
+        Self::start_opts(dir, nix_socket, bin, true)
     }
 
     fn start_opts(dir: &Path, nix_socket: &Path, bin: Option<&Path>, cri: bool) -> Containerd {
