@@ -136,6 +136,24 @@ enum ImageCommand {
         /// OCI image-layout tar (as `image build` or buildImage writes).
         archive: PathBuf,
     },
+    /// Upload an image archive to a registry (OCI distribution API), digests
+    /// unchanged: pulls of it through containerd make its Nix layer from
+    /// labels, never downloading it.
+    Push {
+        /// Talk HTTP, not HTTPS (a registry on the local network).
+        #[arg(long)]
+        plain_http: bool,
+        /// USER:PASS (default: ~/.docker/config.json's auths.<host>.auth).
+        #[arg(long, value_name = "USER:PASS")]
+        creds: Option<String>,
+        /// A repository of the same registry to mount blobs from (repeatable).
+        #[arg(long, value_name = "REPO")]
+        mount_from: Vec<String>,
+        /// OCI image-layout tar.
+        archive: PathBuf,
+        /// HOST[:PORT]/REPOSITORY[:TAG]
+        reference: String,
+    },
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -245,6 +263,28 @@ fn main() -> ExitCode {
                     .await?;
             println!("{name}");
             Ok::<(), nix_snapshotter::image::load::LoadError>(())
+        }),
+        Some(Command::Image(ImageCommand::Push {
+            plain_http,
+            creds,
+            mount_from,
+            archive,
+            reference,
+        })) => run(async {
+            let opts = nix_snapshotter::image::push::PushOptions {
+                plain_http,
+                creds,
+                mount_from,
+            };
+            let r = nix_snapshotter::image::push::push(&archive, &reference, &opts).await?;
+            println!("{reference}@{}", r.manifest);
+            eprintln!(
+                "pushed {} blobs ({} already there, {} mounted)",
+                r.uploaded.len(),
+                r.present.len(),
+                r.mounted.len()
+            );
+            Ok::<(), nix_snapshotter::image::push::PushError>(())
         }),
         Some(Command::Gc { max_size, .. }) => run(async { nix_snapshotter::commands::gc(&cfg, max_size).await }),
         Some(Command::Evict { paths, .. }) => run(async { nix_snapshotter::commands::evict(&cfg, &paths).await }),

@@ -195,6 +195,8 @@ async fn an_unreachable_containerd_is_named_and_a_disabled_service_is_off() {
 /// only a signed binary cache on 127.0.0.1 has.
 struct NixImage {
     nix: common::nix::NixStore,
+    /// The archive as `image build` wrote it.
+    archive: std::path::PathBuf,
     /// The archive's store path.
     stored: String,
     tool: String,
@@ -245,6 +247,7 @@ fn nix_image_in_cache(tmp: &TempRoot) -> NixImage {
     let server = common::http::Server::start(cache);
     NixImage {
         nix,
+        archive,
         stored,
         tool,
         server,
@@ -360,19 +363,11 @@ async fn a_pod_runs_from_a_nix_ref_through_the_cri_of_containerd_2() {
 /// RunPodSandbox with host network, CreateContainer, StartContainer, read
 /// its log, stop and remove. The pod's store paths are fetched lazily.
 async fn pod_from_a_nix_ref(name: &str, bin: Option<&Path>) {
-    use nix_snapshotter::api::cri::runtime_service_client::RuntimeServiceClient;
-    use nix_snapshotter::api::cri::{
-        ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest, CreateContainerRequest,
-        LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
-        PodSandboxMetadata, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-        StartContainerRequest, StopPodSandboxRequest,
-    };
     let tmp = TempRoot::new(name);
     let img = nix_image_in_cache(&tmp);
     let (daemon, ctrd) = node_from(&tmp, &img, bin);
     ctrd.import_pause_image();
     let images = client(&daemon.address).await;
-    let mut runtime = RuntimeServiceClient::new(nix_snapshotter::uds::connect(&ctrd.address).await.unwrap());
 
     let image = format!("nix:0{}", img.stored);
     let absent = images
@@ -394,6 +389,182 @@ async fn pod_from_a_nix_ref(name: &str, bin: Option<&Path>) {
         .await
         .unwrap_or_else(|e| panic!("PullImage: {e:?}\n{}", daemon.log_problems()));
 
+    let log = run_pod(&tmp, &ctrd, &daemon, &format!("{image}:latest")).await;
+    assert!(log.contains("hello from a pod"), "{log}");
+    // Lazily: the archive, busybox and the greeting, each once.
+    let nars: Vec<String> = img.server.log().into_iter().filter(|l| l.contains("/nar/")).collect();
+    assert_eq!(nars.len(), 3, "{nars:?}");
+}
+
+/// Debian's docker-registry on 127.0.0.1, with its access log.
+struct Registry {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    host: String,
+}
+
+impl Registry {
+    fn start(dir: &Path) -> Registry {
+        std::fs::create_dir_all(dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let host = format!("127.0.0.1:{port}");
+        let config = dir.join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {host}\n",
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        let log = dir.join("registry.log");
+        let logf = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .expect("docker-registry must be installed (scripts/install-deps)");
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(&host).is_err() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "the registry did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Registry { child, log, host }
+    }
+
+    /// The blobs it served (GETs of /v2/.../blobs/<digest>).
+    fn blob_gets(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `image push` to Debian's docker-registry, then a pod from the pushed
+/// image through the CRI (pulled by containerd from the registry): the Nix
+/// layer is made from its labels, and never downloaded from the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_nix_image_runs_as_a_pod_without_its_nix_layer_being_downloaded() {
+    let tmp = TempRoot::new("cri-push");
+    let img = nix_image_in_cache(&tmp);
+    let registry = Registry::start(&tmp.join("registry"));
+    let reference = format!("{}/nix/hello:v1", registry.host);
+    let push = |extra: &[&str]| {
+        std::process::Command::new(common::DAEMON)
+            .args(["image", "push", "--plain-http"])
+            .args(extra)
+            .arg(&img.archive)
+            .arg(&reference)
+            .output()
+            .unwrap()
+    };
+    let out = push(&[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pushed 2 blobs"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Again: every blob is found there, nothing uploaded.
+    let again = push(&[]);
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("pushed 0 blobs (2 already there"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    // Bad references are named.
+    let bad = std::process::Command::new(common::DAEMON)
+        .args(["image", "push", "--plain-http"])
+        .arg(&img.archive)
+        .arg("NoHost/UPPER")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("NoHost/UPPER"));
+
+    let (daemon, ctrd) = node(&tmp, &img);
+    ctrd.import_pause_image();
+    let hosts = tmp.join("ctrd/certs.d").join(&registry.host);
+    std::fs::create_dir_all(&hosts).unwrap();
+    std::fs::write(
+        hosts.join("hosts.toml"),
+        format!(
+            "server = \"http://{h}\"\n[host.\"http://{h}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            h = registry.host
+        ),
+    )
+    .unwrap();
+    let images = client(&daemon.address).await;
+    images
+        .clone()
+        .pull_image(PullImageRequest {
+            image: spec(&reference),
+            auth: None,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("PullImage {reference}: {e:?}\n{}", daemon.log_problems()));
+    let log = run_pod(&tmp, &ctrd, &daemon, &reference).await;
+    assert!(log.contains("hello from a pod"), "{log}");
+    // The config came from the registry (the manifest too, not as a blob);
+    // the Nix layer did not.
+    let config = config_digest(&img.archive);
+    let gets = registry.blob_gets();
+    assert!(
+        gets.iter().any(|g| g.contains(&config)) && gets.iter().all(|g| g.contains(&config)),
+        "a layer was downloaded from the registry: {gets:?}"
+    );
+}
+
+/// The config blob's digest of an image archive.
+fn config_digest(archive: &Path) -> String {
+    let mut files = std::collections::HashMap::new();
+    let mut a = tar::Archive::new(std::fs::File::open(archive).unwrap());
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().to_string_lossy().trim_start_matches("./").to_string();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+        files.insert(name, data);
+    }
+    let index: serde_json::Value = serde_json::from_slice(&files["index.json"]).unwrap();
+    let m = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let manifest: serde_json::Value = serde_json::from_slice(&files[&format!("blobs/sha256/{m}")]).unwrap();
+    manifest["config"]["digest"].as_str().unwrap().to_string()
+}
+
+/// Runs a pod with one container of `image` through containerd's CRI, as a
+/// kubelet does (host network), to its exit; returns the container's log.
+async fn run_pod(tmp: &TempRoot, ctrd: &Containerd, daemon: &Daemon, image: &str) -> String {
+    use nix_snapshotter::api::cri::runtime_service_client::RuntimeServiceClient;
+    use nix_snapshotter::api::cri::{
+        ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest, CreateContainerRequest,
+        LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
+        PodSandboxMetadata, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+        StartContainerRequest, StopPodSandboxRequest,
+    };
+    let mut runtime = RuntimeServiceClient::new(nix_snapshotter::uds::connect(&ctrd.address).await.unwrap());
     let logs = tmp.join("pod-logs");
     std::fs::create_dir_all(&logs).unwrap();
     let sandbox = PodSandboxConfig {
@@ -434,7 +605,7 @@ async fn pod_from_a_nix_ref(name: &str, bin: Option<&Path>) {
                     name: "hello".into(),
                     attempt: 0,
                 }),
-                image: spec(&format!("{image}:latest")),
+                image: spec(image),
                 log_path: "hello.log".into(),
                 ..Default::default()
             }),
@@ -470,14 +641,10 @@ async fn pod_from_a_nix_ref(name: &str, bin: Option<&Path>) {
     };
     let log = std::fs::read_to_string(logs.join("hello.log")).unwrap_or_default();
     assert!(
-        status.exit_code == 0 && log.contains("hello from a pod"),
+        status.exit_code == 0,
         "{status:?}\nlog: {log}\n--- daemon:\n{}",
         daemon.log_problems()
     );
-    // Lazily: the archive, busybox and the greeting, each once.
-    let nars: Vec<String> = img.server.log().into_iter().filter(|l| l.contains("/nar/")).collect();
-    assert_eq!(nars.len(), 3, "{nars:?}");
-
     runtime
         .remove_container(RemoveContainerRequest {
             container_id: container,
@@ -494,4 +661,5 @@ async fn pod_from_a_nix_ref(name: &str, bin: Option<&Path>) {
         .remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod })
         .await
         .unwrap();
+    log
 }

@@ -10,6 +10,7 @@
 //! reproducible: the same inputs give the same bytes.
 
 pub mod load;
+pub mod push;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{self, Read, Write};

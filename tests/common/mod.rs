@@ -434,7 +434,11 @@ state = "{state}"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{cni}/bin"
     conf_dir = "{cni}/conf"
+  # Registries on 127.0.0.1 (plain HTTP) are set up per test in here.
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{certs}"
 "#,
+                        certs = dir.join("certs.d").display(),
                         cni = dir.join("cni").display(),
                         runc = dir.join("runc").display()
                     )
