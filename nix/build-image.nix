@@ -25,20 +25,29 @@ in
     }:
     let
       roots = if copyToRoot == null then [ ] else lib.toList copyToRoot;
+      # A store path name has no "/": "ghcr.io/pdtpartners/hello" is the
+      # image's name, "hello" its files'.
+      baseName = baseNameOf name;
       # Every store path the config mentions is in its string context, so the
       # closure of this file covers them.
-      configFile = pkgs.writeText "nix-image-config-${name}.json" (builtins.toJSON config);
+      configFile = pkgs.writeText "nix-image-config-${baseName}.json" (builtins.toJSON config);
       closure = pkgs.closureInfo { rootPaths = [ configFile ] ++ roots; };
-      copyToRootFile = pkgs.writeText "nix-image-copy-to-root-${name}.json" (builtins.toJSON (map toString roots));
+      copyToRootFile = pkgs.writeText "nix-image-copy-to-root-${baseName}.json" (builtins.toJSON (map toString roots));
+      archive = pkgs.runCommand "nix-image-${baseName}.tar" { nativeBuildInputs = [ nix-snapshotter ]; } ''
+        nix-snapshotter image build \
+          --config ${configFile} \
+          --closure ${closure}/store-paths \
+          ${lib.optionalString (roots != [ ]) "--copy-to-root ${copyToRootFile}"} \
+          ${lib.optionalString (fromImage != null) "--from-image ${fromImage}"} \
+          --ref ${if resolvedByNix then "nix:0$out" else lib.escapeShellArg "${name}:${tag}"} \
+          $out
+      '';
     in
     assert resolvedByNix -> tag == "latest";
-    pkgs.runCommand "nix-image-${name}.tar" { nativeBuildInputs = [ nix-snapshotter ]; } ''
-      nix-snapshotter image build \
-        --config ${configFile} \
-        --closure ${closure}/store-paths \
-        ${lib.optionalString (roots != [ ]) "--copy-to-root ${copyToRootFile}"} \
-        ${lib.optionalString (fromImage != null) "--from-image ${fromImage}"} \
-        --ref ${if resolvedByNix then "nix:0$out" else lib.escapeShellArg "${name}:${tag}"} \
-        $out
-    '';
+    archive // {
+      # As the Go project's: the image's name and tag, and the ref to use.
+      imageName = name;
+      imageTag = tag;
+      image = if resolvedByNix then "nix:0${archive}" else "${name}:${tag}";
+    };
 }

@@ -40,13 +40,15 @@ fn every_nix_file_parses() {
     }
 }
 
-#[test]
-fn build_image_nix_builds_a_runnable_image() {
-    let tmp = TempRoot::new("buildimage");
-    let nix = NixStore::new(&tmp.join("nix"), "buildimage-1");
-    // Our binary, visible inside the build sandbox with the host's libraries.
+/// Our binary, visible inside the build sandbox with the host's libraries.
+fn copy_cli(tmp: &TempRoot) -> PathBuf {
     let cli = tmp.join("cli");
     std::fs::copy(DAEMON, &cli).unwrap();
+    cli
+}
+
+/// `nix-build tests/nix/build-image-test.nix` with `args`, against the mock pkgs.
+fn build_image_nix(nix: &NixStore, cli: &Path, args: &[&str]) -> std::process::Output {
     let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nix/build-image-test.nix");
     let out = Command::new("nix-build")
         .arg("--store")
@@ -65,8 +67,10 @@ fn build_image_nix_builds_a_runnable_image() {
             "",
             "--no-out-link",
         ])
-        .args(["--arg", "resolvedByNix", "true", "--argstr", "cli"])
-        .arg(&cli)
+        .args(args)
+        .arg("--argstr")
+        .arg("cli")
+        .arg(cli)
         .arg(&expr)
         .output()
         .unwrap();
@@ -75,6 +79,67 @@ fn build_image_nix_builds_a_runnable_image() {
         "nix-build failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out
+}
+
+/// The Go project's own example name has slashes, which a store path name
+/// cannot: the archive is named after its last part, the image after all.
+#[test]
+fn build_image_takes_a_registry_name() {
+    let tmp = TempRoot::new("buildname");
+    let nix = NixStore::new(&tmp.join("nix"), "buildname-1");
+    let cli = copy_cli(&tmp);
+    let out = build_image_nix(&nix, &cli, &["--argstr", "name", "ghcr.io/pdtpartners/hello"]);
+    let image_path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(image_path.ends_with("-nix-image-hello.tar"), "{image_path}");
+    // A valid image archive, named after the whole name.
+    nix_snapshotter::image::read_archive(&nix.real(&image_path)).unwrap();
+    let index = {
+        let mut a = tar::Archive::new(std::fs::File::open(nix.real(&image_path)).unwrap());
+        let mut s = String::new();
+        for e in a.entries().unwrap() {
+            let mut e = e.unwrap();
+            if e.path().unwrap().to_string_lossy().trim_start_matches("./") == "index.json" {
+                std::io::Read::read_to_string(&mut e, &mut s).unwrap();
+            }
+        }
+        s
+    };
+    assert!(index.contains("ghcr.io/pdtpartners/hello:latest"), "{index}");
+    // The ref to use, as the derivation tells it.
+    let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nix/build-image-test.nix");
+    let eval = Command::new("nix-instantiate")
+        .arg("--store")
+        .arg(&nix.root)
+        .args([
+            "--eval",
+            "--strict",
+            "--attr",
+            "image",
+            "--argstr",
+            "name",
+            "ghcr.io/pdtpartners/hello",
+            "--argstr",
+            "cli",
+        ])
+        .arg(&cli)
+        .arg(&expr)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&eval.stdout).trim(),
+        "\"ghcr.io/pdtpartners/hello:latest\"",
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+}
+
+#[test]
+fn build_image_nix_builds_a_runnable_image() {
+    let tmp = TempRoot::new("buildimage");
+    let nix = NixStore::new(&tmp.join("nix"), "buildimage-1");
+    let cli = copy_cli(&tmp);
+    let out = build_image_nix(&nix, &cli, &["--arg", "resolvedByNix", "true"]);
     let image_path = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(image_path.ends_with("-nix-image-hello.tar"), "{image_path}");
     let archive = nix.real(&image_path);

@@ -1,12 +1,11 @@
 # Builds an image with nix/build-image.nix against the mock pkgs.
-{ cli, resolvedByNix ? false }:
+{ cli, resolvedByNix ? false, name ? "hello" }:
 let
   pkgs = import ./mock-pkgs.nix { inherit cli; };
   inherit (import ../../nix/build-image.nix { inherit pkgs; }) buildImage;
 in
 buildImage {
-  name = "hello";
-  inherit resolvedByNix;
+  inherit name resolvedByNix;
   copyToRoot = [ pkgs.hello ];
   config = {
     Cmd = [ "${pkgs.hello}/bin/hello" ];
