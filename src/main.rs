@@ -110,6 +110,9 @@ enum ImageCommand {
         /// Where store paths physically are, for a chroot store (default /).
         #[arg(long, value_name = "DIR", default_value = "/")]
         store_root: PathBuf,
+        /// The image's architecture (amd64, arm64, ...; default: this machine's).
+        #[arg(long, value_name = "ARCH")]
+        arch: Option<String>,
         /// Output archive.
         out: PathBuf,
     },
@@ -235,6 +238,7 @@ fn main() -> ExitCode {
             from_image,
             r#ref,
             store_root,
+            arch,
             out,
         })) => {
             let abs = std::path::absolute(&out).unwrap_or(out.clone());
@@ -245,6 +249,7 @@ fn main() -> ExitCode {
                 from_image,
                 name: Some(r#ref.unwrap_or_else(|| format!("nix:0{}", abs.display()))),
                 store_root,
+                arch,
             };
             match nix_snapshotter::image::build(&opts, &out) {
                 Ok(()) => ExitCode::SUCCESS,

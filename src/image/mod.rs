@@ -209,8 +209,23 @@ pub fn write_archive(out: &Path, name: Option<&str>, mut config: Value, layers: 
         h.set_mtime(0);
         b.append_data(&mut h, path, data)
     };
+    // Docker's manifest too, so that `docker load` and the Go project's
+    // tools take the archive (Docker >= 25 writes the same pair).
+    let mut docker = json!({
+        "Config": blob_path(&config_digest),
+        "Layers": layers.iter().map(|l| blob_path(&sha256_digest(&l.gz))).collect::<Vec<_>>(),
+    });
+    if let Some(name) = name.filter(|n| !n.starts_with("nix:0")) {
+        let tagged = match name.rsplit_once(':') {
+            Some((_, t)) if !t.contains('/') => name.to_string(),
+            _ => format!("{name}:latest"),
+        };
+        docker["RepoTags"] = json!([tagged]);
+    }
+    let docker = serde_json::to_vec(&json!([docker])).map_err(|e| invalid(out, e.to_string()))?;
     add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io_err(&tmp))?;
     add("index.json", &index).map_err(io_err(&tmp))?;
+    add("manifest.json", &docker).map_err(io_err(&tmp))?;
     for (path, data) in &files {
         add(path, data).map_err(io_err(&tmp))?;
     }
@@ -424,6 +439,22 @@ pub struct BuildOptions {
     pub name: Option<String>,
     /// Where store paths physically are (`/` normally; a chroot store's root otherwise).
     pub store_root: PathBuf,
+    /// The image's architecture (OCI/Go names: amd64, arm64, ...); default
+    /// the host's. (A `--from-image` base keeps its own.)
+    pub arch: Option<String>,
+}
+
+/// This machine's architecture as OCI images name it.
+pub fn host_arch() -> String {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        "loongarch64" => "loong64",
+        other => other,
+    }
+    .to_string()
 }
 
 pub fn build(opts: &BuildOptions, out: &Path) -> Result<(), ImageError> {
@@ -519,7 +550,7 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<(), ImageError> {
             (a.config, a.layers)
         }
         None => (
-            json!({ "architecture": "amd64", "os": "linux", "config": {} }),
+            json!({ "architecture": opts.arch.clone().unwrap_or_else(host_arch), "os": "linux", "config": {} }),
             Vec::new(),
         ),
     };
@@ -537,4 +568,58 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<(), ImageError> {
     }
     layers.push(nix);
     write_archive(out, opts.name.as_deref(), config, &layers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(archive: &Path) -> BTreeMap<String, Vec<u8>> {
+        let mut out = BTreeMap::new();
+        for e in tar::Archive::new(std::fs::File::open(archive).unwrap())
+            .entries()
+            .unwrap()
+        {
+            let mut e = e.unwrap();
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).unwrap();
+            out.insert(name, data);
+        }
+        out
+    }
+
+    #[test]
+    fn archives_carry_a_docker_manifest_naming_the_same_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("a.tar");
+        let layer = Layer::from_tar(&layer_tar(&[]), BTreeMap::new());
+        let config = json!({ "architecture": host_arch(), "os": "linux", "config": {} });
+        write_archive(
+            &out,
+            Some("ghcr.io/pdtpartners/hello"),
+            config,
+            std::slice::from_ref(&layer),
+        )
+        .unwrap();
+        let files = entries(&out);
+        let docker: Value = serde_json::from_slice(&files["manifest.json"]).unwrap();
+        assert_eq!(docker[0]["RepoTags"], json!(["ghcr.io/pdtpartners/hello:latest"]));
+        let layer_path = docker[0]["Layers"][0].as_str().unwrap();
+        assert_eq!(files[layer_path], layer.gz);
+        let config: Value = serde_json::from_slice(&files[docker[0]["Config"].as_str().unwrap()]).unwrap();
+        assert_eq!(config["architecture"], json!(host_arch()));
+        // A nix:0 name is no Docker tag: none is given.
+        write_archive(&out, Some("nix:0/nix/store/x.tar"), json!({"config": {}}), &[layer]).unwrap();
+        let docker: Value = serde_json::from_slice(&entries(&out)["manifest.json"]).unwrap();
+        assert!(docker[0].get("RepoTags").is_none());
+    }
+
+    #[test]
+    fn the_host_architecture_has_its_oci_name() {
+        if cfg!(target_arch = "x86_64") {
+            assert_eq!(host_arch(), "amd64");
+        }
+        assert!(!host_arch().is_empty());
+    }
 }
