@@ -217,16 +217,32 @@ fn nix_image_in_cache(tmp: &TempRoot) -> NixImage {
     );
     let outs = nix.build(&expr);
     let closure: Vec<String> = outs.iter().flat_map(|o| nix.closure(o)).collect();
+    let tool = outs.iter().find(|o| o.ends_with("-tool")).unwrap().clone();
+    let data = outs.iter().find(|o| o.ends_with("-data")).unwrap().clone();
+    let cmd = [format!("{tool}/bin/busybox"), "cat".into(), format!("{data}/greeting")];
+    let (archive, stored, server) = archive_in_cache(tmp, &nix, closure, &cmd);
+    NixImage {
+        nix,
+        archive,
+        stored,
+        tool,
+        server,
+    }
+}
+
+/// `image build` of an image running `cmd` over `closure` (paths of `nix`),
+/// the archive added to the store and published with the closure, signed,
+/// on 127.0.0.1: (archive file, its store path, the cache's server).
+fn archive_in_cache(
+    tmp: &TempRoot,
+    nix: &common::nix::NixStore,
+    closure: Vec<String>,
+    cmd: &[String],
+) -> (std::path::PathBuf, String, common::http::Server) {
     let list = tmp.join("store-paths");
     std::fs::write(&list, closure.join("\n")).unwrap();
     let conf = tmp.join("config.json");
-    let tool = outs.iter().find(|o| o.ends_with("-tool")).unwrap().clone();
-    let data = outs.iter().find(|o| o.ends_with("-data")).unwrap().clone();
-    std::fs::write(
-        &conf,
-        format!("{{\"Cmd\": [\"{tool}/bin/busybox\", \"cat\", \"{data}/greeting\"]}}"),
-    )
-    .unwrap();
+    std::fs::write(&conf, serde_json::json!({ "Cmd": cmd }).to_string()).unwrap();
     let archive = tmp.join("nix-image-hello.tar");
     let built = std::process::Command::new(common::DAEMON)
         .args(["image", "build", "--config"])
@@ -244,14 +260,7 @@ fn nix_image_in_cache(tmp: &TempRoot) -> NixImage {
     let mut published = closure;
     published.push(stored.clone());
     nix.publish(&cache, "zstd", &published);
-    let server = common::http::Server::start(cache);
-    NixImage {
-        nix,
-        archive,
-        stored,
-        tool,
-        server,
-    }
+    (archive, stored, common::http::Server::start(cache))
 }
 
 /// Our daemon (image service on, pointed at `ctrd_dir`'s containerd) using
@@ -662,4 +671,69 @@ async fn run_pod(tmp: &TempRoot, ctrd: &Containerd, daemon: &Daemon, image: &str
         .await
         .unwrap();
     log
+}
+
+/// The Go project's redis example as a pod: redis (Debian's binaries and
+/// libraries as store paths) from a `nix:0` ref whose archive only a signed
+/// cache has, answering PONG; a store path of the closure that redis does
+/// not touch is never fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_example_answers_pong_as_a_pod() {
+    use common::nix::{busybox_tool, derivation, NixStore};
+    let tmp = TempRoot::new("cri-redis");
+    let nix = NixStore::new(&tmp.join("nix"), "cri-redis-1");
+    let outs = nix.build(&format!(
+        "rec {{ tool = {}; unused = {}; }}",
+        busybox_tool(),
+        derivation("unused", "b mkdir $out; b printf 'never read\\n' > $out/x", &[])
+    ));
+    let tool = outs.iter().find(|o| o.ends_with("-tool")).unwrap().clone();
+    let unused = outs.iter().find(|o| o.ends_with("-unused")).unwrap().clone();
+    let redis = common::redis::build(&nix);
+    let mut closure: Vec<String> = [&redis, &tool, &unused].iter().flat_map(|p| nix.closure(p)).collect();
+    closure.sort();
+    closure.dedup();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let script = format!(
+        "{redis}/bin/redis-server --port {port} --daemonize yes --save '' --logfile '' 2>&1; \
+         for i in $(seq 1 100); do {redis}/bin/redis-cli -p {port} ping 2>&1 && exit 0; sleep 0.1; done; exit 1"
+    );
+    let cmd = [format!("{tool}/bin/busybox"), "sh".into(), "-c".into(), script];
+    let (_archive, stored, server) = archive_in_cache(&tmp, &nix, closure, &cmd);
+    let img = NixImage {
+        nix,
+        archive: _archive,
+        stored,
+        tool,
+        server,
+    };
+    let (daemon, ctrd) = node(&tmp, &img);
+    ctrd.import_pause_image();
+    let image = format!("nix:0{}:latest", img.stored);
+    client(&daemon.address)
+        .await
+        .pull_image(PullImageRequest {
+            image: spec(&image),
+            auth: None,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("PullImage: {e:?}\n{}", daemon.log_problems()));
+    let log = run_pod(&tmp, &ctrd, &daemon, &image).await;
+    assert!(log.lines().any(|l| l.trim_end().ends_with("PONG")), "{log}");
+    // Its NAR's URL, as the narinfo names it.
+    let nar_url = |path: &str| {
+        let p = nix_snapshotter::nixfmt::StorePath::parse(path).unwrap();
+        let text = std::fs::read_to_string(tmp.join("cache").join(format!("{}.narinfo", p.hash_part()))).unwrap();
+        nix_snapshotter::nixfmt::NarInfo::parse(&text).unwrap().url
+    };
+    let log = img.server.log();
+    assert!(
+        log.iter().any(|l| l.contains(&nar_url(&redis))),
+        "redis itself was fetched: {log:?}"
+    );
+    assert!(!log.iter().any(|l| l.contains(&nar_url(&unused))), "{log:?}");
 }

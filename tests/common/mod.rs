@@ -7,6 +7,7 @@ pub mod http;
 pub mod image;
 pub mod nix;
 pub mod reader;
+pub mod redis;
 pub mod registry;
 
 use std::io::Read;
