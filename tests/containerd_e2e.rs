@@ -84,3 +84,35 @@ fn import_run_restart_run() {
     );
     drop(daemon);
 }
+
+/// A Docker archive (`docker save`'s format: manifest.json, uncompressed
+/// layers) loads with `image load` and runs; so does an image built on it
+/// with `--from-image`.
+#[test]
+fn a_docker_archive_loads_and_runs() {
+    let tmp = TempRoot::new("e2e-docker");
+    let archive = tmp.join("docker.tar");
+    let name = "docker.io/library/nst-docker-archive:latest";
+    image::write_docker_archive(
+        &archive,
+        name,
+        &image::busybox_layers(),
+        &["/bin/sh", "-c", "cat /hello.txt; ls /etc"],
+    );
+    let sock = tmp.join("nix.sock");
+    let _daemon = Daemon::start(&tmp.join("nix-root"), &sock);
+    let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
+    let out = ctrd.image_load(&ctrd.namespace, &archive);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(name));
+    let run = ctrd.ctr_ok(&["run", "--rm", "--snapshotter", "nix", name, &unique("c")]);
+    assert!(
+        run.contains("hello from the top layer") && run.contains("kept") && !run.contains("doomed"),
+        "{run}"
+    );
+
+    // Read as a base image: its layers come out compressed, whole.
+    let base = nix_snapshotter::image::read_archive(&archive).unwrap();
+    assert_eq!(base.layers.len(), 2);
+    assert_eq!(base.config["config"]["Cmd"][0], "/bin/sh");
+}

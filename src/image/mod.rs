@@ -250,13 +250,26 @@ pub fn read_archive(path: &Path) -> Result<Archive, ImageError> {
     let config = serde_json::from_slice(&raw.config_bytes).map_err(|e| invalid(path, format!("config: {e}")))?;
     let mut layers = Vec::new();
     for (desc, blob, diff_id) in raw.layers {
-        let gz = blob.read().map_err(io_err(path))?;
+        let data = blob.read().map_err(io_err(path))?;
         let m = &desc.media_type;
+        if m == TAR_MEDIA_TYPE || m.ends_with("rootfs.diff.tar") {
+            // Uncompressed (a Docker archive's): compressed here, and its
+            // content must be what the config says.
+            let layer = Layer::from_tar(&data, desc.annotations.into_iter().collect());
+            if layer.diff_id != diff_id {
+                return Err(invalid(
+                    path,
+                    format!("layer {} is not its diff_id {diff_id}", desc.digest),
+                ));
+            }
+            layers.push(layer);
+            continue;
+        }
         if !m.ends_with("tar+gzip") && !m.ends_with("tar.gzip") && !m.contains("rootfs.diff.tar.gzip") {
             return Err(invalid(path, format!("layer media type {m} is not gzip tar")));
         }
         layers.push(Layer {
-            gz,
+            gz: data,
             diff_id,
             annotations: desc.annotations.into_iter().collect(),
         });
@@ -365,9 +378,17 @@ pub(crate) fn read_raw(path: &Path) -> Result<RawImage, ImageError> {
     let json = |bytes: &[u8], what: &str| -> Result<Value, ImageError> {
         serde_json::from_slice(bytes).map_err(|e| invalid(path, format!("{what}: {e}")))
     };
-    let index_ref = files
-        .get("index.json")
-        .ok_or_else(|| invalid(path, "no index.json (not an OCI image layout)"))?;
+    let Some(index_ref) = files.get("index.json") else {
+        // A Docker archive (`docker save`): manifest.json only.
+        let docker_ref = files.get("manifest.json").ok_or_else(|| {
+            invalid(
+                path,
+                "no index.json or manifest.json (not an OCI image layout or Docker archive)",
+            )
+        })?;
+        let docker = json(&small(docker_ref, "manifest.json")?, "manifest.json")?;
+        return docker_raw(path, &files, &docker[0], &small);
+    };
     let index = json(&small(index_ref, "index.json")?, "index.json")?;
     let m = &index["manifests"][0];
     let digest = m["digest"]
@@ -416,6 +437,81 @@ pub(crate) fn read_raw(path: &Path) -> Result<RawImage, ImageError> {
         manifest: Descriptor {
             media_type: m["mediaType"].as_str().unwrap_or(MANIFEST_MEDIA_TYPE).to_string(),
             digest,
+            size: manifest_bytes.len() as i64,
+            annotations: HashMap::new(),
+        },
+        manifest_bytes,
+        config_digest,
+        config_bytes,
+        layers,
+    })
+}
+
+/// Reads a small JSON blob of the archive (bounded), naming it in errors.
+type ReadSmall<'a> = dyn Fn(&BlobRef, &str) -> Result<Vec<u8>, ImageError> + 'a;
+
+/// Uncompressed layers, as `docker save` writes them.
+const TAR_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// A Docker archive's image (one `manifest.json` entry), as an OCI manifest
+/// of the same blobs would describe it: layers are tar or gzip tar, told
+/// apart by their first bytes; paths are looked up among the archive's
+/// entries only.
+fn docker_raw(
+    path: &Path,
+    files: &HashMap<String, BlobRef>,
+    entry: &Value,
+    small: &ReadSmall<'_>,
+) -> Result<RawImage, ImageError> {
+    let entry_of = |p: &str| -> Result<BlobRef, ImageError> {
+        files.get(p.trim_start_matches("./")).cloned().ok_or_else(|| {
+            invalid(
+                path,
+                format!("manifest.json names {p:?}, which the archive does not hold"),
+            )
+        })
+    };
+    let config_path = entry["Config"]
+        .as_str()
+        .ok_or_else(|| invalid(path, "manifest.json names no Config"))?;
+    let config_bytes = small(&entry_of(config_path)?, "the config")?;
+    let config_digest = sha256_digest(&config_bytes);
+    let config: Value = serde_json::from_slice(&config_bytes).map_err(|e| invalid(path, format!("config: {e}")))?;
+    let diff_ids = config["rootfs"]["diff_ids"].as_array().cloned().unwrap_or_default();
+    let paths = entry["Layers"].as_array().cloned().unwrap_or_default();
+    if paths.len() != diff_ids.len() {
+        return Err(invalid(path, "layer count and diff_ids disagree"));
+    }
+    let mut layers = Vec::new();
+    let mut descs = Vec::new();
+    for (p, diff) in paths.iter().zip(diff_ids) {
+        let blob = entry_of(
+            p.as_str()
+                .ok_or_else(|| invalid(path, "a layer path is not a string"))?,
+        )?;
+        let mut magic = [0u8; 2];
+        let gz = blob.reader().and_then(|mut r| r.read_exact(&mut magic)).is_ok() && magic == [0x1f, 0x8b];
+        let desc = Descriptor {
+            media_type: if gz { LAYER_MEDIA_TYPE } else { TAR_MEDIA_TYPE }.to_string(),
+            digest: blob.sha256().map_err(io_err(path))?,
+            size: blob.size as i64,
+            annotations: HashMap::new(),
+        };
+        descs.push(json!({ "mediaType": desc.media_type, "digest": desc.digest, "size": desc.size }));
+        layers.push((desc, blob, diff.as_str().unwrap_or_default().to_string()));
+    }
+    let manifest_bytes = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_MEDIA_TYPE,
+        "config": { "mediaType": CONFIG_MEDIA_TYPE, "digest": config_digest, "size": config_bytes.len() },
+        "layers": descs,
+    }))
+    .map_err(|e| invalid(path, e.to_string()))?;
+    Ok(RawImage {
+        name: entry["RepoTags"][0].as_str().map(str::to_string),
+        manifest: Descriptor {
+            media_type: MANIFEST_MEDIA_TYPE.to_string(),
+            digest: sha256_digest(&manifest_bytes),
             size: manifest_bytes.len() as i64,
             annotations: HashMap::new(),
         },
@@ -613,6 +709,25 @@ mod tests {
         write_archive(&out, Some("nix:0/nix/store/x.tar"), json!({"config": {}}), &[layer]).unwrap();
         let docker: Value = serde_json::from_slice(&entries(&out)["manifest.json"]).unwrap();
         assert!(docker[0].get("RepoTags").is_none());
+    }
+
+    #[test]
+    fn a_docker_manifest_naming_what_is_not_there_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("d.tar");
+        let mut b = tar::Builder::new(std::fs::File::create(&out).unwrap());
+        let manifest = br#"[{"Config":"../../etc/passwd","Layers":[]}]"#;
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_size(manifest.len() as u64);
+        b.append_data(&mut h, "manifest.json", &manifest[..]).unwrap();
+        b.finish().unwrap();
+        drop(b);
+        let err = read_raw(&out).err().expect("refused").to_string();
+        assert!(
+            err.contains("../../etc/passwd") && err.contains("does not hold"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -54,6 +54,42 @@ pub fn write_oci_archive(out: &Path, name: &str, layers: &[Vec<Entry>], cmd: &[&
     lib::write_archive(out, Some(name), config, &layers).unwrap();
 }
 
+/// A Docker archive (as `docker save` writes it): `manifest.json`, the
+/// config, and uncompressed layer tars, no OCI index.
+pub fn write_docker_archive(out: &Path, name: &str, layers: &[Vec<Entry>], cmd: &[&str]) {
+    let tars: Vec<Vec<u8>> = layers.iter().map(|l| lib::layer_tar(l)).collect();
+    let diff_ids: Vec<String> = tars.iter().map(|t| lib::sha256_digest(t)).collect();
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": { "Cmd": cmd, "Env": ["PATH=/bin"] },
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
+    }))
+    .unwrap();
+    let hex = |d: &str| d.trim_start_matches("sha256:").to_string();
+    let config_name = format!("{}.json", hex(&lib::sha256_digest(&config)));
+    let layer_names: Vec<String> = diff_ids.iter().map(|d| format!("{}/layer.tar", hex(d))).collect();
+    let manifest = serde_json::to_vec(&serde_json::json!([{
+        "Config": config_name,
+        "RepoTags": [name],
+        "Layers": layer_names,
+    }]))
+    .unwrap();
+    let mut b = tar::Builder::new(std::fs::File::create(out).unwrap());
+    let mut add = |path: &str, data: &[u8]| {
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, path, data).unwrap();
+    };
+    add("manifest.json", &manifest);
+    add(&config_name, &config);
+    for (name, data) in layer_names.iter().zip(&tars) {
+        add(name, data);
+    }
+    b.finish().unwrap();
+}
+
 /// A two-layer busybox image: the lower layer has `/etc/doomed` and
 /// `/etc/kept`, the upper one deletes `/etc/doomed` and adds `/hello.txt`.
 pub fn busybox_two_layers(out: &Path, name: &str) {
