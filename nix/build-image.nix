@@ -50,4 +50,32 @@ in
       imageTag = tag;
       image = if resolvedByNix then "nix:0${archive}" else "${name}:${tag}";
     };
+
+  # A script that pushes `image` (a buildImage result) to a registry, under
+  # its own name and tag unless told otherwise (`nix-snapshotter image push`).
+  copyToRegistry =
+    image:
+    { imageName ? image.imageName
+    , imageTag ? image.imageTag
+    , plainHTTP ? false
+    }:
+    pkgs.writeShellScript "copy-to-registry-${baseNameOf imageName}" ''
+      exec ${lib.getExe nix-snapshotter} image push \
+        ${lib.optionalString plainHTTP "--plain-http"} "$@" \
+        ${image} ${lib.escapeShellArg "${imageName}:${imageTag}"}
+    '';
+
+  # A script that loads `image` into containerd for snapshotter nix
+  # (`nix-snapshotter image load`); arguments go to `image load`
+  # (--address, --namespace).
+  copyToContainerd =
+    image:
+    { namespace ? "default"
+    , address ? "/run/containerd/containerd.sock"
+    }:
+    pkgs.writeShellScript "copy-to-containerd-${baseNameOf image.imageName}" ''
+      exec ${lib.getExe nix-snapshotter} image load \
+        --address ${lib.escapeShellArg address} --namespace ${lib.escapeShellArg namespace} \
+        "$@" ${image}
+    '';
 }

@@ -190,3 +190,57 @@ fn build_image_nix_builds_a_runnable_image() {
     drop(ctrd);
     drop(daemon);
 }
+
+/// copyToRegistry and copyToContainerd are scripts that run our CLI on the
+/// image: `image push` under the image's name and tag, `image load`.
+#[test]
+fn copy_scripts_push_and_load_the_image() {
+    let tmp = TempRoot::new("copyscripts");
+    let nix = NixStore::new(&tmp.join("nix"), "copyscripts-1");
+    let cli = copy_cli(&tmp);
+    let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nix/copy-scripts-test.nix");
+    let out = Command::new("nix-build")
+        .arg("--store")
+        .arg(&nix.root)
+        .args(["--option", "extra-sandbox-paths"])
+        .arg(format!(
+            "/bin/sh=/bin/busybox /bin/busybox /lib /lib64 /usr/lib {}",
+            cli.display()
+        ))
+        .args([
+            "--option",
+            "build-users-group",
+            "",
+            "--option",
+            "substituters",
+            "",
+            "--no-out-link",
+        ])
+        .arg("--argstr")
+        .arg("cli")
+        .arg(&cli)
+        .arg(&expr)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nix-build failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = nix.real(String::from_utf8_lossy(&out.stdout).trim());
+    let image = std::fs::read_to_string(dir.join("image")).unwrap().trim().to_string();
+    let registry = std::fs::read_to_string(dir.join("registry")).unwrap();
+    let containerd = std::fs::read_to_string(dir.join("containerd")).unwrap();
+    assert!(registry.starts_with("#!"), "{registry}");
+    for want in [
+        "bin/nix-snapshotter image push",
+        "--plain-http",
+        image.as_str(),
+        "'ghcr.io/pdtpartners/hello:v1'",
+    ] {
+        assert!(registry.contains(want), "{want:?} not in:\n{registry}");
+    }
+    for want in ["bin/nix-snapshotter image load", "--namespace 'k8s.io'", image.as_str()] {
+        assert!(containerd.contains(want), "{want:?} not in:\n{containerd}");
+    }
+}

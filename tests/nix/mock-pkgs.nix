@@ -14,10 +14,13 @@ let
     toList = x: if builtins.isList x then x else [ x ];
     optionalString = c: s: if c then s else "";
     escapeShellArg = s: "'" + builtins.replaceStrings [ "'" ] [ "'\\''" ] s + "'";
+    getExe = p: "${p}/bin/${p.name}";
   };
 in
 rec {
   inherit lib;
+  writeShellScript = name: text:
+    sh name { inherit text; passAsFile = [ "text" ]; } "b printf '#!/bin/sh\\n' > $out; b cat $textPath >> $out; b chmod 555 $out";
   writeText = name: text: sh name { inherit text; passAsFile = [ "text" ]; } "b cp $textPath $out";
   # closureInfo's store-paths, from Nix's exportReferencesGraph.
   closureInfo = { rootPaths }: sh "closure-info" { exportReferencesGraph = builtins.concatLists (map (p: [ "graph" p ]) rootPaths); }
