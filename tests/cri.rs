@@ -271,11 +271,16 @@ fn node(tmp: &TempRoot, img: &NixImage) -> (Daemon, Containerd) {
 
 /// [`node`] with containerd from `bin` (another Debian release's).
 fn node_from(tmp: &TempRoot, img: &NixImage, bin: Option<&Path>) -> (Daemon, Containerd) {
+    node_trusting(tmp, img, bin, &img.nix.public_key)
+}
+
+/// [`node_from`] trusting `key` (not necessarily the cache's).
+fn node_trusting(tmp: &TempRoot, img: &NixImage, bin: Option<&Path>, key: &str) -> (Daemon, Containerd) {
     let ctrd_dir = tmp.join("ctrd");
     let cfg = common::cache_config(
         &tmp.path,
         &img.server.url(),
-        &img.nix.public_key,
+        key,
         &format!(
             "[image_service]\nenable = true\ncontainerd_address = \"{}\"\n",
             ctrd_dir.join("containerd.sock").display()
@@ -736,4 +741,38 @@ async fn the_redis_example_answers_pong_as_a_pod() {
         "redis itself was fetched: {log:?}"
     );
     assert!(!log.iter().any(|l| l.contains(&nar_url(&unused))), "{log:?}");
+}
+
+/// An archive signed by a key the node does not trust: refused, naming the
+/// ref, and nothing reaches containerd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archive_no_trusted_key_signed_is_refused_and_nothing_is_imported() {
+    let tmp = TempRoot::new("cri-unsigned");
+    let img = nix_image_in_cache(&tmp);
+    let other = common::nix::NixStore::new(&tmp.join("other"), "someone-else-1");
+    let (daemon, ctrd) = node_trusting(&tmp, &img, None, &other.public_key);
+    let image = format!("nix:0{}:latest", img.stored);
+    let err = client(&daemon.address)
+        .await
+        .pull_image(PullImageRequest {
+            image: spec(&image),
+            auth: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains(&image), "{err:?}");
+    let listed = client(&ctrd.address)
+        .await
+        .list_images(ListImagesRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.images.is_empty(), "{listed:?}");
+    // Not even fetched: its narinfo was refused.
+    assert!(
+        !img.server.log().iter().any(|l| l.contains("/nar/")),
+        "{:?}",
+        img.server.log()
+    );
 }
