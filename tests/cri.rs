@@ -22,6 +22,20 @@ fn spec(image: &str) -> Option<ImageSpec> {
     })
 }
 
+/// ImageStatus of `image`: the image, if the CRI has it.
+async fn status_of(client: &ImageServiceClient<Channel>, image: &str) -> Option<nix_snapshotter::api::cri::Image> {
+    client
+        .clone()
+        .image_status(ImageStatusRequest {
+            image: spec(image),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image
+}
+
 async fn client(socket: &Path) -> ImageServiceClient<Channel> {
     ImageServiceClient::new(nix_snapshotter::uds::connect(socket).await.unwrap())
 }
@@ -74,17 +88,8 @@ async fn the_image_service_passes_every_call_to_containerds_cri() {
     // containerd's CRI learns of imported images by events: wait for it.
     let mut status = None;
     for _ in 0..100 {
-        let s = direct
-            .clone()
-            .image_status(ImageStatusRequest {
-                image: spec(name),
-                verbose: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if s.image.is_some() {
-            status = s.image;
+        status = status_of(&direct, name).await;
+        if status.is_some() {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -92,17 +97,7 @@ async fn the_image_service_passes_every_call_to_containerds_cri() {
     let direct_image = status.expect("containerd's CRI never saw the imported image");
 
     // Through us: the same answers.
-    let via_us = ours
-        .clone()
-        .image_status(ImageStatusRequest {
-            image: spec(name),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .image
-        .expect("ImageStatus through the daemon");
+    let via_us = status_of(&ours, name).await.expect("ImageStatus through the daemon");
     assert_eq!(via_us.id, direct_image.id);
     let listed = ours
         .clone()
@@ -151,16 +146,8 @@ async fn the_image_service_passes_every_call_to_containerds_cri() {
         .remove_image(RemoveImageRequest { image: spec(name) })
         .await
         .unwrap();
-    let after = direct
-        .clone()
-        .image_status(ImageStatusRequest {
-            image: spec(name),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(after.image.is_none(), "{after:?}");
+    let after = status_of(&direct, name).await;
+    assert!(after.is_none(), "{after:?}");
     drop(ctrd);
 }
 
@@ -320,16 +307,8 @@ async fn a_nix_ref_is_pulled_from_a_signed_cache_into_the_cri() {
         .into_inner()
         .image_ref;
     assert!(id.starts_with("sha256:"), "{id}");
-    let status = client(&ctrd.address)
-        .await
-        .image_status(ImageStatusRequest {
-            image: spec(&image),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(status.image.map(|i| i.id), Some(id));
+    let status = status_of(&client(&ctrd.address).await, &image).await;
+    assert_eq!(status.map(|i| i.id), Some(id));
     // Only the archive came from the cache: the image's store paths wait
     // for a container to read them.
     let nars: Vec<String> = img.server.log().into_iter().filter(|l| l.contains("/nar/")).collect();
@@ -384,16 +363,8 @@ async fn pod_from_a_nix_ref(name: &str, bin: Option<&Path>) {
     let images = client(&daemon.address).await;
 
     let image = format!("nix:0{}", img.stored);
-    let absent = images
-        .clone()
-        .image_status(ImageStatusRequest {
-            image: spec(&format!("{image}:latest")),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(absent.image.is_none(), "{absent:?}");
+    let absent = status_of(&images, &format!("{image}:latest")).await;
+    assert!(absent.is_none(), "{absent:?}");
     images
         .clone()
         .pull_image(PullImageRequest {

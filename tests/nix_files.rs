@@ -49,7 +49,12 @@ fn copy_cli(tmp: &TempRoot) -> PathBuf {
 
 /// `nix-build tests/nix/build-image-test.nix` with `args`, against the mock pkgs.
 fn build_image_nix(nix: &NixStore, cli: &Path, args: &[&str]) -> std::process::Output {
-    let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nix/build-image-test.nix");
+    nix_build_test(nix, cli, "build-image-test.nix", args)
+}
+
+/// `nix-build tests/nix/<file>` with `args` and our binary as `cli`.
+fn nix_build_test(nix: &NixStore, cli: &Path, file: &str, args: &[&str]) -> std::process::Output {
+    let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nix").join(file);
     let out = Command::new("nix-build")
         .arg("--store")
         .arg(&nix.root)
@@ -198,35 +203,7 @@ fn copy_scripts_push_and_load_the_image() {
     let tmp = TempRoot::new("copyscripts");
     let nix = NixStore::new(&tmp.join("nix"), "copyscripts-1");
     let cli = copy_cli(&tmp);
-    let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nix/copy-scripts-test.nix");
-    let out = Command::new("nix-build")
-        .arg("--store")
-        .arg(&nix.root)
-        .args(["--option", "extra-sandbox-paths"])
-        .arg(format!(
-            "/bin/sh=/bin/busybox /bin/busybox /lib /lib64 /usr/lib {}",
-            cli.display()
-        ))
-        .args([
-            "--option",
-            "build-users-group",
-            "",
-            "--option",
-            "substituters",
-            "",
-            "--no-out-link",
-        ])
-        .arg("--argstr")
-        .arg("cli")
-        .arg(&cli)
-        .arg(&expr)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "nix-build failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = nix_build_test(&nix, &cli, "copy-scripts-test.nix", &[]);
     let dir = nix.real(String::from_utf8_lossy(&out.stdout).trim());
     let image = std::fs::read_to_string(dir.join("image")).unwrap().trim().to_string();
     let registry = std::fs::read_to_string(dir.join("registry")).unwrap();
