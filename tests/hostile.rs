@@ -180,7 +180,10 @@ fn layers_aiming_through_symlinks_at_host_directories_never_touch_the_host() {
         let out = ctrd.ctr(&["images", "import", "--snapshotter", "nix", file.to_str().unwrap()]);
         victim.assert_untouched(&format!("ctr images import: {what}"));
         if out.status.success() {
-            let run = ctrd.ctr(&["run", "--rm", "--snapshotter", "nix", &name, &unique("c")]);
+            let run = ctrd.ctr_run_in(
+                &ctrd.namespace,
+                &["run", "--rm", "--snapshotter", "nix", &name, &unique("c")],
+            );
             assert!(
                 !text(&run.stdout).contains("host file"),
                 "{what}: {}",
@@ -285,7 +288,7 @@ fn a_poisoned_chain_in_one_namespace_is_not_reused_by_another() {
     let ns_b = format!("{}-b", ctrd.namespace);
     let out = ctrd.image_load(&ns_b, &file);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let run = ctrd.ctr_in(&ns_b, &["run", "--rm", "--snapshotter", "nix", name, &unique("c")]);
+    let run = ctrd.ctr_run_in(&ns_b, &["run", "--rm", "--snapshotter", "nix", name, &unique("c")]);
     assert_eq!(
         text(&run.stdout),
         "hello from the top layer\n",
@@ -405,7 +408,10 @@ impl Drop for Secret {
 
 /// Runs image `name` once; its output, which must not hold the secret.
 fn run_without_the_secret(ctrd: &Containerd, name: &str) -> String {
-    let run = ctrd.ctr(&["run", "--rm", "--snapshotter", "nix", name, &unique("c")]);
+    let run = ctrd.ctr_run_in(
+        &ctrd.namespace,
+        &["run", "--rm", "--snapshotter", "nix", name, &unique("c")],
+    );
     let out = text(&run.stdout);
     assert!(!out.contains("HOST SECRET"), "the container read a host file: {out}");
     out

@@ -102,7 +102,7 @@ fn run(ctrd: &Containerd, daemon: &Daemon, args: &[&str]) -> String {
 
 /// [`run`] in namespace `ns`.
 fn run_in(ctrd: &Containerd, daemon: &Daemon, ns: &str, args: &[&str]) -> String {
-    let out = ctrd.ctr_in(ns, args);
+    let out = ctrd.ctr_run_in(ns, args);
     assert!(
         out.status.success(),
         "ctr {args:?} failed: {}\n--- nix-snapshotter log:\n{}",

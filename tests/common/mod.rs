@@ -507,6 +507,25 @@ state = "{state}"
             .unwrap()
     }
 
+    /// `ctr run` (the last argument is the container id) in namespace `ns`,
+    /// run again under a fresh id when it succeeded but printed nothing:
+    /// ctr's attach sometimes loses a short-lived container's whole output
+    /// under load (the container ran; its output never reached ctr).
+    pub fn ctr_run_in(&self, ns: &str, args: &[&str]) -> Output {
+        let (id, rest) = args.split_last().expect("a container id");
+        let mut out = self.ctr_in(ns, args);
+        for attempt in 1..3 {
+            if !(out.status.success() && out.stdout.is_empty()) {
+                break;
+            }
+            let again = format!("{id}-again{attempt}");
+            let mut retry: Vec<&str> = rest.to_vec();
+            retry.push(&again);
+            out = self.ctr_in(ns, &retry);
+        }
+        out
+    }
+
     /// Like [`ctr`](Self::ctr) but panics with both outputs unless it succeeds.
     pub fn ctr_ok(&self, args: &[&str]) -> String {
         let out = self.ctr(args);
