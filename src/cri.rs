@@ -115,18 +115,22 @@ impl NamedService for ImageService {
 }
 
 impl Inner {
+    fn unreachable(&self, e: impl std::fmt::Display) -> Status {
+        Status::unavailable(format!(
+            "containerd's CRI at {} is unreachable: {e}",
+            self.containerd.display()
+        ))
+    }
+
     /// The channel to containerd, made on first use.
     async fn channel(&self) -> Result<Channel, Status> {
         let mut slot = self.channel.lock().await;
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let c = crate::uds::connect(&self.containerd).await.map_err(|e| {
-            Status::unavailable(format!(
-                "containerd's CRI at {} is unreachable: {e}",
-                self.containerd.display()
-            ))
-        })?;
+        let c = crate::uds::connect(&self.containerd)
+            .await
+            .map_err(|e| self.unreachable(e))?;
         *slot = Some(c.clone());
         Ok(c)
     }
@@ -135,12 +139,7 @@ impl Inner {
     async fn forward(&self, method: &str, req: Request<Bytes>) -> Result<Response<Bytes>, Status> {
         let channel = self.channel().await?;
         let mut client = tonic::client::Grpc::new(channel).max_decoding_message_size(MAX_MESSAGE);
-        client.ready().await.map_err(|e| {
-            Status::unavailable(format!(
-                "containerd's CRI at {} is unreachable: {e}",
-                self.containerd.display()
-            ))
-        })?;
+        client.ready().await.map_err(|e| self.unreachable(e))?;
         let path = http::uri::PathAndQuery::try_from(format!("/{SERVICE}/{method}"))
             .map_err(|e| Status::internal(e.to_string()))?;
         let result = client.unary(req, path, RawCodec).await;

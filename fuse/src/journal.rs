@@ -621,12 +621,6 @@ impl Journal {
     pub fn broken(&self) -> bool {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).broken
     }
-
-    /// The journal's length and generation (for tests and status).
-    pub fn size(&self) -> (u64, u64) {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        (inner.len, inner.generation)
-    }
 }
 
 fn write_snapshot(model: &Model) -> io::Result<(File, u64)> {

@@ -232,11 +232,6 @@ impl StoreFs {
         self.state.journal.get().is_some_and(|j| !j.broken())
     }
 
-    /// The inode journal's size in bytes, when the session is kept.
-    pub fn journal_bytes(&self) -> Option<u64> {
-        self.state.journal.get().map(|j| j.size().0)
-    }
-
     fn serving(&self) -> std::sync::MutexGuard<'_, session::Serving> {
         self.session.lock().unwrap_or_else(|e| e.into_inner())
     }

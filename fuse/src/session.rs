@@ -186,7 +186,7 @@ impl StoreFs {
         // Before any worker of ours reads: what is resent is then only
         // what the predecessor left unanswered, never a request of ours.
         if serving.resumed.is_some() {
-            self.resend(self.state.has_resend.load(Ordering::Relaxed));
+            self.resend();
         }
         let running = session.spawn().map_err(|source| FuseError::Mount {
             path: self.state.mountpoint.clone(),
@@ -197,14 +197,9 @@ impl StoreFs {
     }
 
     /// Asks the kernel to queue again the requests read from this
-    /// connection but not answered (after a predecessor that may still have
-    /// been reading exited).
-    pub fn resend_pending(&self) {
-        self.resend(self.state.has_resend.load(Ordering::Relaxed));
-    }
-
-    fn resend(&self, supported: bool) {
-        if !supported {
+    /// connection but not answered (by a predecessor).
+    fn resend(&self) {
+        if !self.state.has_resend.load(Ordering::Relaxed) {
             tracing::warn!(
                 "the kernel cannot resend requests (FUSE_NOTIFY_RESEND needs Linux 6.9): \
                  reads that were in flight when the last daemon stopped stay unanswered"
