@@ -7,6 +7,7 @@ mod common;
 
 use std::path::Path;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use common::http::{Fault, Server};
 use common::image::{self, nix_layer, write_oci_archive};
@@ -595,6 +596,29 @@ fn tampered_nar_is_never_served() {
     drop(daemon);
 }
 
+/// Waits until store path `path` left the daemon's local store, failing
+/// with what the daemon said about fetches, views and collection.
+fn wait_evicted(tmp: &TempRoot, daemon: &Daemon, path: &str) {
+    let base = path.trim_start_matches("/nix/store/");
+    let dir = tmp.join("root/store").join(base);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while dir.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{path} still in the store after its container went:\n{}",
+            daemon
+                .log_text()
+                .lines()
+                .filter(|l| ["fetched", "garbage", "view", "remove key", "prepare key"]
+                    .iter()
+                    .any(|w| l.contains(w)))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn eviction_under_pressure_spares_what_live_containers_use() {
     let f = fixture();
@@ -653,15 +677,27 @@ fn eviction_under_pressure_spares_what_live_containers_use() {
                 &["run", "--rm", "--snapshotter", "nix", &reader, &unique("c")],
             )
         });
-        // Meanwhile other containers come and go, each fetch evicting what
-        // no live container shows.
-        for (img, want) in [(&seven, "filler 7\n"), (&eight, "filler 8\n"), (&seven, "filler 7\n")] {
+        // The reader runs (its store path was fetched) before others start.
+        let data = tmp.join("root/store").join(f.data.trim_start_matches("/nix/store/"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !data.exists() {
+            assert!(std::time::Instant::now() < deadline, "the reader never started");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Meanwhile other containers come and go; what they alone showed
+        // is evicted once they are gone.
+        for (img, path, want) in [
+            (&seven, &f7, "filler 7\n"),
+            (&eight, &f8, "filler 8\n"),
+            (&seven, &f7, "filler 7\n"),
+        ] {
             let out = run(
                 &ctrd,
                 &daemon,
                 &["run", "--rm", "--snapshotter", "nix", img, &unique("c")],
             );
             assert_eq!(out, want, "--- daemon problems:\n{}", daemon.log_problems());
+            wait_evicted(&tmp, &daemon, path);
         }
         let out = reading.join().unwrap();
         let lines: Vec<&str> = out.lines().collect();

@@ -348,10 +348,26 @@ impl Store {
         }
     }
 
-    /// Marks paths as needed by live snapshots (never evicted), replacing the previous set.
-    pub fn set_pinned(&self, paths: HashSet<StorePath>) {
-        if let Ok(mut p) = self.pinned.lock() {
-            *p = paths;
+    /// Marks paths as needed by live snapshots (never evicted), replacing
+    /// the previous set. When that frees paths of a store held to a size
+    /// bound, collection runs again now: a store over its bound because
+    /// containers held its paths shrinks when they go, not at the next fetch.
+    pub fn set_pinned(self: &Arc<Self>, paths: HashSet<StorePath>) {
+        let Ok(mut p) = self.pinned.lock() else {
+            return;
+        };
+        let freed = p.iter().any(|old| !paths.contains(old));
+        *p = paths;
+        drop(p);
+        if freed && self.opts.max_size > 0 {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let me = self.clone();
+                rt.spawn_blocking(move || {
+                    if let Err(e) = me.gc(me.opts.max_size) {
+                        tracing::warn!(error = %e, "store garbage collection failed");
+                    }
+                });
+            }
         }
     }
 
