@@ -28,23 +28,19 @@ mod common;
 #[allow(dead_code)]
 #[path = "../tests/common/http.rs"]
 mod http;
+mod link;
+mod python;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{arg, arg_or, du, median, nix_build, nix_copy_from, publish, run, signing_key, store_name, NIXFLAGS};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use common::{arg, arg_or, drop_caches, du, median, nix_copy_from, publish, run, signing_key};
+use python::PythonClosure;
 
 const IMAGE: &str = "docker.io/library/bench-python:latest";
 const PLAIN_IMAGE: &str = "docker.io/library/bench-python-plain:latest";
-
-fn drop_caches() {
-    let _ = Command::new("sync").status();
-    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
-}
 
 /// Processes and mounts to clean up, whatever happens.
 struct Guard {
@@ -88,78 +84,6 @@ fn wait_sock(p: &Path) {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// A delaying, rate-limited TCP proxy: each direction's bytes arrive half an
-/// RTT late, and all bytes share one rate.
-fn shaped_proxy(
-    rt: &tokio::runtime::Runtime,
-    upstream: std::net::SocketAddr,
-    rtt: Duration,
-    bytes_per_sec: f64,
-) -> String {
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let bucket = Arc::new(tokio::sync::Mutex::new(Instant::now()));
-    rt.spawn(async move {
-        loop {
-            let Ok((client, _)) = listener.accept().await else {
-                return;
-            };
-            let bucket = bucket.clone();
-            tokio::spawn(async move {
-                // Connection set-up costs a round trip.
-                tokio::time::sleep(rtt).await;
-                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
-                    return;
-                };
-                let (cr, cw) = client.into_split();
-                let (sr, sw) = server.into_split();
-                tokio::spawn(pipe(cr, sw, rtt / 2, bucket.clone(), bytes_per_sec));
-                tokio::spawn(pipe(sr, cw, rtt / 2, bucket, bytes_per_sec));
-            });
-        }
-    });
-    format!("http://{addr}")
-}
-
-async fn pipe(
-    mut r: tokio::net::tcp::OwnedReadHalf,
-    mut w: tokio::net::tcp::OwnedWriteHalf,
-    delay: Duration,
-    bucket: Arc<tokio::sync::Mutex<Instant>>,
-    rate: f64,
-) {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
-    let writer = tokio::spawn(async move {
-        while let Some((due, chunk)) = rx.recv().await {
-            tokio::time::sleep_until(due.into()).await;
-            if w.write_all(&chunk).await.is_err() {
-                return;
-            }
-        }
-        let _ = w.shutdown().await;
-    });
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match r.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        // Pace: the shared link is busy until `next`.
-        let send_at = {
-            let mut next = bucket.lock().await;
-            let now = Instant::now();
-            let start = if *next > now { *next } else { now };
-            *next = start + Duration::from_secs_f64(n as f64 / rate);
-            *next
-        };
-        if tx.send((send_at + delay, buf[..n].to_vec())).is_err() {
-            break;
-        }
-    }
-    drop(tx);
-    let _ = writer.await;
 }
 
 struct Env {
@@ -232,53 +156,16 @@ fn main() {
         children: Vec::new(),
         namespaces: Vec::new(),
     };
-    let chroot = dir.join("src-store");
 
     // --- The closure, built by real Nix from Debian's files.
-    let mut bulk = Vec::new();
-    for org in std::fs::read_dir("/usr/share/gocode/src/github.com")
-        .expect("golang-github-containerd-containerd-dev is needed")
-    {
-        let org = org.unwrap().path();
-        let name = store_name(&org.file_name().unwrap().to_string_lossy());
-        bulk.push(format!("(cp \"bulk-{name}\" \"{}\")", org.display()));
-    }
-    let expr = format!(
-        r#"let
-  sh = name: script: deps: derivation {{
-    inherit name deps; system = "x86_64-linux"; builder = "/bin/sh";
-    args = [ "-c" "b() {{ /bin/busybox \"$@\"; }}; ${{script}}" ];
-  }};
-  cp = name: src: sh name "b cp -a ${{src}} $out" [ ];
-  lib = name: files: sh name ("b mkdir -p $out/lib; " + builtins.concatStringsSep "; " (map (f: "b cp -L /lib/x86_64-linux-gnu/${{f}} $out/lib/") files)) [ ];
-  glibc = lib "glibc-debian" [ "libc.so.6" "libm.so.6" "ld-linux-x86-64.so.2" ];
-  zlib = lib "zlib-debian" [ "libz.so.1" ];
-  expat = lib "expat-debian" [ "libexpat.so.1" ];
-  python = sh "python3-debian" ''
-    b mkdir -p $out/bin $out/lib
-    b cp /usr/bin/python3.11 $out/bin/python3.11
-    b ln -s python3.11 $out/bin/python3
-    b cp -a /usr/lib/python3.11 $out/lib/python3.11
-    b chmod u+w $out/bin/python3.11
-    /usr/bin/patchelf --set-interpreter ${{glibc}}/lib/ld-linux-x86-64.so.2 --set-rpath ${{glibc}}/lib:${{zlib}}/lib:${{expat}}/lib $out/bin/python3.11
-  '' [ ];
-  bulk = [ {bulk} ];
-in sh "python-closure" "b mkdir $out; for d in $deps; do b echo $d >> $out/refs; done" ([ python ] ++ bulk)"#,
-        bulk = bulk.join(" ")
+    let closure = PythonClosure::build(&dir);
+    let (chroot, top, paths, python, closure_bytes) = (
+        &closure.chroot,
+        &closure.top,
+        &closure.paths,
+        &closure.python,
+        closure.bytes,
     );
-    std::fs::write(dir.join("closure.nix"), expr).unwrap();
-    eprintln!("building the closure ...");
-    let top = nix_build(&chroot, &dir.join("closure.nix"), " /usr /lib /lib64");
-    let paths = run(Command::new("nix")
-        .args(NIXFLAGS)
-        .arg("path-info")
-        .arg("--store")
-        .arg(&chroot)
-        .args(["-r", &top]));
-    let paths: Vec<String> = paths.lines().map(str::to_string).collect();
-    let python = paths.iter().find(|p| p.ends_with("-python3-debian")).unwrap().clone();
-    let closure_bytes = du(&chroot.join("nix/store"));
-    std::fs::write(dir.join("store-paths"), paths.join("\n") + "\n").unwrap();
 
     let (key, public) = signing_key(&dir, "bench-1");
     eprintln!(
@@ -287,65 +174,21 @@ in sh "python-closure" "b mkdir $out; for d in $deps; do b echo $d >> $out/refs;
         closure_bytes >> 20
     );
     let cache = dir.join("cache");
-    publish(&chroot, &cache, "zstd", &key, &top);
+    publish(chroot, &cache, "zstd", &key, top);
 
     // --- Images: the Nix image, and the same python rootfs as a plain image.
     let cli = env!("CARGO_BIN_EXE_nix-snapshotter");
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_vec(&serde_json::json!({
-            "Cmd": [format!("{python}/bin/python3"), "-c", "import json; print('ready', flush=True)"],
-        }))
-        .unwrap(),
-    )
-    .unwrap();
-    run(Command::new(cli)
-        .args(["image", "build", "--config"])
-        .arg(dir.join("config.json"))
-        .arg("--closure")
-        .arg(dir.join("store-paths"))
-        .arg("--store-root")
-        .arg(&chroot)
-        .args(["--ref", IMAGE])
-        .arg(dir.join("nix.tar")));
-    {
-        // The python part of the closure, unpacked as ordinary files.
-        let mut tar = tar::Builder::new(Vec::new());
-        tar.follow_symlinks(false);
-        for p in paths.iter().filter(|p| !p.contains("-bulk-")) {
-            tar.append_dir_all(p.trim_start_matches('/'), chroot.join(p.trim_start_matches('/')))
-                .unwrap();
-        }
-        let layer = nix_snapshotter::image::Layer::from_tar(&tar.into_inner().unwrap(), Default::default());
-        let config = serde_json::json!({ "architecture": "amd64", "os": "linux",
-            "config": { "Cmd": [format!("{python}/bin/python3"), "-c", "import json; print('ready', flush=True)"] } });
-        nix_snapshotter::image::write_archive(&dir.join("plain.tar"), Some(PLAIN_IMAGE), config, &[layer]).unwrap();
-    }
+    closure.nix_image(&dir, IMAGE, &dir.join("nix.tar"));
+    // The python part of the closure, unpacked as ordinary files.
+    let python_part: Vec<&String> = paths.iter().filter(|p| !p.contains("-bulk-")).collect();
+    closure.plain_image(&[python_part], PLAIN_IMAGE, &dir.join("plain.tar"));
 
     // --- Servers: the cache on loopback and behind the shaped link.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let server = http::Server::start(cache.clone());
-    let shaped = shaped_proxy(&rt, server.addr, Duration::from_millis(50), 100e6 / 8.0);
-    {
-        // Check the link: one request's latency, and a large transfer's rate.
-        let big = std::fs::read_dir(cache.join("nar"))
-            .unwrap()
-            .map(|e| e.unwrap())
-            .max_by_key(|e| e.metadata().unwrap().len())
-            .unwrap();
-        let url = format!("{shaped}/nar/{}", big.file_name().to_string_lossy());
-        let t = Instant::now();
-        run(Command::new("curl").args(["-sf", "-o", "/dev/null", &format!("{shaped}/nix-cache-info")]));
-        let latency = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        run(Command::new("curl").args(["-sf", "-o", "/dev/null", &url]));
-        let mbit = big.metadata().unwrap().len() as f64 * 8.0 / 1e6 / t.elapsed().as_secs_f64();
-        println!(
-            "shaped link check: small request {:.0} ms (2 RTT: connect + request), bulk {:.0} Mbit/s",
-            latency * 1000.0,
-            mbit
-        );
-    }
+    let shaped = link::shaped_proxy(&rt, server.addr, Duration::from_millis(50), 100e6 / 8.0);
+    shaped.check(&cache);
+    let shaped = shaped.url.clone();
 
     let env = Env {
         ctrd_sock: dir.join("containerd.sock"),
@@ -444,7 +287,7 @@ in sh "python-closure" "b mkdir $out; for d in $deps; do b echo $d >> $out/refs;
             let eager_store = dir.join(format!("{tag}-eager"));
             drop_caches();
             let t = Instant::now();
-            nix_copy_from(&url, &public, &eager_store, &top);
+            nix_copy_from(&url, &public, &eager_store, top);
             let realise = t.elapsed().as_secs_f64();
             let root = dir.join(format!("{tag}-eroot"));
             let d = start_daemon(

@@ -30,6 +30,12 @@ pub fn arg_or(name: &str, default: usize) -> usize {
     arg(name).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// Writes dirty pages back and drops the page, dentry and inode caches.
+pub fn drop_caches() {
+    let _ = Command::new("sync").status();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -99,7 +105,6 @@ pub fn publish(chroot: &Path, cache: &Path, compression: &str, key: &Path, path:
         .arg(path));
 }
 
-/// `s` with every character a store path name cannot hold replaced by '-'.
 /// Real Nix substituting `path`'s closure from the cache at `url` (trusting
 /// `public`) into the chroot store `to`: the eager baseline both benchmarks use.
 pub fn nix_copy_from(url: &str, public: &str, to: &Path, path: &str) {
@@ -110,6 +115,7 @@ pub fn nix_copy_from(url: &str, public: &str, to: &Path, path: &str) {
         .arg(path));
 }
 
+/// `s` with every character a store path name cannot hold replaced by '-'.
 pub fn store_name(s: &str) -> String {
     s.chars()
         .map(|c| {

@@ -80,6 +80,10 @@ pub struct StoreConfig {
     /// Bound on the local store's disk usage ("20GiB", "512MiB", bytes);
     /// least recently used paths are evicted first. "0" means unbounded.
     pub max_size: ByteSize,
+    /// When a Nix image is pulled, start fetching the closures of the store
+    /// paths its command runs from (its `nix-entrypoint` label) at once,
+    /// many in flight, instead of one after another as the program loads.
+    pub prefetch_entrypoint: bool,
 }
 
 /// Network behaviour of cache fetches.
@@ -100,6 +104,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             max_size: ByteSize(20 << 30),
+            prefetch_entrypoint: true,
         }
     }
 }

@@ -21,6 +21,37 @@ pub const LABEL_PATH_PREFIX: &str = "containerd.io/snapshot/nix-store-path.";
 /// shortcut). Images without it (the Go project's) are fetched and applied.
 pub const LABEL_COPY_TO_ROOT: &str = "containerd.io/snapshot/nix-copy-to-root";
 
+/// Ours: a JSON list of the store paths the image's command runs from (the
+/// store paths named in its Entrypoint and Cmd). A hint, nothing more: a
+/// snapshotter may start fetching their closures when the image is pulled,
+/// before the container asks, instead of one library after another. Only
+/// paths of the layer's closure are taken, at most [`MAX_ENTRYPOINT_PATHS`].
+pub const LABEL_ENTRYPOINT: &str = "containerd.io/snapshot/nix-entrypoint";
+pub const MAX_ENTRYPOINT_PATHS: usize = 16;
+
+/// The store paths (`/nix/store/<hash>-<name>`) named anywhere in `args`
+/// that `closure` holds (base names), in order of appearance, at most
+/// [`MAX_ENTRYPOINT_PATHS`]: what [`LABEL_ENTRYPOINT`] lists.
+pub fn entrypoint_paths<'a>(args: impl IntoIterator<Item = &'a str>, closure: &dyn Fn(&str) -> bool) -> Vec<String> {
+    const PREFIX: &str = "/nix/store/";
+    let mut out: Vec<String> = Vec::new();
+    for arg in args {
+        let mut rest = arg;
+        while let Some(i) = rest.find(PREFIX) {
+            let after = &rest[i + PREFIX.len()..];
+            let end = after
+                .find(|c: char| !(c.is_ascii_alphanumeric() || "+-._?=".contains(c)))
+                .unwrap_or(after.len());
+            let base = &after[..end];
+            if closure(base) && !out.iter().any(|p| p.ends_with(base)) && out.len() < MAX_ENTRYPOINT_PATHS {
+                out.push(format!("{PREFIX}{base}"));
+            }
+            rest = &after[end..];
+        }
+    }
+    out
+}
+
 /// The labels that determine a Nix layer's whole content, when they do
 /// (the copyToRoot marker is there): closure and copyToRoot. Two layers
 /// with the same are the same layer, whoever asked for them.
@@ -138,6 +169,28 @@ mod tests {
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn the_entrypoint_hint_lists_closure_paths_named_in_the_command_once_and_boundedly() {
+        let py = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-python3";
+        let sh = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-busybox";
+        let closure = |b: &str| b == py || b == sh;
+        let script = format!("/nix/store/{py}/bin/python3 -c 'x'; /nix/store/{py}/bin/x /nix/store/cccccccccccccccccccccccccccccccc-other");
+        let args = [format!("/nix/store/{sh}/bin/sh"), "-c".to_string(), script];
+        assert_eq!(
+            entrypoint_paths(args.iter().map(String::as_str), &closure),
+            [format!("/nix/store/{sh}"), format!("/nix/store/{py}")]
+        );
+        // Plain commands (copyToRoot links) name none.
+        assert!(entrypoint_paths(["/bin/hello"], &closure).is_empty());
+        // At most MAX_ENTRYPOINT_PATHS, whatever the command says.
+        let many: Vec<String> = (0..100).map(|i| format!("/nix/store/{i:032}-p")).collect();
+        let all = |_: &str| true;
+        assert_eq!(
+            entrypoint_paths(many.iter().map(String::as_str), &all).len(),
+            MAX_ENTRYPOINT_PATHS
+        );
     }
 
     #[test]

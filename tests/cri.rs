@@ -309,10 +309,19 @@ async fn a_nix_ref_is_pulled_from_a_signed_cache_into_the_cri() {
     assert!(id.starts_with("sha256:"), "{id}");
     let status = status_of(&client(&ctrd.address).await, &image).await;
     assert_eq!(status.map(|i| i.id), Some(id));
-    // Only the archive came from the cache: the image's store paths wait
-    // for a container to read them.
+    // The archive came from the cache, and, started by the pull, the
+    // closure the image's command runs from (busybox and the data it
+    // reads: the whole image here), before any container asked.
+    let start = std::time::Instant::now();
+    while !daemon
+        .log_text()
+        .contains("prefetched the closure of the image's command")
+    {
+        assert!(start.elapsed() < std::time::Duration::from_secs(30), "no prefetch");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let nars: Vec<String> = img.server.log().into_iter().filter(|l| l.contains("/nar/")).collect();
-    assert_eq!(nars.len(), 1, "{nars:?}");
+    assert_eq!(nars.len(), 3, "{nars:?}");
 
     // Bad refs, each named.
     let p = &img.stored;
@@ -382,68 +391,6 @@ async fn pod_from_a_nix_ref(name: &str, bin: Option<&Path>) {
 }
 
 /// Debian's docker-registry on 127.0.0.1, with its access log.
-struct Registry {
-    child: std::process::Child,
-    log: std::path::PathBuf,
-    host: String,
-}
-
-impl Registry {
-    fn start(dir: &Path) -> Registry {
-        std::fs::create_dir_all(dir).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let host = format!("127.0.0.1:{port}");
-        let config = dir.join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {host}\n",
-                dir.join("data").display()
-            ),
-        )
-        .unwrap();
-        let log = dir.join("registry.log");
-        let logf = std::fs::File::create(&log).unwrap();
-        let child = std::process::Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(logf.try_clone().unwrap())
-            .stderr(logf)
-            .spawn()
-            .expect("docker-registry must be installed (scripts/install-deps)");
-        let start = std::time::Instant::now();
-        while std::net::TcpStream::connect(&host).is_err() {
-            assert!(
-                start.elapsed() < std::time::Duration::from_secs(20),
-                "the registry did not start"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        Registry { child, log, host }
-    }
-
-    /// The blobs it served (GETs of /v2/.../blobs/<digest>).
-    fn blob_gets(&self) -> Vec<String> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
-            .map(str::to_string)
-            .collect()
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// `image push` to Debian's docker-registry, then a pod from the pushed
 /// image through the CRI (pulled by containerd from the registry): the Nix
 /// layer is made from its labels, and never downloaded from the registry.
@@ -451,7 +398,7 @@ impl Drop for Registry {
 async fn a_pushed_nix_image_runs_as_a_pod_without_its_nix_layer_being_downloaded() {
     let tmp = TempRoot::new("cri-push");
     let img = nix_image_in_cache(&tmp);
-    let registry = Registry::start(&tmp.join("registry"));
+    let registry = common::registry::DockerRegistry::start(&tmp.join("registry"));
     let reference = format!("{}/nix/hello:v1", registry.host);
     let push = |extra: &[&str]| {
         std::process::Command::new(common::DAEMON)
@@ -487,16 +434,7 @@ async fn a_pushed_nix_image_runs_as_a_pod_without_its_nix_layer_being_downloaded
 
     let (daemon, ctrd) = node(&tmp, &img);
     ctrd.import_pause_image();
-    let hosts = tmp.join("ctrd/certs.d").join(&registry.host);
-    std::fs::create_dir_all(&hosts).unwrap();
-    std::fs::write(
-        hosts.join("hosts.toml"),
-        format!(
-            "server = \"http://{h}\"\n[host.\"http://{h}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-            h = registry.host
-        ),
-    )
-    .unwrap();
+    ctrd.plain_http_registry(&registry.host, &registry.host);
     let images = client(&daemon.address).await;
     images
         .clone()
@@ -542,110 +480,19 @@ fn config_digest(archive: &Path) -> String {
 /// Runs a pod with one container of `image` through containerd's CRI, as a
 /// kubelet does (host network), to its exit; returns the container's log.
 async fn run_pod(tmp: &TempRoot, ctrd: &Containerd, daemon: &Daemon, image: &str) -> String {
-    use nix_snapshotter::api::cri::runtime_service_client::RuntimeServiceClient;
-    use nix_snapshotter::api::cri::{
-        ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest, CreateContainerRequest,
-        LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
-        PodSandboxMetadata, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-        StartContainerRequest, StopPodSandboxRequest,
-    };
-    let mut runtime = RuntimeServiceClient::new(nix_snapshotter::uds::connect(&ctrd.address).await.unwrap());
-    let logs = tmp.join("pod-logs");
-    std::fs::create_dir_all(&logs).unwrap();
-    let sandbox = PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: "hello".into(),
-            uid: common::unique("uid"),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        hostname: String::new(),
-        log_directory: logs.display().to_string(),
-        linux: Some(LinuxPodSandboxConfig {
-            cgroup_parent: String::new(),
-            security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(NamespaceOption {
-                    network: NamespaceMode::Node as i32,
-                    pid: NamespaceMode::Container as i32,
-                    ipc: NamespaceMode::Pod as i32,
-                }),
-            }),
-        }),
-        ..Default::default()
-    };
-    let pod = runtime
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(sandbox.clone()),
-            runtime_handler: String::new(),
-        })
+    let mut pod = common::pod::Pod::run(&ctrd.address, "hello", &tmp.join("pod-logs")).await;
+    let id = pod
+        .start("hello", image)
         .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e:?}"))
-        .into_inner()
-        .pod_sandbox_id;
-    let container = runtime
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(ContainerConfig {
-                metadata: Some(ContainerMetadata {
-                    name: "hello".into(),
-                    attempt: 0,
-                }),
-                image: spec(image),
-                log_path: "hello.log".into(),
-                ..Default::default()
-            }),
-            sandbox_config: Some(sandbox),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("CreateContainer: {e:?}\n{}", daemon.log_problems()))
-        .into_inner()
-        .container_id;
-    runtime
-        .start_container(StartContainerRequest {
-            container_id: container.clone(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("StartContainer: {e:?}\n{}", daemon.log_problems()));
-    let start = std::time::Instant::now();
-    let status = loop {
-        let s = runtime
-            .container_status(ContainerStatusRequest {
-                container_id: container.clone(),
-                verbose: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-            .unwrap();
-        if s.state == ContainerState::ContainerExited as i32 {
-            break s;
-        }
-        assert!(start.elapsed() < std::time::Duration::from_secs(60), "{s:?}");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
-    let log = std::fs::read_to_string(logs.join("hello.log")).unwrap_or_default();
+        .unwrap_or_else(|e| panic!("CreateContainer/StartContainer: {e:?}\n{}", daemon.log_problems()));
+    let status = pod.wait_exit(&id, std::time::Duration::from_secs(60)).await;
+    let log = pod.log("hello");
     assert!(
         status.exit_code == 0,
         "{status:?}\nlog: {log}\n--- daemon:\n{}",
         daemon.log_problems()
     );
-    runtime
-        .remove_container(RemoveContainerRequest {
-            container_id: container,
-        })
-        .await
-        .unwrap();
-    runtime
-        .stop_pod_sandbox(StopPodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-        .await
-        .unwrap();
-    runtime
-        .remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod })
-        .await
-        .unwrap();
+    pod.remove().await;
     log
 }
 

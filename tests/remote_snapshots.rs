@@ -18,6 +18,7 @@ use common::{unique, Containerd, Daemon, TempRoot};
 use nix_snapshotter::image;
 
 const COPY_TO_ROOT: &str = "containerd.io/snapshot/nix-copy-to-root";
+const ENTRYPOINT: &str = "containerd.io/snapshot/nix-entrypoint";
 
 /// A small closure with a copyToRoot environment, and its closure-info.
 struct Fixture {
@@ -102,11 +103,16 @@ fn fixture() -> &'static Fixture {
 
 /// Builds the Nix image with our CLI: closure from closure-info, copyToRoot `env`.
 fn build_image(dir: &Path, name: &str) -> PathBuf {
+    build_image_running(dir, name, &["/bin/hello"])
+}
+
+/// [`build_image`] with command `cmd`.
+fn build_image_running(dir: &Path, name: &str, cmd: &[&str]) -> PathBuf {
     let f = fixture();
     std::fs::write(dir.join("copy.json"), serde_json::to_vec(&[&f.env]).unwrap()).unwrap();
     std::fs::write(
         dir.join("config.json"),
-        serde_json::to_vec(&serde_json::json!({ "Cmd": ["/bin/hello"] })).unwrap(),
+        serde_json::to_vec(&serde_json::json!({ "Cmd": cmd })).unwrap(),
     )
     .unwrap();
     let out = dir.join(format!("{name}.tar"));
@@ -402,6 +408,66 @@ fn malformed_copy_to_root_label_is_refused_by_name() {
     assert!(!out.status.success(), "a malformed label was accepted");
     assert!(err.contains(COPY_TO_ROOT) && err.contains("not-json"), "{err}");
     assert_eq!(s.backend_snapshots(), 0, "a refused pull left a snapshot behind");
+}
+
+/// A pulled image whose command runs from a store path: that path's
+/// closure is fetched at once, before any container asks for it (the
+/// `nix-entrypoint` hint), and nothing else; a hint naming a path outside
+/// the closure is refused by name.
+#[test]
+fn a_pull_prefetches_the_closure_the_image_command_runs_from() {
+    let f = fixture();
+    let s = stack("remotepre");
+    let hello = format!("{}/bin/hello", f.env);
+    let archive = build_image_running(&s.tmp.path, "pre", &[&hello]);
+    let a = image::read_archive(&archive).unwrap();
+    assert_eq!(
+        a.layers.last().unwrap().annotations.get(ENTRYPOINT),
+        Some(&serde_json::to_string(&[&f.env]).unwrap())
+    );
+    // First, a hint outside the closure: refused, naming the label.
+    let mut a = image::read_archive(&archive).unwrap();
+    let outside = "/nix/store/00000000000000000000000000000000-elsewhere";
+    a.layers
+        .last_mut()
+        .unwrap()
+        .annotations
+        .insert(ENTRYPOINT.to_string(), serde_json::to_string(&[outside]).unwrap());
+    let bad = s.tmp.join("bad.tar");
+    image::write_archive(&bad, None, a.config, &a.layers).unwrap();
+    let served = serve_image(&s.registry, "nix/bad-hint", "latest", &bad);
+    let out = s.try_pull(&s.ctrd.namespace, &served.reference);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a hint outside the closure was accepted");
+    assert!(err.contains(ENTRYPOINT) && err.contains("not in the closure"), "{err}");
+    assert_eq!(s.backend_snapshots(), 0, "a refused pull left a snapshot behind");
+
+    let served = serve_image(&s.registry, "nix/pre", "latest", &archive);
+    s.pull(&s.ctrd.namespace, &served.reference);
+    // closure-info, env, and what env refers to (tool, data): fetched with
+    // no container started. The fillers are in the image, not in env's closure.
+    let start = Instant::now();
+    while !s
+        .daemon
+        .log_text()
+        .contains("prefetched the closure of the image's command")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "not prefetched: {:#?}\n{}",
+            s.cache.log(),
+            s.daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(nar_downloads(&s.cache), 4, "{:#?}", s.cache.log());
+    s.run_expect(
+        &s.ctrd.namespace,
+        &served.reference,
+        &[&hello],
+        "hello from a remote snapshot\n",
+    );
+    assert_eq!(nar_downloads(&s.cache), 4, "{:#?}", s.cache.log());
 }
 
 /// Nix images under another containerd: `ctr images import` (1.7 unpacks

@@ -630,8 +630,6 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<(), ImageError> {
             "the copyToRoot list is too long for a containerd label: the Nix layer will be fetched and applied"
         );
     }
-    let nix = Layer::from_tar(&layer_tar(&nix_layer_entries(&closure, &links)), annotations);
-
     let user: Value = serde_json::from_slice(&std::fs::read(&opts.config).map_err(io_err(&opts.config))?)
         .map_err(|e| invalid(&opts.config, e.to_string()))?;
     if !user.is_object() {
@@ -662,6 +660,22 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<(), ImageError> {
         obj.remove("history");
         obj.remove("created");
     }
+    // Where the command runs from, so a snapshotter can fetch it early.
+    let args: Vec<&str> = ["Entrypoint", "Cmd"]
+        .iter()
+        .filter_map(|k| config["config"][k].as_array())
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let in_closure = |base: &str| StorePath::from_base_name(base).is_ok_and(|p| paths.contains(&p));
+    let entry = crate::nixlayer::entrypoint_paths(args, &in_closure);
+    if !entry.is_empty() {
+        annotations.insert(
+            crate::nixlayer::LABEL_ENTRYPOINT.to_string(),
+            serde_json::to_string(&entry).unwrap_or_default(),
+        );
+    }
+    let nix = Layer::from_tar(&layer_tar(&nix_layer_entries(&closure, &links)), annotations);
     layers.push(nix);
     write_archive(out, opts.name.as_deref(), config, &layers)
 }

@@ -289,6 +289,9 @@ impl Snapshotter {
             }
         };
         let paths = layer.closure.len();
+        if let Some(n) = &self.nix {
+            n.prefetch(&layer);
+        }
         let new = NewRecord {
             kind: Kind::Committed,
             labels: labels.clone(),

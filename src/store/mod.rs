@@ -98,6 +98,8 @@ pub struct StoreOptions {
     /// 0: unbounded.
     pub max_size: u64,
     pub max_parallel: usize,
+    /// See [`crate::config::StoreConfig::prefetch_entrypoint`].
+    pub prefetch_entrypoint: bool,
 }
 
 /// Counters for progress reporting and summaries.
@@ -563,6 +565,39 @@ impl Store {
             .await;
     }
 
+    /// Fetches the closures of `roots` that lie within `within` (an image's
+    /// closure), many paths in flight: what the image's command will load,
+    /// fetched before it asks one file after another. Each path is fetched
+    /// and verified as a first access would; failures are left to that
+    /// access. Nothing when `prefetch_entrypoint` is off.
+    pub async fn prefetch_closure(self: &Arc<Self>, roots: Vec<StorePath>, within: HashSet<StorePath>) {
+        if !self.opts.prefetch_entrypoint || roots.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let closure = match self.closure(&roots).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "entrypoint prefetch: closure");
+                return;
+            }
+        };
+        let wanted: Vec<StorePath> = closure.into_iter().filter(|p| within.contains(p)).collect();
+        let count = wanted.len();
+        futures::stream::iter(wanted)
+            .for_each_concurrent(self.opts.max_parallel.max(1), |p| async move {
+                if let Err(e) = self.ensure(&p).await {
+                    tracing::debug!(path = %p, error = %e, "entrypoint prefetch");
+                }
+            })
+            .await;
+        tracing::info!(
+            paths = count,
+            ms = started.elapsed().as_millis() as u64,
+            "prefetched the closure of the image's command"
+        );
+    }
+
     /// The closure of `roots` (every path they reference, transitively),
     /// with many narinfo requests in flight.
     pub async fn closure(&self, roots: &[StorePath]) -> Result<Vec<StorePath>> {
@@ -781,6 +816,7 @@ pub async fn open_from_config(
         trusted_keys,
         max_size: cfg.store.max_size.0,
         max_parallel: cfg.fetch.max_parallel.max(1),
+        prefetch_entrypoint: cfg.store.prefetch_entrypoint,
     };
     let store = tokio::task::spawn_blocking(move || Store::open(opts, caches, db))
         .await

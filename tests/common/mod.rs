@@ -6,6 +6,7 @@
 pub mod http;
 pub mod image;
 pub mod nix;
+pub mod pod;
 pub mod reader;
 pub mod redis;
 pub mod registry;
@@ -225,6 +226,11 @@ impl Daemon {
     }
 
     pub fn start_with(root: &Path, address: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Self::start_logging(root, address, args, env, "debug")
+    }
+
+    /// [`start_with`](Self::start_with) at log `level` (benchmarks: `warn`).
+    pub fn start_logging(root: &Path, address: &Path, args: &[&str], env: &[(&str, &str)], level: &str) -> Daemon {
         let log = root.with_extension("log");
         let logf = std::fs::OpenOptions::new()
             .create(true)
@@ -238,7 +244,7 @@ impl Daemon {
             std::fs::write(&default_cfg, "substituters = []\nhost_store = \"\"\n").unwrap();
         }
         let mut child = Command::new(DAEMON)
-            .args(["--log-level", "debug"])
+            .args(["--log-level", level])
             .args(if args.contains(&"--config") {
                 vec![]
             } else {
@@ -344,6 +350,11 @@ impl Containerd {
     /// Imports [`PAUSE_IMAGE`] into the CRI's namespace, for snapshotter
     /// `nix` (the CRI's), so pods start offline.
     pub fn import_pause_image(&self) {
+        self.import_pause_image_for("nix")
+    }
+
+    /// [`import_pause_image`](Self::import_pause_image) for `snapshotter`.
+    pub fn import_pause_image_for(&self, snapshotter: &str) {
         let archive = self.dir.join("pause.tar");
         image::write_oci_archive(
             &archive,
@@ -356,11 +367,30 @@ impl Containerd {
         let out = Command::new(self.bin.as_ref().map_or(PathBuf::from("ctr"), |b| b.join("ctr")))
             .arg("--address")
             .arg(&self.address)
-            .args(["--namespace", "k8s.io", "images", "import", "--snapshotter", "nix"])
+            .args([
+                "--namespace",
+                "k8s.io",
+                "images",
+                "import",
+                "--snapshotter",
+                snapshotter,
+            ])
             .arg(&archive)
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Lets the CRI pull from the plain-HTTP registry `host` (as image
+    /// references name it), reached at `via` (itself, or a proxy).
+    pub fn plain_http_registry(&self, host: &str, via: &str) {
+        let dir = self.dir.join("certs.d").join(host);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("hosts.toml"),
+            format!("server = \"http://{via}\"\n[host.\"http://{via}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
+        )
+        .unwrap();
     }
 
     pub fn start(dir: &Path, nix_socket: &Path) -> Containerd {
@@ -369,21 +399,28 @@ impl Containerd {
 
     /// Like [`start`](Self::start), with containerd, its shims and ctr from `bin`.
     pub fn start_from(dir: &Path, nix_socket: &Path, bin: Option<&Path>) -> Containerd {
-        Self::start_opts(dir, nix_socket, bin, false)
+        Self::start_opts(dir, nix_socket, bin, None)
     }
 
     /// Like [`start`](Self::start), with the CRI plugin on (snapshotter
     /// `nix`, snapshot annotations passed, no lowering of OOM scores).
     pub fn start_with_cri(dir: &Path, nix_socket: &Path) -> Containerd {
-        Self::start_opts(dir, nix_socket, None, true)
+        Self::start_opts(dir, nix_socket, None, Some("nix"))
+    }
+
+    /// Like [`start_with_cri`](Self::start_with_cri), the CRI's images on
+    /// `snapshotter` (`overlayfs`: what a Kubernetes node runs by default).
+    pub fn start_with_cri_on(dir: &Path, nix_socket: &Path, snapshotter: &str) -> Containerd {
+        Self::start_opts(dir, nix_socket, None, Some(snapshotter))
     }
 
     /// [`start_with_cri`](Self::start_with_cri) with containerd from `bin`.
     pub fn start_with_cri_from(dir: &Path, nix_socket: &Path, bin: Option<&Path>) -> Containerd {
-        Self::start_opts(dir, nix_socket, bin, true)
+        Self::start_opts(dir, nix_socket, bin, Some("nix"))
     }
 
-    fn start_opts(dir: &Path, nix_socket: &Path, bin: Option<&Path>, cri: bool) -> Containerd {
+    /// `cri`: the CRI plugin on, its images on that snapshotter.
+    fn start_opts(dir: &Path, nix_socket: &Path, bin: Option<&Path>, cri: Option<&str>) -> Containerd {
         assert!(
             have("containerd") && have("ctr") && have("runc"),
             "containerd, ctr and runc must be installed (see .ci/run)"
@@ -419,13 +456,13 @@ state = "{state}"
                 state = dir.join("state").display(),
                 address = address.display(),
                 nix = nix_socket.display(),
-                plugins = if cri {
+                plugins = if let Some(snapshotter) = cri {
                     format!(
                         r#"[plugins."io.containerd.grpc.v1.cri"]
   restrict_oom_score_adj = true
   sandbox_image = "{PAUSE_IMAGE}"
   [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "nix"
+    snapshotter = "{snapshotter}"
     disable_snapshot_annotations = false
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
     runtime_type = "io.containerd.runc.v2"

@@ -26,7 +26,9 @@ use crate::nixfmt::StorePath;
 use crate::nixlayer::RootLink;
 use nix_snapshotter_fuse::{beneath, Resolver, StoreFs};
 
-pub use crate::nixlayer::{LABEL_CLOSURE, LABEL_COPY_TO_ROOT, LABEL_LAYER, LABEL_PATH_PREFIX};
+pub use crate::nixlayer::{
+    LABEL_CLOSURE, LABEL_COPY_TO_ROOT, LABEL_ENTRYPOINT, LABEL_LAYER, LABEL_PATH_PREFIX, MAX_ENTRYPOINT_PATHS,
+};
 pub use resolver::{StoreResolver, StoreSlot};
 pub use tree::{materialize, mountpoints};
 
@@ -39,6 +41,8 @@ pub struct RemoteLayer {
     pub closure: Vec<NixPath>,
     /// What copyToRoot puts under `/`.
     pub links: BTreeMap<String, RootLink>,
+    /// The store paths the image's command runs from (a hint).
+    pub entrypoint: Vec<StorePath>,
 }
 
 /// Everything the snapshotter needs for Nix layers.
@@ -115,6 +119,7 @@ impl NixSupport {
                 return Ok(None);
             }
         };
+        let entrypoint = entrypoint_hint(labels, &closure)?;
         let resolver = self.resolver();
         let mut links = BTreeMap::new();
         for root in &roots {
@@ -129,7 +134,31 @@ impl NixSupport {
                 return Ok(None);
             }
         }
-        Ok(Some(RemoteLayer { closure, links }))
+        Ok(Some(RemoteLayer {
+            closure,
+            links,
+            entrypoint,
+        }))
+    }
+
+    /// Starts fetching, in the background, the closures of the store paths
+    /// a pulled image's command runs from (see
+    /// [`Store::prefetch_closure`](crate::store::Store::prefetch_closure)).
+    pub fn prefetch(&self, layer: &RemoteLayer) {
+        let Some(store) = self.store.get().cloned() else {
+            return;
+        };
+        if layer.entrypoint.is_empty() {
+            return;
+        }
+        let within = layer
+            .closure
+            .iter()
+            .filter_map(|p| StorePath::from_base_name(&p.name).ok())
+            .collect();
+        let roots = layer.entrypoint.clone();
+        self.rt
+            .spawn(async move { store.prefetch_closure(roots, within).await });
     }
 
     fn resolver(&self) -> StoreResolver {
@@ -165,5 +194,62 @@ impl NixSupport {
                 })
             })
             .collect()
+    }
+}
+
+/// The [`LABEL_ENTRYPOINT`] hint of a layer: store paths of its closure, at
+/// most [`MAX_ENTRYPOINT_PATHS`]; anything else in it is an error naming
+/// the label (a hint may be absent, not wrong).
+fn entrypoint_hint(labels: &BTreeMap<String, String>, closure: &[NixPath]) -> Result<Vec<StorePath>> {
+    let Some(raw) = labels.get(LABEL_ENTRYPOINT) else {
+        return Ok(Vec::new());
+    };
+    let bad = |m: String| Error::InvalidArgument(format!("label {LABEL_ENTRYPOINT}={raw:?}: {m}"));
+    let list: Vec<String> =
+        serde_json::from_str(raw).map_err(|e| bad(format!("expected a JSON list of store paths: {e}")))?;
+    if list.len() > MAX_ENTRYPOINT_PATHS {
+        return Err(bad(format!("more than {MAX_ENTRYPOINT_PATHS} store paths")));
+    }
+    list.iter()
+        .map(|s| {
+            let p = StorePath::parse(s).map_err(|e| bad(e.to_string()))?;
+            if !closure.iter().any(|c| c.name == p.base_name()) {
+                return Err(bad(format!("{s} is not in the closure")));
+            }
+            Ok(p)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entrypoint_hint_is_a_bounded_list_of_closure_paths_or_an_error_naming_it() {
+        let inside = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-python3";
+        let closure = vec![NixPath {
+            name: inside.into(),
+            dir: Some(true),
+        }];
+        let hint = |v: &str| entrypoint_hint(&[(LABEL_ENTRYPOINT.to_string(), v.to_string())].into(), &closure);
+        assert_eq!(
+            hint(&format!("[\"/nix/store/{inside}\"]")).unwrap(),
+            [StorePath::from_base_name(inside).unwrap()]
+        );
+        assert!(entrypoint_hint(&BTreeMap::new(), &closure).unwrap().is_empty());
+        for (bad, says) in [
+            ("/nix/store/x", "expected a JSON list"),
+            ("[\"/etc/passwd\"]", "/etc/passwd"),
+            (
+                "[\"/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-x\"]",
+                "not in the closure",
+            ),
+        ] {
+            let e = hint(bad).unwrap_err().to_string();
+            assert!(e.contains(LABEL_ENTRYPOINT) && e.contains(says), "{bad}: {e}");
+        }
+        let many = serde_json::to_string(&vec![format!("/nix/store/{inside}"); MAX_ENTRYPOINT_PATHS + 1]).unwrap();
+        assert!(hint(&many).unwrap_err().to_string().contains("more than"));
     }
 }
