@@ -594,3 +594,62 @@ async fn an_archive_no_trusted_key_signed_is_refused_and_nothing_is_imported() {
         img.server.log()
     );
 }
+
+/// An archive that is a signed, well-formed image whose Nix layer the
+/// snapshotter refuses (a `nix-entrypoint` hint outside its closure): the
+/// load fails midway, after blobs were written; PullImage names the ref and
+/// the label, and neither the CRI nor containerd's image store keeps
+/// anything of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archive_that_fails_midway_is_named_and_nothing_is_half_imported() {
+    let tmp = TempRoot::new("cri-midway");
+    let img = nix_image_in_cache(&tmp);
+    let mut a = nix_snapshotter::image::read_archive(&img.archive).unwrap();
+    a.layers.last_mut().unwrap().annotations.insert(
+        "containerd.io/snapshot/nix-entrypoint".into(),
+        "[\"/nix/store/00000000000000000000000000000000-elsewhere\"]".into(),
+    );
+    let bad = tmp.join("bad").join("nix-image-bad.tar");
+    std::fs::create_dir_all(bad.parent().unwrap()).unwrap();
+    nix_snapshotter::image::write_archive(&bad, None, a.config, &a.layers).unwrap();
+    let stored = img.nix.add_file(&bad);
+    img.nix
+        .publish(&tmp.join("cache"), "zstd", std::slice::from_ref(&stored));
+    let (daemon, ctrd) = node(&tmp, &img);
+
+    let image = format!("nix:0{stored}:latest");
+    let err = client(&daemon.address)
+        .await
+        .pull_image(PullImageRequest {
+            image: spec(&image),
+            auth: None,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains(&stored) && err.message().contains("nix-entrypoint"),
+        "{err:?}"
+    );
+    let listed = client(&ctrd.address)
+        .await
+        .list_images(ListImagesRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.images.is_empty(), "{listed:?}");
+    let out = std::process::Command::new("ctr")
+        .arg("--address")
+        .arg(&ctrd.address)
+        .args(["--namespace", "k8s.io", "images", "ls", "-q"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty(), "{out:?}");
+    let snaps = std::process::Command::new("ctr")
+        .arg("--address")
+        .arg(&ctrd.address)
+        .args(["--namespace", "k8s.io", "snapshots", "--snapshotter", "nix", "ls"])
+        .output()
+        .unwrap();
+    let snaps = String::from_utf8_lossy(&snaps.stdout);
+    assert_eq!(snaps.lines().skip(1).count(), 0, "{snaps}");
+}
