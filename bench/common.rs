@@ -105,6 +105,19 @@ pub fn publish(chroot: &Path, cache: &Path, compression: &str, key: &Path, path:
         .arg(path));
 }
 
+/// Every store path of `top`'s closure in the chroot store.
+pub fn closure_of(chroot: &Path, top: &str) -> Vec<String> {
+    run(Command::new("nix")
+        .args(NIXFLAGS)
+        .arg("path-info")
+        .arg("--store")
+        .arg(chroot)
+        .args(["-r", top]))
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
 /// Real Nix substituting `path`'s closure from the cache at `url` (trusting
 /// `public`) into the chroot store `to`: the eager baseline both benchmarks use.
 pub fn nix_copy_from(url: &str, public: &str, to: &Path, path: &str) {

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{arg_or, du, median, nix_build, nix_copy_from, publish, run, signing_key, store_name, NIXFLAGS};
+use common::{arg_or, closure_of, du, median, nix_build, nix_copy_from, publish, run, signing_key, store_name};
 
 struct Guard(PathBuf);
 
@@ -82,13 +82,7 @@ fn main() {
     std::fs::write(dir.join("closure.nix"), expr).unwrap();
     eprintln!("building the closure ({} imported paths) ...", imports.len());
     let top = nix_build(&chroot, &dir.join("closure.nix"), "");
-    let paths = run(Command::new("nix")
-        .args(NIXFLAGS)
-        .arg("path-info")
-        .arg("--store")
-        .arg(&chroot)
-        .args(["-r", &top]));
-    let n_paths = paths.lines().count();
+    let n_paths = closure_of(&chroot, &top).len();
     let unpacked = du(&chroot.join("nix/store"));
 
     let (key, public) = signing_key(&dir, "bench-1");

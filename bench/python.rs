@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::common::{du, nix_build, run, store_name, NIXFLAGS};
+use crate::common::{closure_of, du, nix_build, run, store_name};
 
 pub struct PythonClosure {
     /// The chroot store it was built in.
@@ -63,13 +63,7 @@ in sh "python-closure" "b mkdir $out; for d in $deps; do b echo $d >> $out/refs;
         std::fs::write(dir.join("closure.nix"), expr).unwrap();
         eprintln!("building the closure ...");
         let top = nix_build(&chroot, &dir.join("closure.nix"), " /usr /lib /lib64");
-        let paths = run(Command::new("nix")
-            .args(NIXFLAGS)
-            .arg("path-info")
-            .arg("--store")
-            .arg(&chroot)
-            .args(["-r", &top]));
-        let paths: Vec<String> = paths.lines().map(str::to_string).collect();
+        let paths = closure_of(&chroot, &top);
         let python = paths.iter().find(|p| p.ends_with("-python3-debian")).unwrap().clone();
         let bytes = du(&chroot.join("nix/store"));
         std::fs::write(dir.join("store-paths"), paths.join("\n") + "\n").unwrap();

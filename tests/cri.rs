@@ -36,6 +36,18 @@ async fn status_of(client: &ImageServiceClient<Channel>, image: &str) -> Option<
         .image
 }
 
+/// PullImage of `image` through our socket, which must fail: the error.
+async fn pull_err(daemon: &Daemon, image: &str) -> tonic::Status {
+    client(&daemon.address)
+        .await
+        .pull_image(PullImageRequest {
+            image: spec(image),
+            auth: None,
+        })
+        .await
+        .unwrap_err()
+}
+
 async fn client(socket: &Path) -> ImageServiceClient<Channel> {
     ImageServiceClient::new(nix_snapshotter::uds::connect(socket).await.unwrap())
 }
@@ -570,14 +582,7 @@ async fn an_archive_no_trusted_key_signed_is_refused_and_nothing_is_imported() {
     let other = common::nix::NixStore::new(&tmp.join("other"), "someone-else-1");
     let (daemon, ctrd) = node_trusting(&tmp, &img, None, &other.public_key);
     let image = format!("nix:0{}:latest", img.stored);
-    let err = client(&daemon.address)
-        .await
-        .pull_image(PullImageRequest {
-            image: spec(&image),
-            auth: None,
-        })
-        .await
-        .unwrap_err();
+    let err = pull_err(&daemon, &image).await;
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     assert!(err.message().contains(&image), "{err:?}");
     let listed = client(&ctrd.address)
@@ -618,14 +623,7 @@ async fn an_archive_that_fails_midway_is_named_and_nothing_is_half_imported() {
     let (daemon, ctrd) = node(&tmp, &img);
 
     let image = format!("nix:0{stored}:latest");
-    let err = client(&daemon.address)
-        .await
-        .pull_image(PullImageRequest {
-            image: spec(&image),
-            auth: None,
-        })
-        .await
-        .unwrap_err();
+    let err = pull_err(&daemon, &image).await;
     assert!(
         err.message().contains(&stored) && err.message().contains("nix-entrypoint"),
         "{err:?}"
