@@ -36,6 +36,17 @@ async fn status_of(client: &ImageServiceClient<Channel>, image: &str) -> Option<
         .image
 }
 
+/// Asserts that containerd's CRI lists no image.
+async fn assert_no_images(ctrd: &Containerd) {
+    let listed = client(&ctrd.address)
+        .await
+        .list_images(ListImagesRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.images.is_empty(), "{listed:?}");
+}
+
 /// PullImage of `image` through our socket, which must fail: the error.
 async fn pull_err(daemon: &Daemon, image: &str) -> tonic::Status {
     client(&daemon.address)
@@ -585,13 +596,7 @@ async fn an_archive_no_trusted_key_signed_is_refused_and_nothing_is_imported() {
     let err = pull_err(&daemon, &image).await;
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     assert!(err.message().contains(&image), "{err:?}");
-    let listed = client(&ctrd.address)
-        .await
-        .list_images(ListImagesRequest { filter: None })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(listed.images.is_empty(), "{listed:?}");
+    assert_no_images(&ctrd).await;
     // Not even fetched: its narinfo was refused.
     assert!(
         !img.server.log().iter().any(|l| l.contains("/nar/")),
@@ -628,13 +633,7 @@ async fn an_archive_that_fails_midway_is_named_and_nothing_is_half_imported() {
         err.message().contains(&stored) && err.message().contains("nix-entrypoint"),
         "{err:?}"
     );
-    let listed = client(&ctrd.address)
-        .await
-        .list_images(ListImagesRequest { filter: None })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(listed.images.is_empty(), "{listed:?}");
+    assert_no_images(&ctrd).await;
     let out = std::process::Command::new("ctr")
         .arg("--address")
         .arg(&ctrd.address)
