@@ -43,7 +43,7 @@ pub fn entrypoint_paths<'a>(args: impl IntoIterator<Item = &'a str>, closure: &d
                 .find(|c: char| !(c.is_ascii_alphanumeric() || "+-._?=".contains(c)))
                 .unwrap_or(after.len());
             let base = &after[..end];
-            if closure(base) && !out.iter().any(|p| p.ends_with(base)) && out.len() < MAX_ENTRYPOINT_PATHS {
+            if closure(base) && !out.iter().any(|p| p[PREFIX.len()..] == *base) && out.len() < MAX_ENTRYPOINT_PATHS {
                 out.push(format!("{PREFIX}{base}"));
             }
             rest = &after[end..];

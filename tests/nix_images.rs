@@ -601,22 +601,26 @@ fn tampered_nar_is_never_served() {
 fn wait_evicted(tmp: &TempRoot, daemon: &Daemon, path: &str) {
     let base = path.trim_start_matches("/nix/store/");
     let dir = tmp.join("root/store").join(base);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while dir.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{path} still in the store after its container went:\n{}",
-            daemon
+    common::wait_until(
+        Duration::from_secs(30),
+        || !dir.exists(),
+        || {
+            let said: Vec<String> = daemon
                 .log_text()
                 .lines()
-                .filter(|l| ["fetched", "garbage", "view", "remove key", "prepare key"]
-                    .iter()
-                    .any(|w| l.contains(w)))
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+                .filter(|l| {
+                    ["fetched", "garbage", "view", "remove key", "prepare key"]
+                        .iter()
+                        .any(|w| l.contains(w))
+                })
+                .map(str::to_string)
+                .collect();
+            format!(
+                "{path} still in the store after its container went:\n{}",
+                said.join("\n")
+            )
+        },
+    );
 }
 
 #[test]
@@ -679,11 +683,11 @@ fn eviction_under_pressure_spares_what_live_containers_use() {
         });
         // The reader runs (its store path was fetched) before others start.
         let data = tmp.join("root/store").join(f.data.trim_start_matches("/nix/store/"));
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while !data.exists() {
-            assert!(std::time::Instant::now() < deadline, "the reader never started");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        common::wait_until(
+            Duration::from_secs(60),
+            || data.exists(),
+            || "the reader never started".into(),
+        );
         // Meanwhile other containers come and go; what they alone showed
         // is evicted once they are gone.
         for (img, path, want) in [

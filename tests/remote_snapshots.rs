@@ -396,18 +396,27 @@ fn pulled_go_format_nix_layer_is_applied_and_not_shared_across_namespaces() {
 #[test]
 fn malformed_copy_to_root_label_is_refused_by_name() {
     let s = stack("remotebad");
-    let mut a = image::read_archive(&build_image(&s.tmp.path, "hello")).unwrap();
-    let nix = a.layers.last_mut().unwrap();
-    nix.annotations
-        .insert(COPY_TO_ROOT.to_string(), "/nix/store/not-json".to_string());
-    let bad = s.tmp.join("bad.tar");
-    image::write_archive(&bad, None, a.config, &a.layers).unwrap();
-    let served = serve_image(&s.registry, "nix/bad", "latest", &bad);
-    let out = s.try_pull(&s.ctrd.namespace, &served.reference);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a malformed label was accepted");
+    let archive = build_image(&s.tmp.path, "hello");
+    let err = refused_pull_with(&s, &archive, COPY_TO_ROOT, "/nix/store/not-json", "nix/bad");
     assert!(err.contains(COPY_TO_ROOT) && err.contains("not-json"), "{err}");
+}
+
+/// Pulls `archive` with its Nix layer's annotation `key` set to `value`,
+/// served as `repo`: the pull must fail and leave no snapshot. Its stderr.
+fn refused_pull_with(s: &Stack, archive: &Path, key: &str, value: &str, repo: &str) -> String {
+    let mut a = image::read_archive(archive).unwrap();
+    a.layers
+        .last_mut()
+        .unwrap()
+        .annotations
+        .insert(key.to_string(), value.to_string());
+    let bad = s.tmp.join(&format!("{}.tar", repo.replace('/', "-")));
+    image::write_archive(&bad, None, a.config, &a.layers).unwrap();
+    let served = serve_image(&s.registry, repo, "latest", &bad);
+    let out = s.try_pull(&s.ctrd.namespace, &served.reference);
+    assert!(!out.status.success(), "{key}={value} was accepted");
     assert_eq!(s.backend_snapshots(), 0, "a refused pull left a snapshot behind");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// A pulled image whose command runs from a store path: that path's
@@ -426,40 +435,23 @@ fn a_pull_prefetches_the_closure_the_image_command_runs_from() {
         Some(&serde_json::to_string(&[&f.env]).unwrap())
     );
     // First, a hint outside the closure: refused, naming the label.
-    let mut a = image::read_archive(&archive).unwrap();
-    let outside = "/nix/store/00000000000000000000000000000000-elsewhere";
-    a.layers
-        .last_mut()
-        .unwrap()
-        .annotations
-        .insert(ENTRYPOINT.to_string(), serde_json::to_string(&[outside]).unwrap());
-    let bad = s.tmp.join("bad.tar");
-    image::write_archive(&bad, None, a.config, &a.layers).unwrap();
-    let served = serve_image(&s.registry, "nix/bad-hint", "latest", &bad);
-    let out = s.try_pull(&s.ctrd.namespace, &served.reference);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a hint outside the closure was accepted");
+    let outside = serde_json::to_string(&["/nix/store/00000000000000000000000000000000-elsewhere"]).unwrap();
+    let err = refused_pull_with(&s, &archive, ENTRYPOINT, &outside, "nix/bad-hint");
     assert!(err.contains(ENTRYPOINT) && err.contains("not in the closure"), "{err}");
-    assert_eq!(s.backend_snapshots(), 0, "a refused pull left a snapshot behind");
 
     let served = serve_image(&s.registry, "nix/pre", "latest", &archive);
     s.pull(&s.ctrd.namespace, &served.reference);
     // closure-info, env, and what env refers to (tool, data): fetched with
     // no container started. The fillers are in the image, not in env's closure.
-    let start = Instant::now();
-    while !s
-        .daemon
-        .log_text()
-        .contains("prefetched the closure of the image's command")
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "not prefetched: {:#?}\n{}",
-            s.cache.log(),
-            s.daemon.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_until(
+        Duration::from_secs(30),
+        || {
+            s.daemon
+                .log_text()
+                .contains("prefetched the closure of the image's command")
+        },
+        || format!("not prefetched: {:#?}\n{}", s.cache.log(), s.daemon.log_text()),
+    );
     assert_eq!(nar_downloads(&s.cache), 4, "{:#?}", s.cache.log());
     s.run_expect(
         &s.ctrd.namespace,

@@ -361,15 +361,25 @@ impl Store {
         let freed = p.iter().any(|old| !paths.contains(old));
         *p = paths;
         drop(p);
-        if freed && self.opts.max_size > 0 {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let me = self.clone();
-                rt.spawn_blocking(move || {
-                    if let Err(e) = me.gc(me.opts.max_size) {
-                        tracing::warn!(error = %e, "store garbage collection failed");
-                    }
-                });
-            }
+        if freed {
+            self.collect_in_background();
+        }
+    }
+
+    /// For a store held to a size bound: evicts down to it on a blocking
+    /// thread (after a fetch grew the store, or when paths were unpinned).
+    /// Outside a runtime (offline commands), nothing: they collect themselves.
+    fn collect_in_background(self: &Arc<Self>) {
+        if self.opts.max_size == 0 {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let me = self.clone();
+            rt.spawn_blocking(move || {
+                if let Err(e) = me.gc(me.opts.max_size) {
+                    tracing::warn!(error = %e, "store garbage collection failed");
+                }
+            });
         }
     }
 
@@ -728,14 +738,7 @@ impl Store {
             ms = started.elapsed().as_millis() as u64,
             "fetched"
         );
-        if self.opts.max_size > 0 {
-            let me = self.clone();
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = me.gc(me.opts.max_size) {
-                    tracing::warn!(error = %e, "store garbage collection failed");
-                }
-            });
-        }
+        self.collect_in_background();
         Ok(Location::Local(dest))
     }
 

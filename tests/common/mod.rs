@@ -126,6 +126,16 @@ pub fn unmount_below(dir: &Path) {
     }
 }
 
+/// Polls `done` every 50 ms until it holds; panics with `why()` once
+/// `timeout` passed first.
+pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool, why: impl Fn() -> String) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "{}", why());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Waits until a Unix socket accepts connections.
 pub fn wait_for_socket(path: &Path, timeout: Duration, child: &mut Child, log: &Path) {
     let start = Instant::now();
