@@ -1,0 +1,383 @@
+//! Rootless operation: containerd under rootlesskit, and our daemon joined
+//! to the namespaces rootlesskit made, both as an unprivileged user with no
+//! nix-daemon. The FUSE store and the overlays are then mounted by the
+//! user namespace's root, invisible on the host.
+//!
+//! Layout (the Go project's, so its users' set-ups carry over):
+//! - rootlesskit's state, with `child_pid`: `$XDG_RUNTIME_DIR/containerd-rootless`
+//! - containerd: socket `$XDG_RUNTIME_DIR/containerd/containerd.sock`, state
+//!   `$XDG_RUNTIME_DIR/containerd`, root `$XDG_DATA_HOME/containerd`
+//! - us: socket `$XDG_RUNTIME_DIR/nix-snapshotter/nix-snapshotter.sock`, root
+//!   `$XDG_DATA_HOME/containerd/io.containerd.snapshotter.v1.nix`, config
+//!   `$XDG_CONFIG_HOME/nix-snapshotter/config.toml`
+//!
+//! `$XDG_DATA_HOME` and `$XDG_CONFIG_HOME` fall back to `~/.local/share` and
+//! `~/.config` when unset (as under a bare systemd user manager).
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum RootlessError {
+    #[error("XDG_RUNTIME_DIR is not set: log in through a session that sets it (systemd-logind), or set it to a directory only you can use (mode 0700)")]
+    NoRuntimeDir,
+    #[error("neither {var} nor HOME is set: cannot tell where your data goes")]
+    NoHome { var: &'static str },
+    #[error("{program} was not found on PATH: install Debian's {package} package")]
+    Missing { program: &'static str, package: &'static str },
+    #[error("user {user} has no subordinate {kind} ids in {file}: add a range (for example `{user}:100000:65536`) with usermod --add-sub{kind}s")]
+    NoSubIds {
+        user: String,
+        kind: &'static str,
+        file: &'static str,
+    },
+    #[error("unprivileged user namespaces are off ({setting} = {value}): enable them with sysctl")]
+    NoUserNamespaces { setting: &'static str, value: String },
+    #[error("cannot open /dev/fuse for reading and writing: {0} (a rootless FUSE store needs it usable by every user, mode 0666, as a stock Debian install has it)")]
+    Fuse(std::io::Error),
+    #[error("rootless containerd is not running: {path}: {source} (start it with `nix-snapshotter rootless containerd`)")]
+    NoChild { path: PathBuf, source: std::io::Error },
+    #[error("cannot join the {ns} namespace of process {pid}: {source}")]
+    Join {
+        ns: &'static str,
+        pid: i32,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+type Result<T> = std::result::Result<T, RootlessError>;
+
+/// The user's directories, resolved once.
+#[derive(Debug, Clone)]
+pub struct Dirs {
+    pub runtime: PathBuf,
+    pub data: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Dirs {
+    pub fn from_env() -> Result<Dirs> {
+        Self::from(|k| std::env::var_os(k))
+    }
+
+    /// From the variables `var` gives (testable without touching the
+    /// process environment). Empty values count as unset.
+    pub fn from(var: impl Fn(&str) -> Option<OsString>) -> Result<Dirs> {
+        let get = |k: &str| var(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let runtime = get("XDG_RUNTIME_DIR").ok_or(RootlessError::NoRuntimeDir)?;
+        let home = get("HOME");
+        let under_home = |var: &'static str, rel: &str| {
+            get(var)
+                .or_else(|| home.as_ref().map(|h| h.join(rel)))
+                .ok_or(RootlessError::NoHome { var })
+        };
+        Ok(Dirs {
+            runtime,
+            data: under_home("XDG_DATA_HOME", ".local/share")?,
+            config: under_home("XDG_CONFIG_HOME", ".config")?,
+        })
+    }
+
+    /// rootlesskit's state directory (`child_pid`, its API socket).
+    pub fn rootlesskit_state(&self) -> PathBuf {
+        self.runtime.join("containerd-rootless")
+    }
+
+    pub fn containerd_address(&self) -> PathBuf {
+        self.runtime.join("containerd/containerd.sock")
+    }
+
+    pub fn address(&self) -> PathBuf {
+        self.runtime.join("nix-snapshotter/nix-snapshotter.sock")
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.data.join("containerd/io.containerd.snapshotter.v1.nix")
+    }
+
+    pub fn config_file(&self) -> PathBuf {
+        self.config.join("nix-snapshotter/config.toml")
+    }
+}
+
+/// What a rootless set-up needs from the host, each checked as a new user
+/// would meet it, the first missing one named with its fix.
+pub fn check_prerequisites(user: &str, needs_slirp: bool) -> Result<()> {
+    for (program, package) in [
+        ("rootlesskit", "rootlesskit"),
+        ("newuidmap", "uidmap"),
+        ("newgidmap", "uidmap"),
+    ] {
+        if which(program).is_none() {
+            return Err(RootlessError::Missing { program, package });
+        }
+    }
+    if needs_slirp && which("slirp4netns").is_none() {
+        return Err(RootlessError::Missing {
+            program: "slirp4netns",
+            package: "slirp4netns",
+        });
+    }
+    for (kind, file) in [("uid", "/etc/subuid"), ("gid", "/etc/subgid")] {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        if !has_sub_ids(&text, user, &uid_string()) {
+            return Err(RootlessError::NoSubIds {
+                user: user.to_string(),
+                kind,
+                file,
+            });
+        }
+    }
+    check_user_namespaces(|p| std::fs::read_to_string(p).ok())?;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(RootlessError::Fuse)?;
+    Ok(())
+}
+
+/// Whether `/etc/sub[ug]id` text gives `user` (by name or uid) a range.
+fn has_sub_ids(text: &str, user: &str, uid: &str) -> bool {
+    text.lines().any(|l| {
+        let mut f = l.trim().split(':');
+        let (who, count) = (f.next(), f.nth(1));
+        (who == Some(user) || who == Some(uid)) && count.and_then(|c| c.trim().parse::<u64>().ok()).unwrap_or(0) > 0
+    })
+}
+
+/// Unprivileged user namespaces: Debian's own switch (older kernels) and
+/// the namespace count limit.
+fn check_user_namespaces(read: impl Fn(&str) -> Option<String>) -> Result<()> {
+    for (setting, path) in [
+        ("kernel.unprivileged_userns_clone", "/proc/sys/kernel/unprivileged_userns_clone"),
+        ("user.max_user_namespaces", "/proc/sys/user/max_user_namespaces"),
+    ] {
+        if let Some(v) = read(path) {
+            if v.trim() == "0" {
+                return Err(RootlessError::NoUserNamespaces {
+                    setting,
+                    value: v.trim().to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn uid_string() -> String {
+    rustix::process::getuid().as_raw().to_string()
+}
+
+/// The login name of this process's user (for `/etc/subuid`).
+pub fn user_name() -> String {
+    let uid = uid_string();
+    std::fs::read_to_string("/etc/passwd")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() > 2 && f[2] == uid).then(|| f[0].to_string())
+        })
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or(uid)
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(program))
+            .find(|c| c.is_file())
+    })
+}
+
+/// How rootless containerd reaches the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Net {
+    /// Its own network namespace through slirp4netns (the Go project's default).
+    Slirp4netns,
+    /// The host's network (no namespace; 127.0.0.1 is the host's).
+    Host,
+}
+
+/// containerd's configuration for a rootless instance using us as `nix`.
+pub fn containerd_config(dirs: &Dirs) -> String {
+    format!(
+        r#"version = 2
+root = "{root}"
+state = "{state}"
+# No cgroups: an unprivileged user cannot set limits where the host does not
+# delegate a cgroup (cgroup v1, or no systemd user manager).
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"]
+
+[grpc]
+  address = "{address}"
+
+[proxy_plugins.nix]
+  type = "snapshot"
+  address = "{nix}"
+"#,
+        root = dirs.data.join("containerd").display(),
+        state = dirs.runtime.join("containerd").display(),
+        address = dirs.containerd_address().display(),
+        nix = dirs.address().display(),
+    )
+}
+
+/// Replaces this process with rootlesskit running containerd (`containerd`
+/// binary, `config` or ours written to the runtime directory); returns
+/// only on failure.
+pub fn exec_containerd(dirs: &Dirs, net: Net, containerd: &Path, config: Option<&Path>) -> Result<()> {
+    check_prerequisites(&user_name(), net == Net::Slirp4netns)?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RootlessError::Io { path, source }
+    };
+    let own = dirs.runtime.join("nix-snapshotter");
+    std::fs::create_dir_all(&own).map_err(io(&own))?;
+    let config = match config {
+        Some(c) => c.to_path_buf(),
+        None => {
+            let c = own.join("containerd.toml");
+            std::fs::write(&c, containerd_config(dirs)).map_err(io(&c))?;
+            c
+        }
+    };
+    let state = dirs.rootlesskit_state();
+    // A state directory left by a rootlesskit that died refuses a new one.
+    if state.exists() && !child_alive(&state) {
+        let _ = std::fs::remove_dir_all(&state);
+    }
+    let mut cmd = Command::new("rootlesskit");
+    cmd.arg(format!("--state-dir={}", state.display()));
+    match net {
+        Net::Slirp4netns => cmd.args([
+            "--net=slirp4netns",
+            "--disable-host-loopback",
+            "--port-driver=slirp4netns",
+        ]),
+        Net::Host => cmd.arg("--net=host"),
+    };
+    cmd.args(["--copy-up=/etc", "--copy-up=/run", "--copy-up=/var/lib"])
+        .arg(containerd)
+        .arg("--config")
+        .arg(&config);
+    let err = cmd.exec();
+    Err(RootlessError::Io {
+        path: "rootlesskit".into(),
+        source: err,
+    })
+}
+
+fn child_alive(state: &Path) -> bool {
+    std::fs::read_to_string(state.join("child_pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// rootlesskit's child: the process whose namespaces containerd runs in.
+pub fn child_pid(dirs: &Dirs) -> Result<i32> {
+    let path = dirs.rootlesskit_state().join("child_pid");
+    let text = std::fs::read_to_string(&path).map_err(|source| RootlessError::NoChild {
+        path: path.clone(),
+        source,
+    })?;
+    let pid: i32 = text.trim().parse().map_err(|_| RootlessError::NoChild {
+        path: path.clone(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not a process id"),
+    })?;
+    if !Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(RootlessError::NoChild {
+            path,
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, format!("process {pid} is gone")),
+        });
+    }
+    Ok(pid)
+}
+
+/// Joins the user and mount namespaces (and the network namespace, unless
+/// it is the host's) of `pid`, keeping our credentials (as
+/// `nsenter --preserve-credentials`). Must run before any thread starts:
+/// the kernel refuses to move a multi-threaded process into a user
+/// namespace.
+pub fn join(pid: i32) -> Result<()> {
+    use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
+    let open = |ns: &'static str| {
+        let path = format!("/proc/{pid}/ns/{ns}");
+        std::fs::File::open(&path).map_err(|source| RootlessError::Join { ns, pid, source })
+    };
+    let same_as_ours = |ns: &str| {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).ok();
+        theirs.is_some() && theirs == std::fs::read_link(format!("/proc/self/ns/{ns}")).ok()
+    };
+    // Opened before moving: after the user namespace, /proc paths of the
+    // host may no longer be reachable the same way.
+    let user = open("user")?;
+    let mnt = open("mnt")?;
+    let net = (!same_as_ours("net")).then(|| open("net")).transpose()?;
+    let enter = |f: &std::fs::File, ns: &'static str, kind: LinkNameSpaceType| {
+        move_into_link_name_space(std::os::fd::AsFd::as_fd(f), Some(kind)).map_err(|e| RootlessError::Join {
+            ns,
+            pid,
+            source: e.into(),
+        })
+    };
+    if !same_as_ours("user") {
+        enter(&user, "user", LinkNameSpaceType::User)?;
+    }
+    enter(&mnt, "mnt", LinkNameSpaceType::Mount)?;
+    if let Some(net) = &net {
+        enter(net, "net", LinkNameSpaceType::Network)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directories_fall_back_to_home_and_a_missing_runtime_dir_is_named() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| OsString::from(v))
+        };
+        let d = Dirs::from(env(&[("XDG_RUNTIME_DIR", "/run/user/1000"), ("HOME", "/home/a"), ("XDG_DATA_HOME", "")])).unwrap();
+        assert_eq!(d.data, Path::new("/home/a/.local/share"));
+        assert_eq!(d.config, Path::new("/home/a/.config"));
+        assert_eq!(d.address(), Path::new("/run/user/1000/nix-snapshotter/nix-snapshotter.sock"));
+        assert_eq!(
+            d.root(),
+            Path::new("/home/a/.local/share/containerd/io.containerd.snapshotter.v1.nix")
+        );
+        let d = Dirs::from(env(&[("XDG_RUNTIME_DIR", "/r"), ("XDG_DATA_HOME", "/d"), ("XDG_CONFIG_HOME", "/c")])).unwrap();
+        assert_eq!(d.config_file(), Path::new("/c/nix-snapshotter/config.toml"));
+        let e = Dirs::from(env(&[("HOME", "/home/a")])).unwrap_err();
+        assert!(e.to_string().contains("XDG_RUNTIME_DIR"), "{e}");
+        let e = Dirs::from(env(&[("XDG_RUNTIME_DIR", "/r")])).unwrap_err();
+        assert!(e.to_string().contains("XDG_DATA_HOME"), "{e}");
+    }
+
+    #[test]
+    fn sub_ids_are_found_by_name_or_uid_and_empty_ranges_do_not_count() {
+        let text = "alice:100000:65536\n1001:200000:65536\nbob:300000:0\n";
+        assert!(has_sub_ids(text, "alice", "1000"));
+        assert!(has_sub_ids(text, "carol", "1001"));
+        assert!(!has_sub_ids(text, "bob", "1002"));
+        assert!(!has_sub_ids("", "alice", "1000"));
+    }
+
+    #[test]
+    fn disabled_user_namespaces_are_named_with_their_setting() {
+        let e = check_user_namespaces(|p| p.ends_with("max_user_namespaces").then(|| "0\n".to_string())).unwrap_err();
+        assert!(e.to_string().contains("user.max_user_namespaces = 0"), "{e}");
+        assert!(check_user_namespaces(|_| Some("15000".into())).is_ok());
+        assert!(check_user_namespaces(|_| None).is_ok());
+    }
+}
