@@ -218,17 +218,69 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
 }
 
+/// Where an instance keeps its files when flags and the config file do not
+/// say: the system's paths for root, the user's (XDG) paths for a rootless
+/// user, as the Go project lays them out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Defaults {
+    pub config_file: PathBuf,
+    pub address: PathBuf,
+    pub root: PathBuf,
+    pub containerd_address: PathBuf,
+}
+
+impl Defaults {
+    pub fn system() -> Defaults {
+        Defaults {
+            config_file: DEFAULT_CONFIG.into(),
+            address: DEFAULT_ADDRESS.into(),
+            root: DEFAULT_ROOT.into(),
+            containerd_address: DEFAULT_CONTAINERD_ADDRESS.into(),
+        }
+    }
+
+    pub fn rootless(dirs: &crate::rootless::Dirs) -> Defaults {
+        Defaults {
+            config_file: dirs.config_file(),
+            address: dirs.address(),
+            root: dirs.root(),
+            containerd_address: dirs.containerd_address(),
+        }
+    }
+}
+
 impl Config {
+    /// The defaults with `defaults`' paths.
+    pub fn default_with(defaults: &Defaults) -> Config {
+        Config {
+            address: defaults.address.clone(),
+            root: defaults.root.clone(),
+            image_service: ImageServiceConfig {
+                containerd_address: defaults.containerd_address.clone(),
+                ..ImageServiceConfig::default()
+            },
+            ..Config::default()
+        }
+    }
+
     /// Loads `explicit` if given (it must exist), else the default file if it
     /// exists, else the defaults.
     pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
-        let path = explicit.unwrap_or(Path::new(DEFAULT_CONFIG));
+        Config::load_with(explicit, &Defaults::system())
+    }
+
+    /// As [`Config::load`], with `defaults` for the default file and for
+    /// the paths the file leaves out.
+    pub fn load_with(explicit: Option<&Path>, defaults: &Defaults) -> Result<Config, ConfigError> {
+        let path = explicit.unwrap_or(&defaults.config_file);
         match std::fs::read_to_string(path) {
-            Ok(text) => Config::parse(&text).map_err(|message| ConfigError::Parse {
+            Ok(text) => Config::parse_with(&text, defaults).map_err(|message| ConfigError::Parse {
                 path: path.to_path_buf(),
                 message,
             }),
-            Err(e) if explicit.is_none() && e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+            Err(e) if explicit.is_none() && e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(Config::default_with(defaults))
+            }
             Err(source) => Err(ConfigError::Read {
                 path: path.to_path_buf(),
                 source,
@@ -238,7 +290,24 @@ impl Config {
 
     /// Parses TOML text over the defaults; the message names the bad key and line.
     pub fn parse(text: &str) -> Result<Config, String> {
-        let cfg: Config = toml::from_str(text).map_err(|e| e.to_string().trim_end().replace('\n', "\n  "))?;
+        Config::parse_with(text, &Defaults::system())
+    }
+
+    /// As [`Config::parse`], the paths the text leaves out from `defaults`.
+    pub fn parse_with(text: &str, defaults: &Defaults) -> Result<Config, String> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| e.to_string().trim_end().replace('\n', "\n  "))?;
+        let mut cfg: Config = toml::from_str(text).map_err(|e| e.to_string().trim_end().replace('\n', "\n  "))?;
+        let given = |key: &str| table.contains_key(key);
+        if !given("address") {
+            cfg.address = defaults.address.clone();
+        }
+        if !given("root") {
+            cfg.root = defaults.root.clone();
+        }
+        let service = table.get("image_service").and_then(|v| v.as_table());
+        if !service.is_some_and(|t| t.contains_key("containerd_address")) {
+            cfg.image_service.containerd_address = defaults.containerd_address.clone();
+        }
         cfg.refuse_unsupported()?;
         Ok(cfg)
     }
@@ -319,6 +388,36 @@ mod tests {
         assert_eq!(ByteSize::parse("512MiB").unwrap(), ByteSize(512 << 20));
         assert_eq!(ByteSize::parse("0").unwrap(), ByteSize(0));
         assert_eq!(ByteSize::parse("2GB").unwrap(), ByteSize(2_000_000_000));
+    }
+
+    #[test]
+    fn rootless_defaults_fill_only_what_the_file_leaves_out() {
+        let dirs = crate::rootless::Dirs {
+            runtime: "/run/user/1000".into(),
+            data: "/home/a/.local/share".into(),
+            config: "/home/a/.config".into(),
+        };
+        let d = Defaults::rootless(&dirs);
+        let c = Config::parse_with("root = \"/srv/nix\"\n", &d).unwrap();
+        assert_eq!(c.root, Path::new("/srv/nix"));
+        assert_eq!(
+            c.address,
+            Path::new("/run/user/1000/nix-snapshotter/nix-snapshotter.sock")
+        );
+        assert_eq!(
+            c.image_service.containerd_address,
+            Path::new("/run/user/1000/containerd/containerd.sock")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let d = Defaults {
+            config_file: dir.path().join("absent.toml"),
+            ..d
+        };
+        let c = Config::load_with(None, &d).unwrap();
+        assert_eq!(
+            c.root,
+            Path::new("/home/a/.local/share/containerd/io.containerd.snapshotter.v1.nix")
+        );
     }
 
     #[test]

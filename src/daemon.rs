@@ -50,6 +50,8 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Lifeline(String),
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -165,10 +167,16 @@ fn open_state(
     }
 }
 
+/// Resolves, with the reason, when what the daemon lives for is gone (the
+/// rootless namespace it joined).
+pub type Lifeline = std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>>;
+
 /// Serves until SIGTERM or SIGINT, then drains and removes the socket; the
 /// FUSE session is left to the keeper while views need it. `take_over`:
-/// first stops the daemon serving the socket (an upgrade).
-pub async fn run(cfg: Config, found: Found, take_over: bool) -> Result<(), DaemonError> {
+/// first stops the daemon serving the socket (an upgrade). When `lifeline`
+/// resolves, stops too, letting the session go (its containers are gone),
+/// and fails with its reason.
+pub async fn run(cfg: Config, found: Found, take_over: bool, lifeline: Option<Lifeline>) -> Result<(), DaemonError> {
     tracing::info!(root = %cfg.root.display(), "starting nix-snapshotter");
     // A bad setting fails before anything is stopped or opened: an upgrade
     // that cannot start leaves the running daemon alone.
@@ -278,9 +286,17 @@ pub async fn run(cfg: Config, found: Found, take_over: bool) -> Result<(), Daemo
     tracing::info!(address = %cfg.address.display(), "serving");
     notify("READY=1");
 
+    let lifeline = async move {
+        match lifeline {
+            Some(l) => l.await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut orphaned = None;
     let early = tokio::select! {
         _ = term.recv() => { tracing::info!("got SIGTERM"); None }
         _ = int.recv() => { tracing::info!("got SIGINT"); None }
+        why = lifeline => { tracing::error!("{why}"); orphaned = Some(why); None }
         res = &mut server => Some(res),
     };
     notify("STOPPING=1");
@@ -307,10 +323,15 @@ pub async fn run(cfg: Config, found: Found, take_over: bool) -> Result<(), Daemo
     if let Some(t) = metrics_task {
         t.abort();
     }
-    sn.stop_store_fs();
+    if orphaned.is_some() {
+        sn.end_store_fs();
+    } else {
+        sn.stop_store_fs();
+    }
     drop(sn); // closes the database once the last call released it
     tracing::info!("stopped");
-    result.map_err(DaemonError::from)
+    result.map_err(DaemonError::from)?;
+    orphaned.map_or(Ok(()), |why| Err(DaemonError::Lifeline(why)))
 }
 
 fn parse_metrics_address(address: &str) -> Result<std::net::SocketAddr, DaemonError> {

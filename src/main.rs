@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use nix_snapshotter::config::Config;
+use nix_snapshotter::config::{Config, Defaults};
+use nix_snapshotter::rootless::{self, Net};
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +30,11 @@ struct Cli {
     /// stopped, and this one resumes its FUSE session and its socket.
     #[arg(long)]
     take_over: bool,
+    /// Run inside rootless containerd's namespaces (those of the process in
+    /// `$XDG_RUNTIME_DIR/containerd-rootless/child_pid`), with the user's
+    /// paths as defaults. Implied defaults, not the join, when not root.
+    #[arg(long)]
+    rootless: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -79,6 +85,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Rootless operation: containerd under rootlesskit for an unprivileged user.
+    #[command(subcommand)]
+    Rootless(RootlessCommand),
     /// Hold the FUSE session while no daemon serves it (started by the daemon).
     #[command(hide = true)]
     FuseHolder {
@@ -86,6 +95,43 @@ enum Command {
         #[arg(long, value_name = "SOCK")]
         socket: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum RootlessCommand {
+    /// Run containerd under rootlesskit, with us as its `nix` snapshotter
+    /// (state under $XDG_RUNTIME_DIR and $XDG_DATA_HOME). Then start the
+    /// daemon with `nix-snapshotter --rootless`.
+    Containerd {
+        /// How containerd reaches the network.
+        #[arg(long, value_enum, default_value_t = Net::Slirp4netns)]
+        net: Net,
+        /// The containerd program.
+        #[arg(long, value_name = "PROGRAM", default_value = "containerd")]
+        containerd: PathBuf,
+        /// containerd's configuration (default: one written for the user's
+        /// directories, with `nix` as a proxy snapshotter).
+        #[arg(long, value_name = "FILE")]
+        containerd_config: Option<PathBuf>,
+    },
+    /// rootlesskit's child (run by `rootless containerd`): prepares the
+    /// namespace and becomes containerd.
+    #[command(hide = true)]
+    ContainerdChild {
+        #[arg(long, value_name = "PROGRAM")]
+        containerd: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        containerd_config: PathBuf,
+    },
+    /// Check what rootless operation needs from this machine and user.
+    Check {
+        /// How containerd will reach the network.
+        #[arg(long, value_enum, default_value_t = Net::Slirp4netns)]
+        net: Net,
+    },
+    /// Print the user's rootless paths as shell variables
+    /// (CONTAINERD_ADDRESS, the sockets, the roots, rootlesskit's child).
+    Env,
 }
 
 #[derive(Subcommand)]
@@ -119,14 +165,10 @@ enum ImageCommand {
     /// Import an image archive into containerd and unpack it for a snapshotter,
     /// passing the Nix layer's labels (no ctr or Transfer service needed).
     Load {
-        /// containerd's socket.
-        #[arg(
-            short,
-            long,
-            value_name = "CONTAINERD_SOCK",
-            default_value = "/run/containerd/containerd.sock"
-        )]
-        address: PathBuf,
+        /// containerd's socket (default: $CONTAINERD_ADDRESS, else
+        /// /run/containerd/containerd.sock, or the rootless one when not root).
+        #[arg(short, long, value_name = "CONTAINERD_SOCK", env = "CONTAINERD_ADDRESS")]
+        address: Option<PathBuf>,
         /// containerd namespace (Kubernetes uses k8s.io).
         #[arg(short, long, value_name = "NS", default_value = "default")]
         namespace: String,
@@ -200,6 +242,34 @@ fn main() -> ExitCode {
             Err(e) => fail(&e),
         };
     }
+    if let Some(Command::Rootless(c)) = &cli.command {
+        return rootless_command(c);
+    }
+    // Paths as the user who started us sees them: the rootless join below
+    // makes us root in the user namespace.
+    let defaults = match defaults(cli.rootless) {
+        Ok(d) => d,
+        Err(e) => return fail(&e),
+    };
+    let mut lifeline = None;
+    if cli.rootless && cli.command.is_none() {
+        // Before any thread: the kernel moves only a single-threaded
+        // process into a user namespace.
+        let joined = rootless::Dirs::from_env()
+            .and_then(|d| rootless::child_pid(&d))
+            .and_then(|pid| {
+                let l = rootless::Lifeline::open(pid)?;
+                rootless::join(pid)?;
+                Ok(l)
+            });
+        match joined {
+            Ok(l) => lifeline = Some(l),
+            Err(e) => return fail(&e),
+        }
+        if let Some(msg) = rootless::cgroup_note() {
+            tracing::info!("{msg}");
+        }
+    }
     // Before any thread: systemd's stored descriptors come with the environment.
     let found = nix_snapshotter::keeper::Found::from_environment();
     // The store subcommands also take --config after the subcommand.
@@ -210,7 +280,7 @@ fn main() -> ExitCode {
         | Some(Command::Status { config: Some(c), .. }) => Some(c.clone()),
         _ => cli.config.clone(),
     };
-    let mut cfg = match Config::load(config_file.as_deref()) {
+    let mut cfg = match Config::load_with(config_file.as_deref(), &defaults) {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
@@ -263,6 +333,7 @@ fn main() -> ExitCode {
             name,
             archive,
         })) => run(async {
+            let address = address.unwrap_or(defaults.containerd_address);
             let name =
                 nix_snapshotter::image::load::load(&address, &namespace, &archive, &snapshotter, name.as_deref())
                     .await?;
@@ -294,8 +365,65 @@ fn main() -> ExitCode {
         Some(Command::Gc { max_size, .. }) => run(async { nix_snapshotter::commands::gc(&cfg, max_size).await }),
         Some(Command::Evict { paths, .. }) => run(async { nix_snapshotter::commands::evict(&cfg, &paths).await }),
         Some(Command::Status { json, .. }) => run(async { nix_snapshotter::commands::status(&cfg, json).await }),
-        None => run(nix_snapshotter::daemon::run(cfg, found, cli.take_over)),
-        Some(Command::FuseHolder { .. }) => ExitCode::SUCCESS,
+        None => run(async move {
+            let lifeline = lifeline.map(|l| Box::pin(l.ended()) as nix_snapshotter::daemon::Lifeline);
+            nix_snapshotter::daemon::run(cfg, found, cli.take_over, lifeline).await
+        }),
+        Some(Command::FuseHolder { .. }) | Some(Command::Rootless(_)) => ExitCode::SUCCESS,
+    }
+}
+
+/// The rootless user's paths when asked for or when not root (and the
+/// user's directories are known), else the system's.
+fn defaults(rootless: bool) -> Result<Defaults, rootless::RootlessError> {
+    if !rootless && rustix::process::geteuid().is_root() {
+        return Ok(Defaults::system());
+    }
+    match rootless::Dirs::from_env() {
+        Ok(d) => Ok(Defaults::rootless(&d)),
+        Err(e) if rootless => Err(e),
+        Err(_) => Ok(Defaults::system()),
+    }
+}
+
+fn rootless_command(c: &RootlessCommand) -> ExitCode {
+    if let RootlessCommand::ContainerdChild {
+        containerd,
+        containerd_config,
+    } = c
+    {
+        return match rootless::exec_child(containerd, containerd_config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        };
+    }
+    let dirs = match rootless::Dirs::from_env() {
+        Ok(d) => d,
+        Err(e) => return fail(&e),
+    };
+    let result = match c {
+        RootlessCommand::Containerd {
+            net,
+            containerd,
+            containerd_config,
+        } => rootless::exec_containerd(&dirs, *net, containerd, containerd_config.as_deref()),
+        RootlessCommand::Check { net } => {
+            rootless::check_prerequisites(&rootless::user_name(), *net == Net::Slirp4netns).map(|()| {
+                println!("ready for rootless operation");
+                if let Some(msg) = rootless::cgroup_note() {
+                    println!("note: {msg}");
+                }
+            })
+        }
+        RootlessCommand::Env => {
+            print!("{}", rootless::env_text(&dirs));
+            Ok(())
+        }
+        RootlessCommand::ContainerdChild { .. } => Ok(()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
     }
 }
 

@@ -28,7 +28,10 @@ pub enum RootlessError {
     #[error("neither {var} nor HOME is set: cannot tell where your data goes")]
     NoHome { var: &'static str },
     #[error("{program} was not found on PATH: install Debian's {package} package")]
-    Missing { program: &'static str, package: &'static str },
+    Missing {
+        program: &'static str,
+        package: &'static str,
+    },
     #[error("user {user} has no subordinate {kind} ids in {file}: add a range (for example `{user}:100000:65536`) with usermod --add-sub{kind}s")]
     NoSubIds {
         user: String,
@@ -37,9 +40,13 @@ pub enum RootlessError {
     },
     #[error("unprivileged user namespaces are off ({setting} = {value}): enable them with sysctl")]
     NoUserNamespaces { setting: &'static str, value: String },
+    #[error("this machine refuses you a user namespace ({0}): rootless containers need one")]
+    UserNamespaceRefused(String),
     #[error("cannot open /dev/fuse for reading and writing: {0} (a rootless FUSE store needs it usable by every user, mode 0666, as a stock Debian install has it)")]
     Fuse(std::io::Error),
-    #[error("rootless containerd is not running: {path}: {source} (start it with `nix-snapshotter rootless containerd`)")]
+    #[error(
+        "rootless containerd is not running: {path}: {source} (start it with `nix-snapshotter rootless containerd`)"
+    )]
     NoChild { path: PathBuf, source: std::io::Error },
     #[error("cannot join the {ns} namespace of process {pid}: {source}")]
     Join {
@@ -135,6 +142,7 @@ pub fn check_prerequisites(user: &str, needs_slirp: bool) -> Result<()> {
         }
     }
     check_user_namespaces(|p| std::fs::read_to_string(p).ok())?;
+    try_user_namespace()?;
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -156,7 +164,10 @@ fn has_sub_ids(text: &str, user: &str, uid: &str) -> bool {
 /// the namespace count limit.
 fn check_user_namespaces(read: impl Fn(&str) -> Option<String>) -> Result<()> {
     for (setting, path) in [
-        ("kernel.unprivileged_userns_clone", "/proc/sys/kernel/unprivileged_userns_clone"),
+        (
+            "kernel.unprivileged_userns_clone",
+            "/proc/sys/kernel/unprivileged_userns_clone",
+        ),
         ("user.max_user_namespaces", "/proc/sys/user/max_user_namespaces"),
     ] {
         if let Some(v) = read(path) {
@@ -169,6 +180,24 @@ fn check_user_namespaces(read: impl Fn(&str) -> Option<String>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Makes a user namespace for real (an LSM or a container runtime may
+/// refuse one whatever the sysctls say).
+fn try_user_namespace() -> Result<()> {
+    let out = Command::new("unshare")
+        .args(["--user", "--map-root-user", "true"])
+        .output()
+        .map_err(|source| RootlessError::Io {
+            path: "unshare".into(),
+            source,
+        })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(RootlessError::UserNamespaceRefused(
+        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    ))
 }
 
 fn uid_string() -> String {
@@ -190,11 +219,7 @@ pub fn user_name() -> String {
 }
 
 fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(program))
-            .find(|c| c.is_file())
-    })
+    std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(program)).find(|c| c.is_file()))
 }
 
 /// How rootless containerd reaches the network.
@@ -264,13 +289,47 @@ pub fn exec_containerd(dirs: &Dirs, net: Net, containerd: &Path, config: Option<
         ]),
         Net::Host => cmd.arg("--net=host"),
     };
+    let me = std::env::current_exe().map_err(io(Path::new("/proc/self/exe")))?;
     cmd.args(["--copy-up=/etc", "--copy-up=/run", "--copy-up=/var/lib"])
+        .arg(me)
+        .args(["rootless", "containerd-child", "--containerd"])
         .arg(containerd)
-        .arg("--config")
+        .arg("--containerd-config")
         .arg(&config);
     let err = cmd.exec();
     Err(RootlessError::Io {
         path: "rootlesskit".into(),
+        source: err,
+    })
+}
+
+/// Host entries that copy-up turned into links to the host's own (root's)
+/// files, where containerd must make its own: its shim sockets always go
+/// to /run/containerd/s, whatever the configuration says.
+const HOST_LINKS: [&str; 4] = [
+    "/run/containerd",
+    "/run/xtables.lock",
+    "/var/lib/containerd",
+    "/etc/containerd",
+];
+
+/// Inside rootlesskit's namespaces: drops the links copy-up made to the
+/// host's containerd files (they are in rootlesskit's private tmpfs; the
+/// host's files are untouched), then becomes containerd. Returns only on
+/// failure.
+pub fn exec_child(containerd: &Path, config: &Path) -> Result<()> {
+    for link in HOST_LINKS {
+        let path = Path::new(link);
+        if path.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()) {
+            std::fs::remove_file(path).map_err(|source| RootlessError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        }
+    }
+    let err = Command::new(containerd).arg("--config").arg(config).exec();
+    Err(RootlessError::Io {
+        path: containerd.to_path_buf(),
         source: err,
     })
 }
@@ -302,11 +361,12 @@ pub fn child_pid(dirs: &Dirs) -> Result<i32> {
     Ok(pid)
 }
 
-/// Joins the user and mount namespaces (and the network namespace, unless
-/// it is the host's) of `pid`, keeping our credentials (as
-/// `nsenter --preserve-credentials`). Must run before any thread starts:
-/// the kernel refuses to move a multi-threaded process into a user
-/// namespace.
+/// Joins the user and mount namespaces of `pid`, keeping our credentials
+/// (as `nsenter --preserve-credentials`). Not its network namespace: we
+/// only serve a socket by path and fetch from caches, which is faster on
+/// the host's network than through slirp4netns. Must run before any
+/// thread starts: the kernel refuses to move a multi-threaded process into
+/// a user namespace.
 pub fn join(pid: i32) -> Result<()> {
     use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
     let open = |ns: &'static str| {
@@ -317,11 +377,10 @@ pub fn join(pid: i32) -> Result<()> {
         let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).ok();
         theirs.is_some() && theirs == std::fs::read_link(format!("/proc/self/ns/{ns}")).ok()
     };
-    // Opened before moving: after the user namespace, /proc paths of the
-    // host may no longer be reachable the same way.
+    // Both opened before moving: once in the user namespace, the host's
+    // /proc entries may no longer be reachable the same way.
     let user = open("user")?;
     let mnt = open("mnt")?;
-    let net = (!same_as_ours("net")).then(|| open("net")).transpose()?;
     let enter = |f: &std::fs::File, ns: &'static str, kind: LinkNameSpaceType| {
         move_into_link_name_space(std::os::fd::AsFd::as_fd(f), Some(kind)).map_err(|e| RootlessError::Join {
             ns,
@@ -332,11 +391,91 @@ pub fn join(pid: i32) -> Result<()> {
     if !same_as_ours("user") {
         enter(&user, "user", LinkNameSpaceType::User)?;
     }
-    enter(&mnt, "mnt", LinkNameSpaceType::Mount)?;
-    if let Some(net) = &net {
-        enter(net, "net", LinkNameSpaceType::Network)?;
+    enter(&mnt, "mnt", LinkNameSpaceType::Mount)
+}
+
+/// The process whose namespaces we joined, watched so that we end with it:
+/// a snapshotter left in a dead containerd's namespace would keep it alive
+/// and serve mounts nobody can reach; a restarted containerd needs a
+/// restarted snapshotter in its new namespaces.
+pub struct Lifeline {
+    pid: i32,
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Lifeline {
+    /// Opened before joining (a pidfd names the process, not a reusable id).
+    pub fn open(pid: i32) -> Result<Lifeline> {
+        let gone = |source: std::io::Error| RootlessError::Join { ns: "pid", pid, source };
+        let raw = rustix::process::Pid::from_raw(pid).ok_or_else(|| gone(std::io::ErrorKind::InvalidInput.into()))?;
+        let fd = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty()).map_err(|e| gone(e.into()))?;
+        Ok(Lifeline { pid, fd })
     }
-    Ok(())
+
+    /// Resolves when the process has exited (needs a tokio runtime).
+    pub async fn ended(self) -> String {
+        // SAFETY: `self.fd` is an open pidfd that the AsyncFd takes by
+        // value: nothing else can close or replace it while it is
+        // registered, and OwnedFd::as_raw_fd always returns that one fd.
+        match unsafe { tokio::io::unix::AsyncFd::register(self.fd) } {
+            Ok(fd) => {
+                // A pidfd turns readable when its process exits.
+                let _ = fd.readable().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch rootless containerd; polling instead");
+                while Path::new(&format!("/proc/{}", self.pid)).exists() {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        }
+        format!(
+            "rootless containerd's namespace (process {}) is gone; start the snapshotter again with the new one",
+            self.pid
+        )
+    }
+}
+
+/// What the user should know about resource limits here, if anything:
+/// an unprivileged user gets cgroups only where the host delegates one
+/// (cgroup v2 with systemd's `Delegate=yes`).
+pub fn cgroup_note() -> Option<String> {
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    if !v2 {
+        return Some(
+            "cgroup v1: an unprivileged user cannot be given a cgroup, so rootless containers run \
+             without resource limits; run them with no cgroup and no limits \
+             (ctr run --cgroup \"\" --cpu-shares 0; Kubernetes limits cannot be enforced)"
+                .into(),
+        );
+    }
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let dir = Path::new("/sys/fs/cgroup").join(rel.trim_start_matches('/'));
+    let delegated = rustix::fs::access(dir.join("cgroup.subtree_control"), rustix::fs::Access::WRITE_OK).is_ok();
+    (!delegated).then(|| {
+        format!(
+            "cgroup v2, but {} is not delegated to you (systemd's user@.service with Delegate=yes does it): \
+             rootless containers run without resource limits",
+            dir.display()
+        )
+    })
+}
+
+/// The user's rootless paths as shell assignments, for scripts and
+/// `nsenter` (rootlesskit's child, when it runs).
+pub fn env_text(dirs: &Dirs) -> String {
+    let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', "'\\''"));
+    let child = child_pid(dirs).map(|p| p.to_string()).unwrap_or_default();
+    format!(
+        "CONTAINERD_ADDRESS={}\nNIX_SNAPSHOTTER_ADDRESS={}\nNIX_SNAPSHOTTER_ROOT={}\nNIX_SNAPSHOTTER_CONFIG={}\n\
+         ROOTLESSKIT_STATE_DIR={}\nROOTLESSKIT_CHILD_PID={child}\n",
+        quote(&dirs.containerd_address()),
+        quote(&dirs.address()),
+        quote(&dirs.root()),
+        quote(&dirs.config_file()),
+        quote(&dirs.rootlesskit_state()),
+    )
 }
 
 #[cfg(test)]
@@ -348,15 +487,28 @@ mod tests {
         let env = |pairs: &'static [(&'static str, &'static str)]| {
             move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| OsString::from(v))
         };
-        let d = Dirs::from(env(&[("XDG_RUNTIME_DIR", "/run/user/1000"), ("HOME", "/home/a"), ("XDG_DATA_HOME", "")])).unwrap();
+        let d = Dirs::from(env(&[
+            ("XDG_RUNTIME_DIR", "/run/user/1000"),
+            ("HOME", "/home/a"),
+            ("XDG_DATA_HOME", ""),
+        ]))
+        .unwrap();
         assert_eq!(d.data, Path::new("/home/a/.local/share"));
         assert_eq!(d.config, Path::new("/home/a/.config"));
-        assert_eq!(d.address(), Path::new("/run/user/1000/nix-snapshotter/nix-snapshotter.sock"));
+        assert_eq!(
+            d.address(),
+            Path::new("/run/user/1000/nix-snapshotter/nix-snapshotter.sock")
+        );
         assert_eq!(
             d.root(),
             Path::new("/home/a/.local/share/containerd/io.containerd.snapshotter.v1.nix")
         );
-        let d = Dirs::from(env(&[("XDG_RUNTIME_DIR", "/r"), ("XDG_DATA_HOME", "/d"), ("XDG_CONFIG_HOME", "/c")])).unwrap();
+        let d = Dirs::from(env(&[
+            ("XDG_RUNTIME_DIR", "/r"),
+            ("XDG_DATA_HOME", "/d"),
+            ("XDG_CONFIG_HOME", "/c"),
+        ]))
+        .unwrap();
         assert_eq!(d.config_file(), Path::new("/c/nix-snapshotter/config.toml"));
         let e = Dirs::from(env(&[("HOME", "/home/a")])).unwrap_err();
         assert!(e.to_string().contains("XDG_RUNTIME_DIR"), "{e}");

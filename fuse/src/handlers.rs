@@ -272,6 +272,24 @@ impl Filesystem for FsImpl {
         reply.error(Errno::ENOSYS);
     }
 
+    // Store files have no inode flags to get or set: overlayfs asks for
+    // them (FS_IOC_GETFLAGS) on every copy-up; ENOTTY is the answer it
+    // expects from a filesystem without them.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        self.state.count(Op::Other);
+        reply.error(Errno::ENOTTY);
+    }
+
     fn release(
         &self,
         _req: &Request,

@@ -517,6 +517,16 @@ impl Snapshotter {
         }
     }
 
+    /// Unmounts the FUSE store and lets a kept session go: for when the
+    /// containers that used it are gone with their namespace.
+    pub fn end_store_fs(&self) {
+        if let Some(n) = &self.nix {
+            if let Err(e) = n.fs.unmount() {
+                tracing::warn!(error = %e, "stopping the FUSE store");
+            }
+        }
+    }
+
     pub fn remove(&self, key: &str) -> Result<()> {
         let _guard = self.dirs.read().map_err(|_| Error::Database("lock poisoned".into()))?;
         let rec = {

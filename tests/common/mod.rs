@@ -10,6 +10,7 @@ pub mod pod;
 pub mod reader;
 pub mod redis;
 pub mod registry;
+pub mod rootless;
 
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
