@@ -218,4 +218,111 @@ fn an_unprivileged_user_runs_nix_images_lazily_with_no_nix_daemon() {
         .filter(|l| l.contains(" ERROR ") || l.contains(" WARN "))
         .collect();
     assert!(problems.is_empty(), "{problems:#?}");
+
+    // containerd stops: the daemon, whose mounts live in its namespace,
+    // ends with it and says why (a supervisor restarts both).
+    let status = s.stop_containerd_and_wait_daemon();
+    assert!(!status.success());
+    let log = s.daemon_text();
+    assert!(
+        log.contains("rootless containerd's namespace") && log.contains("is gone"),
+        "{}",
+        common::tail(&log, 10)
+    );
+    common::wait_until(
+        std::time::Duration::from_secs(10),
+        || user.processes().is_empty(),
+        || format!("processes of the user outlived its stack: {:?}", user.processes()),
+    );
+}
+
+/// `nix-snapshotter rootless check` as `user` in a namespace with
+/// /dev/fuse at `fuse_mode`, after `setup`: (success, stdout + stderr).
+fn check(user: &RootlessUser, fuse_mode: u32, setup: &str, extra: &[(&str, &str)]) -> (bool, String) {
+    let out = user
+        .command_in_namespace(
+            fuse_mode,
+            setup,
+            &user.bin,
+            &["rootless", "check", "--net", "host"],
+            extra,
+        )
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn each_missing_prerequisite_is_named_with_its_fix_as_a_new_user_meets_it() {
+    let user = RootlessUser::create("rlpre");
+    // All there (/dev/fuse as on a stock Debian install).
+    let (ok, text) = check(&user, 0o666, "", &[]);
+    assert!(ok && text.contains("ready for rootless operation"), "{text}");
+
+    // /dev/fuse only root's, as on these machines.
+    let (ok, text) = check(&user, 0o600, "", &[]);
+    assert!(!ok && text.contains("/dev/fuse") && text.contains("0666"), "{text}");
+
+    // rootlesskit not installed: a PATH with only uidmap's programs.
+    let bin = user.dir.join("bin-no-rootlesskit");
+    std::fs::create_dir_all(&bin).unwrap();
+    for p in ["newuidmap", "newgidmap", "unshare"] {
+        std::os::unix::fs::symlink(format!("/usr/bin/{p}"), bin.join(p)).unwrap();
+    }
+    let (ok, text) = check(&user, 0o666, "", &[("PATH", bin.to_str().unwrap())]);
+    assert!(
+        !ok && text.contains("rootlesskit was not found") && text.contains("Debian's rootlesskit package"),
+        "{text}"
+    );
+
+    // Unprivileged user namespaces turned off (seen through a bind over
+    // the sysctl in this namespace alone; the host's setting is untouched).
+    let zero = user.dir.join("zero");
+    std::fs::write(&zero, "0\n").unwrap();
+    let (ok, text) = check(
+        &user,
+        0o666,
+        &format!("mount --bind '{}' /proc/sys/user/max_user_namespaces", zero.display()),
+        &[],
+    );
+    assert!(!ok && text.contains("user.max_user_namespaces = 0"), "{text}");
+
+    // No runtime directory (no login session).
+    let (ok, text) = check(&user, 0o666, "", &[("XDG_RUNTIME_DIR", "")]);
+    assert!(!ok && text.contains("XDG_RUNTIME_DIR is not set"), "{text}");
+
+    // The daemon, asked to join a rootless containerd that is not running.
+    let (ok, _, err) = user.run_ours(&["--rootless"], &[]);
+    assert!(
+        !ok && err.contains("rootless containerd is not running") && err.contains("child_pid"),
+        "{err}"
+    );
+
+    // No subordinate ids: `rootless containerd` itself refuses, before
+    // rootlesskit would fail obscurely.
+    let (start, count) = user.sub_ids("/etc/subuid").unwrap();
+    let range = format!("{start}-{}", start + count - 1);
+    let del = std::process::Command::new("usermod")
+        .args(["--del-subuids", &range, &user.name])
+        .output()
+        .unwrap();
+    assert!(del.status.success(), "{}", String::from_utf8_lossy(&del.stderr));
+    let out = user
+        .command_with_fuse(0o666, &user.bin, &["rootless", "containerd", "--net", "host"], &[])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("/etc/subuid") && err.contains("usermod --add-subuids"),
+        "{err}"
+    );
+    assert!(
+        !user.run.join("containerd-rootless").exists(),
+        "rootlesskit was started"
+    );
 }

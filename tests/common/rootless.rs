@@ -122,6 +122,20 @@ impl RootlessUser {
     /// `/dev/fuse` is a node of mode `fuse_mode` (these machines have 0600;
     /// a stock Debian install 0666): the host's device is left alone.
     pub fn command_with_fuse(&self, fuse_mode: u32, program: &Path, args: &[&str], extra: &[(&str, &str)]) -> Command {
+        self.command_in_namespace(fuse_mode, "", program, args, extra)
+    }
+
+    /// As [`RootlessUser::command_with_fuse`], after running the shell
+    /// `setup` as root in that mount namespace (to bind something over a
+    /// host file for this command alone).
+    pub fn command_in_namespace(
+        &self,
+        fuse_mode: u32,
+        setup: &str,
+        program: &Path,
+        args: &[&str],
+        extra: &[(&str, &str)],
+    ) -> Command {
         let devs = self.dir.join("devs");
         std::fs::create_dir_all(&devs).unwrap();
         let inner = self.command(program, args, extra);
@@ -132,7 +146,7 @@ impl RootlessUser {
         let mut c = Command::new("unshare");
         c.args(["--mount", "--propagation", "slave", "sh", "-ec"]).arg(format!(
             "mount -t tmpfs -o mode=0755 devs '{d}'; mknod -m {fuse_mode:o} '{d}/fuse' c 10 229; \
-             mount --bind '{d}/fuse' /dev/fuse; {line}",
+             mount --bind '{d}/fuse' /dev/fuse; {setup}\n{line}",
             d = devs.display()
         ));
         c
@@ -198,6 +212,21 @@ impl RootlessUser {
         found.sort();
         found.dedup();
         found
+    }
+
+    /// Command lines of the user's processes.
+    pub fn processes(&self) -> Vec<String> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_str().is_some_and(|n| n.parse::<u32>().is_ok()))
+            .filter(|e| std::fs::metadata(e.path()).is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == self.uid))
+            .map(|e| {
+                std::fs::read_to_string(e.path().join("cmdline"))
+                    .unwrap_or_default()
+                    .replace('\0', " ")
+            })
+            .collect()
     }
 
     fn kill_all(&self) {
@@ -337,6 +366,23 @@ impl<'a> RootlessStack<'a> {
             || self.ctr(&["snapshots", "--snapshotter", "nix", "ls"]).status.success(),
             || "containerd did not reconnect to the restarted daemon".into(),
         );
+    }
+
+    /// Stops rootless containerd (SIGTERM to rootlesskit); returns how the
+    /// daemon, left without the namespace it joined, ended.
+    pub fn stop_containerd_and_wait_daemon(&mut self) -> std::process::ExitStatus {
+        stop_child(&mut self.containerd, Duration::from_secs(10));
+        let mut child = self.daemon.take().expect("daemon running");
+        let mut status = None;
+        wait_until(
+            Duration::from_secs(20),
+            || {
+                status = child.try_wait().unwrap();
+                status.is_some()
+            },
+            || "the daemon outlived rootless containerd".into(),
+        );
+        status.unwrap()
     }
 
     /// SIGTERM to the daemon; it must stop cleanly.
