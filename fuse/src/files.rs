@@ -189,6 +189,25 @@ impl Files {
         Ok(id)
     }
 
+    /// Keeps `ino`'s backing file for reads without a handle (the kernel
+    /// opens files itself once told opens are not implemented).
+    pub fn keep(&self, ino: u64, file: OpenFile) {
+        if let Ok(mut c) = self.recent.lock() {
+            c.put(ino, file);
+        }
+    }
+
+    /// Whether any passthrough backing id is live or adopted: files of
+    /// such inodes must keep being opened through us.
+    pub fn has_backings(&self) -> bool {
+        let live = self
+            .weak
+            .lock()
+            .map(|w| w.values().any(|b| b.strong_count() > 0))
+            .unwrap_or(true);
+        live || self.adopted.lock().map(|a| !a.is_empty()).unwrap_or(true)
+    }
+
     /// Records an open of `ino`; returns its handle.
     pub fn opened(&self, ino: u64, file: OpenFile) -> u64 {
         if let Ok(mut c) = self.recent.lock() {

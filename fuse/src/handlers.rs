@@ -95,17 +95,27 @@ fn open_file(state: &State, ino: INodeNo, sn: &crate::inodes::StoreNode, kept: O
 
 fn read_at(file: &std::fs::File, offset: u64, size: u32, reply: ReplyData) {
     use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; size as usize];
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read_at(&mut buf[filled..], offset + filled as u64) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return reply.error(Errno::from(e)),
-        }
+    thread_local! {
+        // One buffer per worker, reused: a fresh zeroed one per request
+        // costs as much as the copy itself. The reply copies out of it.
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    reply.data(&buf[..filled]);
+    BUF.with_borrow_mut(|buf| {
+        if buf.len() < size as usize {
+            buf.resize(size as usize, 0);
+        }
+        let buf = &mut buf[..size as usize];
+        let mut filled = 0;
+        while filled < buf.len() {
+            match file.read_at(&mut buf[filled..], offset + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return reply.error(Errno::from(e)),
+            }
+        }
+        reply.data(&buf[..filled]);
+    });
 }
 
 impl Filesystem for FsImpl {
@@ -204,6 +214,14 @@ impl Filesystem for FsImpl {
         let Some(Node::Store(sn)) = self.state.node(ino) else {
             return reply.error(Errno::EISDIR);
         };
+        if !self.state.passthrough.load(Ordering::Relaxed) && !self.state.files.has_backings() {
+            // Reads come to us anyway: ENOSYS tells the kernel to open
+            // files of this mount without asking (and never to send a
+            // release), keeping their page cache. A container opening
+            // thousands of small files then costs one READ each, or
+            // nothing once cached. Reads find the file by inode.
+            return reply.error(Errno::ENOSYS);
+        }
         if let Some(kept) = self.state.files.recent(ino.0) {
             // Open before: no fetch. Asking the store whether the path is
             // still there also counts as a use for eviction order; one that
@@ -232,7 +250,14 @@ impl Filesystem for FsImpl {
         reply: ReplyData,
     ) {
         self.state.count(Op::Read);
-        match self.state.files.file(fh.0, ino.0) {
+        let open = self
+            .state
+            .files
+            .file(fh.0, ino.0)
+            // Files the kernel opened without asking (handle 0), or whose
+            // handle an earlier process gave: the inode's kept file.
+            .or_else(|| self.state.files.recent(ino.0).map(|(f, _)| f));
+        match open {
             Some(file) => read_at(&file, offset, size, reply),
             // A handle an earlier process of this session gave: open the
             // file again by its node, and serve the handle from it.
@@ -244,7 +269,11 @@ impl Filesystem for FsImpl {
                     match state.open_file(&sn) {
                         Ok(f) => {
                             let f = Arc::new(f);
-                            state.files.insert(fh.0, ino.0, (f.clone(), None));
+                            if fh.0 == 0 {
+                                state.files.keep(ino.0, (f.clone(), None));
+                            } else {
+                                state.files.insert(fh.0, ino.0, (f.clone(), None));
+                            }
                             read_at(&f, offset, size, reply)
                         }
                         Err(e) => reply.error(e),

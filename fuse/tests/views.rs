@@ -228,3 +228,53 @@ fn the_inode_table_shrinks_when_the_kernel_forgets() {
     assert_eq!(std::fs::read(dir.join("f499")).unwrap(), b"499\n");
     assert_eq!(std::fs::read(dir.join("file")).unwrap(), b"content\n");
 }
+
+#[test]
+fn without_passthrough_files_open_with_no_round_trip_and_eviction_still_frees_them() {
+    let tmp = tempfile::Builder::new().prefix("nst-fuse-").tempdir_in("/tmp").unwrap();
+    let store = tmp.path().join("store");
+    std::fs::create_dir_all(store.join(A)).unwrap();
+    for i in 0..200 {
+        std::fs::write(store.join(A).join(format!("f{i}")), format!("{i}\n").repeat(1000)).unwrap();
+    }
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let resolver = Arc::new(DirResolver {
+        fd: Arc::new(std::fs::File::open(&store).unwrap().into()),
+        dir: store.clone(),
+        calls: AtomicUsize::new(0),
+        stalled: Mutex::new(Vec::new()),
+    });
+    // What a rootless daemon gets: reads go through us.
+    let cfg = MountConfig {
+        threads: 2,
+        passthrough: false,
+        ..Default::default()
+    };
+    let m = Mounted(Some(StoreFs::mount(&mnt, resolver.clone(), &cfg).unwrap()));
+    let fs = m.0.as_ref().unwrap();
+    let dir = fs.add_view("v", &closure()).unwrap().join("nix/store").join(A);
+    let count = |op: &str| fs.request_counts().iter().find(|(o, _)| *o == op).unwrap().1;
+    for round in 0..3 {
+        for i in 0..200 {
+            let got = std::fs::read(dir.join(format!("f{i}"))).unwrap();
+            assert_eq!(got, format!("{i}\n").repeat(1000).into_bytes(), "f{i}, round {round}");
+        }
+    }
+    // One OPEN told the kernel to open by itself; the 599 others never
+    // came; the second and third rounds were served from the page cache.
+    assert_eq!(count("open"), 1);
+    assert!(count("read") <= 200, "{} reads", count("read"));
+    assert_eq!(fs.open_files(), 0);
+
+    // Evicted: the kept backing file is closed (its space freed); a read
+    // the page cache cannot serve resolves the path again.
+    let before = resolver.calls.load(Ordering::SeqCst);
+    (fs.evictor())(A);
+    std::fs::write("/proc/sys/vm/drop_caches", "1").unwrap();
+    assert_eq!(std::fs::read(dir.join("f7")).unwrap(), "7\n".repeat(1000).into_bytes());
+    assert!(
+        resolver.calls.load(Ordering::SeqCst) > before,
+        "read from a forgotten file"
+    );
+}
