@@ -109,10 +109,13 @@ enum RootlessCommand {
         /// The containerd program.
         #[arg(long, value_name = "PROGRAM", default_value = "containerd")]
         containerd: PathBuf,
-        /// containerd's configuration (default: one written for the user's
-        /// directories, with `nix` as a proxy snapshotter).
-        #[arg(long, value_name = "FILE")]
+        /// containerd's configuration, used as it is (default: one written
+        /// for the user's directories, with `nix` as a proxy snapshotter).
+        #[arg(long, value_name = "FILE", conflicts_with = "extra_config")]
         containerd_config: Option<PathBuf>,
+        /// TOML merged over the generated configuration (tables key by key).
+        #[arg(long, value_name = "FILE")]
+        extra_config: Option<PathBuf>,
     },
     /// rootlesskit's child (run by `rootless containerd`): prepares the
     /// namespace and becomes containerd.
@@ -406,7 +409,16 @@ fn rootless_command(c: &RootlessCommand) -> ExitCode {
             net,
             containerd,
             containerd_config,
-        } => rootless::exec_containerd(&dirs, *net, containerd, containerd_config.as_deref()),
+            extra_config,
+        } => {
+            let config = match containerd_config {
+                Some(c) => rootless::ContainerdConfig::Given(c.clone()),
+                None => rootless::ContainerdConfig::Generated {
+                    extra: extra_config.clone(),
+                },
+            };
+            rootless::exec_containerd(&dirs, *net, containerd, &config)
+        }
         RootlessCommand::Check { net } => {
             rootless::check_prerequisites(&rootless::user_name(), *net == Net::Slirp4netns).map(|()| {
                 println!("ready for rootless operation");

@@ -231,14 +231,15 @@ pub enum Net {
     Host,
 }
 
-/// containerd's configuration for a rootless instance using us as `nix`.
-pub fn containerd_config(dirs: &Dirs) -> String {
-    format!(
+/// containerd's configuration for a rootless instance using us as `nix`,
+/// with `extra` (TOML, the admin's) merged over it: tables key by key,
+/// anything else replaced.
+pub fn containerd_config(dirs: &Dirs, extra: Option<(&Path, &str)>) -> Result<String> {
+    let base = format!(
         r#"version = 2
 root = "{root}"
 state = "{state}"
-# No cgroups: an unprivileged user cannot set limits where the host does not
-# delegate a cgroup (cgroup v1, or no systemd user manager).
+# No CRI: a rootless user runs no kubelet here.
 disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"]
 
 [grpc]
@@ -247,18 +248,54 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 [proxy_plugins.nix]
   type = "snapshot"
   address = "{nix}"
+
+[[plugins."io.containerd.transfer.v1.local".unpack_config]]
+  platform = "linux/{arch}"
+  snapshotter = "nix"
 "#,
         root = dirs.data.join("containerd").display(),
         state = dirs.runtime.join("containerd").display(),
         address = dirs.containerd_address().display(),
         nix = dirs.address().display(),
-    )
+        arch = crate::image::host_arch(),
+    );
+    let Some((path, text)) = extra else {
+        return Ok(base);
+    };
+    let bad = |message: String| RootlessError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, message),
+    };
+    let mut table: toml::Table = toml::from_str(&base).map_err(|e| bad(e.to_string()))?;
+    let extra: toml::Table = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+    merge_toml(&mut table, extra);
+    toml::to_string(&table).map_err(|e| bad(e.to_string()))
+}
+
+fn merge_toml(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge_toml(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Where rootless containerd's configuration comes from.
+#[derive(Debug, Clone)]
+pub enum ContainerdConfig {
+    /// The admin's file, used as it is.
+    Given(PathBuf),
+    /// Ours, for the user's directories, with a file merged over it.
+    Generated { extra: Option<PathBuf> },
 }
 
 /// Replaces this process with rootlesskit running containerd (`containerd`
 /// binary, `config` or ours written to the runtime directory); returns
 /// only on failure.
-pub fn exec_containerd(dirs: &Dirs, net: Net, containerd: &Path, config: Option<&Path>) -> Result<()> {
+pub fn exec_containerd(dirs: &Dirs, net: Net, containerd: &Path, config: &ContainerdConfig) -> Result<()> {
     check_prerequisites(&user_name(), net == Net::Slirp4netns)?;
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -267,10 +304,15 @@ pub fn exec_containerd(dirs: &Dirs, net: Net, containerd: &Path, config: Option<
     let own = dirs.runtime.join("nix-snapshotter");
     std::fs::create_dir_all(&own).map_err(io(&own))?;
     let config = match config {
-        Some(c) => c.to_path_buf(),
-        None => {
+        ContainerdConfig::Given(c) => c.clone(),
+        ContainerdConfig::Generated { extra } => {
+            let text = match extra {
+                Some(e) => Some((e.as_path(), std::fs::read_to_string(e).map_err(io(e))?)),
+                None => None,
+            };
             let c = own.join("containerd.toml");
-            std::fs::write(&c, containerd_config(dirs)).map_err(io(&c))?;
+            let rendered = containerd_config(dirs, text.as_ref().map(|(p, t)| (*p, t.as_str())))?;
+            std::fs::write(&c, rendered).map_err(io(&c))?;
             c
         }
     };
@@ -514,6 +556,32 @@ mod tests {
         assert!(e.to_string().contains("XDG_RUNTIME_DIR"), "{e}");
         let e = Dirs::from(env(&[("XDG_RUNTIME_DIR", "/r")])).unwrap_err();
         assert!(e.to_string().contains("XDG_DATA_HOME"), "{e}");
+    }
+
+    #[test]
+    fn the_admins_containerd_settings_merge_over_ours_and_bad_ones_name_their_file() {
+        let dirs = Dirs {
+            runtime: "/run/user/7".into(),
+            data: "/home/u/.local/share".into(),
+            config: "/home/u/.config".into(),
+        };
+        let plain: toml::Table = toml::from_str(&containerd_config(&dirs, None).unwrap()).unwrap();
+        assert_eq!(
+            plain["proxy_plugins"]["nix"]["address"].as_str(),
+            Some("/run/user/7/nix-snapshotter/nix-snapshotter.sock")
+        );
+        let extra = "[proxy_plugins.nix]\naddress = \"/elsewhere.sock\"\n[debug]\nlevel = \"debug\"\n";
+        let merged: toml::Table =
+            toml::from_str(&containerd_config(&dirs, Some((Path::new("/x.toml"), extra))).unwrap()).unwrap();
+        assert_eq!(
+            merged["proxy_plugins"]["nix"]["address"].as_str(),
+            Some("/elsewhere.sock")
+        );
+        assert_eq!(merged["proxy_plugins"]["nix"]["type"].as_str(), Some("snapshot"));
+        assert_eq!(merged["debug"]["level"].as_str(), Some("debug"));
+        assert_eq!(merged["root"].as_str(), Some("/home/u/.local/share/containerd"));
+        let e = containerd_config(&dirs, Some((Path::new("/x.toml"), "[broken"))).unwrap_err();
+        assert!(e.to_string().contains("/x.toml"), "{e}");
     }
 
     #[test]
