@@ -10,7 +10,7 @@ use std::process::Command;
 
 use common::http::Server;
 use common::nix::NixStore;
-use common::{unique, Containerd, Daemon, TempRoot, DAEMON};
+use common::{unique, Containerd, Daemon, TempRoot};
 
 fn nix_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap() {
@@ -40,51 +40,9 @@ fn every_nix_file_parses() {
     }
 }
 
-/// Our binary, visible inside the build sandbox with the host's libraries.
-fn copy_cli(tmp: &TempRoot) -> PathBuf {
-    let cli = tmp.join("cli");
-    std::fs::copy(DAEMON, &cli).unwrap();
-    cli
-}
-
 /// `nix-build tests/nix/build-image-test.nix` with `args`, against the mock pkgs.
 fn build_image_nix(nix: &NixStore, cli: &Path, args: &[&str]) -> std::process::Output {
-    nix_build_test(nix, cli, "build-image-test.nix", args)
-}
-
-/// `nix-build tests/nix/<file>` with `args` and our binary as `cli`.
-fn nix_build_test(nix: &NixStore, cli: &Path, file: &str, args: &[&str]) -> std::process::Output {
-    let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nix").join(file);
-    let out = Command::new("nix-build")
-        .arg("--store")
-        .arg(&nix.root)
-        .args(["--option", "extra-sandbox-paths"])
-        .arg(format!(
-            "/bin/sh=/bin/busybox /bin/busybox /lib /lib64 /usr/lib {}",
-            cli.display()
-        ))
-        .args([
-            "--option",
-            "build-users-group",
-            "",
-            "--option",
-            "substituters",
-            "",
-            "--no-out-link",
-        ])
-        .args(args)
-        .arg("--argstr")
-        .arg("cli")
-        .arg(cli)
-        .arg(&expr)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "nix-build failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    nix.build_test_expr(cli, "build-image-test.nix", args)
 }
 
 /// The Go project's own example name has slashes, which a store path name
@@ -93,7 +51,7 @@ fn nix_build_test(nix: &NixStore, cli: &Path, file: &str, args: &[&str]) -> std:
 fn build_image_takes_a_registry_name() {
     let tmp = TempRoot::new("buildname");
     let nix = NixStore::new(&tmp.join("nix"), "buildname-1");
-    let cli = copy_cli(&tmp);
+    let cli = common::nix::copy_cli(&tmp.path);
     let out = build_image_nix(&nix, &cli, &["--argstr", "name", "ghcr.io/pdtpartners/hello"]);
     let image_path = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(image_path.ends_with("-nix-image-hello.tar"), "{image_path}");
@@ -143,7 +101,7 @@ fn build_image_takes_a_registry_name() {
 fn build_image_nix_builds_a_runnable_image() {
     let tmp = TempRoot::new("buildimage");
     let nix = NixStore::new(&tmp.join("nix"), "buildimage-1");
-    let cli = copy_cli(&tmp);
+    let cli = common::nix::copy_cli(&tmp.path);
     let out = build_image_nix(&nix, &cli, &["--arg", "resolvedByNix", "true"]);
     let image_path = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(image_path.ends_with("-nix-image-hello.tar"), "{image_path}");
@@ -202,8 +160,8 @@ fn build_image_nix_builds_a_runnable_image() {
 fn copy_scripts_push_and_load_the_image() {
     let tmp = TempRoot::new("copyscripts");
     let nix = NixStore::new(&tmp.join("nix"), "copyscripts-1");
-    let cli = copy_cli(&tmp);
-    let out = nix_build_test(&nix, &cli, "copy-scripts-test.nix", &[]);
+    let cli = common::nix::copy_cli(&tmp.path);
+    let out = nix.build_test_expr(&cli, "copy-scripts-test.nix", &[]);
     let dir = nix.real(String::from_utf8_lossy(&out.stdout).trim());
     let image = std::fs::read_to_string(dir.join("image")).unwrap().trim().to_string();
     let registry = std::fs::read_to_string(dir.join("registry")).unwrap();

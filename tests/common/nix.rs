@@ -157,6 +157,42 @@ impl NixStore {
         .to_string()
     }
 
+    /// `nix-build tests/nix/<file>` into this store with `args` and our
+    /// binary as `cli` (see [`copy_cli`]); panics unless it builds.
+    pub fn build_test_expr(&self, cli: &Path, file: &str, args: &[&str]) -> std::process::Output {
+        let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nix").join(file);
+        let out = Command::new("nix-build")
+            .arg("--store")
+            .arg(&self.root)
+            .args(["--option", "extra-sandbox-paths"])
+            .arg(format!(
+                "/bin/sh=/bin/busybox /bin/busybox /lib /lib64 /usr/lib {}",
+                cli.display()
+            ))
+            .args([
+                "--option",
+                "build-users-group",
+                "",
+                "--option",
+                "substituters",
+                "",
+                "--no-out-link",
+            ])
+            .args(args)
+            .arg("--argstr")
+            .arg("cli")
+            .arg(cli)
+            .arg(&expr)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "nix-build failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
     /// The closure of `path` in this store.
     pub fn closure(&self, path: &str) -> Vec<String> {
         let out = nix(&["path-info", "--store", self.root.to_str().unwrap(), "--recursive", path]);
@@ -219,4 +255,12 @@ pub fn derivation(name: &str, script: &str, deps: &[&str]) -> String {
 }}"#,
         deps.join(" ")
     )
+}
+
+/// Our binary copied to `dir/cli`, where the build sandbox can see it (with
+/// the host's libraries).
+pub fn copy_cli(dir: &Path) -> PathBuf {
+    let cli = dir.join("cli");
+    std::fs::copy(super::DAEMON, &cli).unwrap();
+    cli
 }

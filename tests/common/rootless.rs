@@ -267,8 +267,18 @@ impl Drop for RootlessUser {
 /// Rootless containerd and our daemon, both run by `user` through our
 /// subcommands, with rootlesskit on the host's network (the test's cache
 /// is on 127.0.0.1).
+/// How a stack starts its daemon (as the user): program, arguments and
+/// environment beyond the user's.
+#[derive(Clone)]
+pub struct DaemonCommand {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
 pub struct RootlessStack<'a> {
     pub user: &'a RootlessUser,
+    pub daemon_command: DaemonCommand,
     pub containerd: Child,
     pub containerd_log: PathBuf,
     pub daemon: Option<Child>,
@@ -280,28 +290,40 @@ impl<'a> RootlessStack<'a> {
     /// `nix-snapshotter rootless containerd --net host`, in a mount
     /// namespace whose /dev/fuse is 0666; waits for containerd's socket.
     pub fn start(user: &'a RootlessUser) -> RootlessStack<'a> {
+        let containerd = user.command_with_fuse(
+            0o666,
+            &user.bin,
+            &[
+                "rootless",
+                "containerd",
+                "--net",
+                "host",
+                "--containerd",
+                "/usr/bin/containerd",
+            ],
+            &[],
+        );
+        let daemon = DaemonCommand {
+            program: user.bin.clone(),
+            args: vec!["--rootless".into(), "--log-level".into(), "debug".into()],
+            env: vec![],
+        };
+        Self::start_with(user, containerd, daemon)
+    }
+
+    /// A stack from the given commands (a unit's, say): `containerd` must
+    /// run rootless containerd as the user.
+    pub fn start_with(
+        user: &'a RootlessUser,
+        mut containerd: Command,
+        daemon_command: DaemonCommand,
+    ) -> RootlessStack<'a> {
         let containerd_log = user.dir.join("containerd.log");
         let log = std::fs::File::create(&containerd_log).unwrap();
-        let containerd = user
-            .command_with_fuse(
-                0o666,
-                &user.bin,
-                &[
-                    "rootless",
-                    "containerd",
-                    "--net",
-                    "host",
-                    "--containerd",
-                    "/usr/bin/containerd",
-                ],
-                &[],
-            )
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let containerd = containerd.stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap();
         let mut s = RootlessStack {
             user,
+            daemon_command,
             containerd,
             containerd_log,
             daemon: None,
@@ -346,9 +368,12 @@ impl<'a> RootlessStack<'a> {
             .append(true)
             .open(&self.daemon_log)
             .unwrap();
+        let d = &self.daemon_command;
+        let args: Vec<&str> = d.args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = d.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let mut child = self
             .user
-            .command(&self.user.bin, &["--rootless", "--log-level", "debug"], &[])
+            .command(&d.program, &args, &env)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
