@@ -510,8 +510,8 @@ pub fn env_text(dirs: &Dirs) -> String {
     let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', "'\\''"));
     let child = child_pid(dirs).map(|p| p.to_string()).unwrap_or_default();
     format!(
-        "CONTAINERD_ADDRESS={}\nNIX_SNAPSHOTTER_ADDRESS={}\nNIX_SNAPSHOTTER_ROOT={}\nNIX_SNAPSHOTTER_CONFIG={}\n\
-         ROOTLESSKIT_STATE_DIR={}\nROOTLESSKIT_CHILD_PID={child}\n",
+        "export CONTAINERD_ADDRESS={}\nexport NIX_SNAPSHOTTER_ADDRESS={}\nexport NIX_SNAPSHOTTER_ROOT={}\nexport NIX_SNAPSHOTTER_CONFIG={}\n\
+         export ROOTLESSKIT_STATE_DIR={}\nexport ROOTLESSKIT_CHILD_PID={child}\n",
         quote(&dirs.containerd_address()),
         quote(&dirs.address()),
         quote(&dirs.root()),
