@@ -139,14 +139,7 @@ fn main() {
             &[&bb],
         );
         ctrd.ctr_ok(&["images", "import", "--snapshotter", "nix", archive.to_str().unwrap()]);
-        let snaps = ctrd.ctr_ok(&["snapshots", "--snapshotter", "nix", "ls"]);
-        let layer = snaps
-            .lines()
-            .find(|l| l.contains("Committed"))
-            .and_then(|l| l.split_whitespace().next())
-            .unwrap()
-            .to_string();
-        ctrd.ctr_ok(&["snapshots", "--snapshotter", "nix", "prepare", "reader", &layer]);
+        let view = ctrd.view_of_nix_layer("reader", &root);
         // Warm: fetched into the local store before anything is timed.
         let out = Command::new(common::DAEMON)
             .arg("--address")
@@ -157,12 +150,7 @@ fn main() {
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let view = std::fs::read_dir(root.join("fuse"))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
+
         let at = |p: &str| view.join("nix/store").join(StorePath::parse(p).unwrap().base_name());
         if !passthrough {
             // The baseline: the very bytes the views serve, read from disk.

@@ -250,22 +250,7 @@ fn nix_image_runs_lazily_and_sees_exact_store_paths() {
     // What a view shows is byte-identical to the original, for every path of
     // the closure (this fetches the rest). An active snapshot on the image
     // brings the view back.
-    let snaps = ctrd.ctr_ok(&["snapshots", "--snapshotter", "nix", "ls"]);
-    let layer = snaps
-        .lines()
-        .find(|l| l.contains("Committed"))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
-    ctrd.ctr_ok(&["snapshots", "--snapshotter", "nix", "prepare", "view-check", &layer]);
-    let view = std::fs::read_dir(root.join("fuse"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let view = ctrd.view_of_nix_layer("view-check", &root);
     for (base, _) in &f.closure {
         let seen = view.join("nix/store").join(base);
         let orig = f.nix.real(&format!("/nix/store/{base}"));

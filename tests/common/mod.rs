@@ -536,6 +536,26 @@ state = "{state}"
             .unwrap()
     }
 
+    /// Prepares active snapshot `key` on the committed `nix` snapshot (the
+    /// Nix layer of the one image imported) and returns the FUSE view it
+    /// brings up under the daemon's `root`.
+    pub fn view_of_nix_layer(&self, key: &str, root: &Path) -> PathBuf {
+        let snaps = self.ctr_ok(&["snapshots", "--snapshotter", "nix", "ls"]);
+        let layer = snaps
+            .lines()
+            .find(|l| l.contains("Committed"))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no committed snapshot:\n{snaps}"))
+            .to_string();
+        self.ctr_ok(&["snapshots", "--snapshotter", "nix", "prepare", key, &layer]);
+        std::fs::read_dir(root.join("fuse"))
+            .unwrap()
+            .next()
+            .expect("no view")
+            .unwrap()
+            .path()
+    }
+
     /// Runs `ctr` against this containerd in this test's namespace.
     pub fn ctr(&self, args: &[&str]) -> Output {
         self.ctr_in(&self.namespace, args)
