@@ -7,6 +7,7 @@
 pub mod base32;
 pub mod cache_info;
 pub mod hash;
+pub mod index;
 pub mod listing;
 pub mod nar;
 pub mod narinfo;
