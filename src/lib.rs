@@ -21,6 +21,7 @@ pub mod keeper;
 pub mod metrics;
 pub mod nixfmt;
 pub mod nixlayer;
+pub mod publish;
 pub mod rootless;
 pub mod service;
 pub mod snapshots;

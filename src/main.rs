@@ -85,6 +85,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Publish binary caches that lazy readers can read by file (signed
+    /// file indexes, seekable zstd NARs; stock Nix reads them as usual).
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Rootless operation: containerd under rootlesskit for an unprivileged user.
     #[command(subcommand)]
     Rootless(RootlessCommand),
@@ -95,6 +99,124 @@ enum Command {
         #[arg(long, value_name = "SOCK")]
         socket: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Copy the closures of store paths from a local Nix store into a
+    /// file:// cache directory, as `nix copy --to file://DIR` does, with
+    /// file indexes and seekable NARs.
+    Push {
+        /// The cache directory (created if missing).
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// Nix secret key file (`nix key generate-secret`).
+        #[arg(long, value_name = "FILE")]
+        secret_key: PathBuf,
+        /// Where the store is: paths are read from STORE_ROOT/nix/store.
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        store_root: PathBuf,
+        #[command(flatten)]
+        layout: LayoutArgs,
+        /// Store paths (/nix/store/<hash>-<name>).
+        #[arg(required = true, value_name = "STORE_PATH")]
+        paths: Vec<String>,
+    },
+    /// Give every store path of a cache directory (one `nix copy` wrote,
+    /// say) a seekable NAR and a signed file index.
+    Index {
+        /// Nix secret key file (`nix key generate-secret`).
+        #[arg(long, value_name = "FILE")]
+        secret_key: PathBuf,
+        #[command(flatten)]
+        layout: LayoutArgs,
+        /// The cache directory.
+        dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct LayoutArgs {
+    /// Bytes per hashed chunk of a file (a power of two, 4KiB to 4MiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64KiB")]
+    chunk_size: u64,
+    /// Uncompressed bytes per zstd frame (the least a ranged read inflates).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "256KiB")]
+    frame_size: u64,
+    /// zstd level.
+    #[arg(long, default_value_t = 9)]
+    level: i32,
+}
+
+impl LayoutArgs {
+    fn layout(&self) -> Result<nix_snapshotter::publish::Layout, String> {
+        let chunk = u32::try_from(self.chunk_size).unwrap_or(0);
+        if !(4096..=4 << 20).contains(&chunk) || !chunk.is_power_of_two() {
+            return Err(format!(
+                "--chunk-size {}: a power of two from 4KiB to 4MiB",
+                self.chunk_size
+            ));
+        }
+        let frame = u32::try_from(self.frame_size).unwrap_or(0);
+        if !(4096..=64 << 20).contains(&frame) {
+            return Err(format!("--frame-size {}: from 4KiB to 64MiB", self.frame_size));
+        }
+        Ok(nix_snapshotter::publish::Layout {
+            chunk_size: chunk,
+            frame_size: frame,
+            level: self.level,
+        })
+    }
+}
+
+fn cache_command(c: CacheCommand) -> ExitCode {
+    use nix_snapshotter::publish;
+    let key_of = |path: &std::path::Path| -> Result<nix_snapshotter::nixfmt::signature::SecretKey, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        nix_snapshotter::nixfmt::signature::SecretKey::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let result = match c {
+        CacheCommand::Push {
+            to,
+            secret_key,
+            store_root,
+            layout,
+            paths,
+        } => (|| {
+            let key = key_of(&secret_key)?;
+            let layout = layout.layout()?;
+            let roots = paths
+                .iter()
+                .map(|p| nix_snapshotter::nixfmt::StorePath::parse(p).map_err(|e| e.to_string()))
+                .collect::<Result<Vec<_>, _>>()?;
+            publish::push(&to, &key, &store_root, &roots, &layout).map_err(|e| e.to_string())
+        })(),
+        CacheCommand::Index {
+            secret_key,
+            layout,
+            dir,
+        } => (|| {
+            let key = key_of(&secret_key)?;
+            let layout = layout.layout()?;
+            publish::index(&dir, &key, &layout).map_err(|e| e.to_string())
+        })(),
+    };
+    match result {
+        Ok(r) => {
+            for p in &r.published {
+                println!("{p}");
+            }
+            eprintln!(
+                "published {} store paths ({} already there): {} NAR bytes as {} compressed",
+                r.published.len(),
+                r.present.len(),
+                nix_snapshotter::commands::human(r.nar_bytes),
+                nix_snapshotter::commands::human(r.compressed_bytes)
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
 }
 
 #[derive(Subcommand)]
@@ -248,6 +370,10 @@ fn main() -> ExitCode {
     if let Some(Command::Rootless(c)) = &cli.command {
         return rootless_command(c);
     }
+    let cli = match cli.command {
+        Some(Command::Cache(c)) => return cache_command(c),
+        _ => cli,
+    };
     // Paths as the user who started us sees them: the rootless join below
     // makes us root in the user namespace.
     let defaults = match defaults(cli.rootless) {
@@ -372,7 +498,7 @@ fn main() -> ExitCode {
             let lifeline = lifeline.map(|l| Box::pin(l.ended()) as nix_snapshotter::daemon::Lifeline);
             nix_snapshotter::daemon::run(cfg, found, cli.take_over, lifeline).await
         }),
-        Some(Command::FuseHolder { .. }) | Some(Command::Rootless(_)) => ExitCode::SUCCESS,
+        Some(Command::FuseHolder { .. }) | Some(Command::Rootless(_)) | Some(Command::Cache(_)) => ExitCode::SUCCESS,
     }
 }
 

@@ -145,6 +145,44 @@ impl NarInfo {
     /// What signatures sign: `1;<path>;<narhash>;<narsize>;<refs,...>`,
     /// with the references sorted as Nix sorts them (a narinfo may list
     /// them in any order).
+    /// The narinfo file's text, as Nix writes it (references by base name).
+    pub fn to_text(&self) -> String {
+        let mut t = format!(
+            "StorePath: {}\nURL: {}\nCompression: {}\n",
+            self.store_path,
+            self.url,
+            match self.compression {
+                Compression::None => "none",
+                Compression::Xz => "xz",
+                Compression::Zstd => "zstd",
+                Compression::Bzip2 => "bzip2",
+            }
+        );
+        if let Some(h) = &self.file_hash {
+            t.push_str(&format!("FileHash: {}\n", h.to_nix_string()));
+        }
+        if let Some(n) = self.file_size {
+            t.push_str(&format!("FileSize: {n}\n"));
+        }
+        let refs: Vec<&str> = self.references.iter().map(|r| r.base_name()).collect();
+        t.push_str(&format!(
+            "NarHash: {}\nNarSize: {}\nReferences: {}\n",
+            self.nar_hash.to_nix_string(),
+            self.nar_size,
+            refs.join(" ")
+        ));
+        if let Some(d) = &self.deriver {
+            t.push_str(&format!("Deriver: {d}\n"));
+        }
+        for s in &self.sigs {
+            t.push_str(&format!("Sig: {s}\n"));
+        }
+        if let Some(ca) = &self.ca {
+            t.push_str(&format!("CA: {ca}\n"));
+        }
+        t
+    }
+
     pub fn fingerprint(&self) -> String {
         let mut refs: Vec<String> = self
             .references
@@ -198,6 +236,14 @@ CA: fixed:r:sha256:1b4sb93wp679q4zx9k1ignby1yna3z7c4c2ri3wphylbc2dwsys0
             n.fingerprint(),
             "1;/nix/store/syd87l2rxw8cbsxmxl853h0r6pdwhw1a-curl-7.82.0-bin;sha256:1b4sb93wp679q4zx9k1ignby1yna3z7c4c2ri3wphylbc2dwsys0;196040;/nix/store/0jqd0rlxzra1rs38rdxl43yh6rxchgc6-curl-7.82.0,/nix/store/6w8g7njm4mck5dmjxws0z1xnrxvl81xa-glibc-2.34-115,/nix/store/j5jxw3iy7bbz4a57fh9g2xm2gxmyal8h-zlib-1.2.12,/nix/store/yxvjs9drzsphm9pcf42a4byzj1kb9m7k-openssl-1.1.1n"
         );
+    }
+
+    #[test]
+    fn what_it_writes_parses_back_the_same() {
+        let text = "StorePath: /nix/store/syd87l2rxw8cbsxmxl853h0r6pdwhw1a-x\nURL: nar/a.nar.zst\nCompression: zstd\nFileHash: sha256:1b4sb93wp679q4zx9k1ignby1yna3z7c4c2ri3wphylbc2dwsys0\nFileSize: 5\nNarHash: sha256:1b4sb93wp679q4zx9k1ignby1yna3z7c4c2ri3wphylbc2dwsys0\nNarSize: 8\nReferences: syd87l2rxw8cbsxmxl853h0r6pdwhw1a-x\nSig: k:AAAA\n";
+        let info = NarInfo::parse(text).unwrap();
+        assert_eq!(NarInfo::parse(&info.to_text()).unwrap(), info);
+        assert_eq!(info.to_text(), text);
     }
 
     #[test]
