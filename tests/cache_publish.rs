@@ -9,35 +9,12 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::nix::{busybox_tool, derivation, NixStore};
+use common::nix::NixStore;
 use common::TempRoot;
 use nix_snapshotter::nixfmt::index::{EntryKind, FileIndex};
 use nix_snapshotter::nixfmt::signature::PublicKey;
 use nix_snapshotter::nixfmt::{NarInfo, StorePath};
 use sha2::{Digest, Sha256};
-
-/// A closure: busybox, a path with a 3 MiB file and small ones, and a top
-/// path referring to both.
-fn closure(nix: &NixStore) -> String {
-    let expr = format!(
-        "rec {{ tool = {}; data = {}; top = {}; }}",
-        busybox_tool(),
-        derivation(
-            "data",
-            "b mkdir -p $out/share/deep; b dd if=/dev/urandom of=$out/share/big bs=64k count=48 2>/dev/null; \
-             b printf 'small one\\n' > $out/share/deep/a; b printf 'small two\\n' > $out/share/deep/b; \
-             b ln -s deep/a $out/share/link",
-            &[]
-        ),
-        derivation(
-            "top",
-            "b mkdir $out; b echo ${tool} ${data} > $out/refs",
-            &["tool", "data"]
-        ),
-    );
-    let outs = nix.build(&expr);
-    outs.into_iter().find(|o| o.ends_with("-top")).unwrap()
-}
 
 fn ours(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(common::DAEMON).args(args).output().unwrap();
@@ -137,7 +114,7 @@ fn read_through_index(cache: &Path, idx: &FileIndex, file: &[u8]) -> Vec<u8> {
 fn a_pushed_cache_is_read_by_stock_nix_and_by_file_through_signed_indexes() {
     let tmp = TempRoot::new("cachepush");
     let nix = NixStore::new(&tmp.join("nix"), "push-1");
-    let top = closure(&nix);
+    let top = common::nix::mixed_closure(&nix);
     let cache = tmp.join("cache");
     let (ok, out, err) = ours(&[
         "cache",
@@ -252,7 +229,7 @@ fn a_pushed_cache_is_read_by_stock_nix_and_by_file_through_signed_indexes() {
 fn a_cache_stock_nix_wrote_gets_indexes_and_stays_readable_and_a_bad_nar_is_named() {
     let tmp = TempRoot::new("cacheindex");
     let nix = NixStore::new(&tmp.join("nix"), "index-1");
-    let top = closure(&nix);
+    let top = common::nix::mixed_closure(&nix);
     for (compression, name) in [("xz", "xzcache"), ("zstd", "zstdcache")] {
         let cache = tmp.join(name);
         nix.publish(&cache, compression, std::slice::from_ref(&top));

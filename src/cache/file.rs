@@ -55,6 +55,21 @@ impl BinaryCache for FileCache {
         Ok(Some(body.into()))
     }
 
+    async fn read_range(&self, rel: &str, offset: u64, len: u64) -> Result<Option<Bytes>, CacheError> {
+        use tokio::io::AsyncReadExt;
+        let mut f = match tokio::fs::File::open(self.dir.join(rel)).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.err(rel, e)),
+        };
+        f.seek(io::SeekFrom::Start(offset))
+            .await
+            .map_err(|e| self.err(rel, e))?;
+        let mut body = vec![0u8; len as usize];
+        f.read_exact(&mut body).await.map_err(|e| self.err(rel, e))?;
+        Ok(Some(body.into()))
+    }
+
     async fn open(&self, rel: &str, offset: u64) -> Result<Option<ByteStream>, CacheError> {
         let mut f = match tokio::fs::File::open(self.dir.join(rel)).await {
             Ok(f) => f,

@@ -44,13 +44,29 @@ impl HttpCache {
     }
 
     async fn request(&self, rel: &str, offset: u64) -> Result<Option<reqwest::Response>, CacheError> {
+        self.request_range(rel, offset, None).await
+    }
+
+    /// GET `rel` from `offset`, up to `len` bytes when given.
+    async fn request_range(
+        &self,
+        rel: &str,
+        offset: u64,
+        len: Option<u64>,
+    ) -> Result<Option<reqwest::Response>, CacheError> {
         let url = format!("{}/{rel}", self.url);
         let mut req = self.client.get(&url);
         if let Some((user, pass)) = &self.auth {
             req = req.basic_auth(user, Some(pass));
         }
-        if offset > 0 {
-            req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+        match len {
+            Some(n) if n > 0 => {
+                req = req.header(reqwest::header::RANGE, format!("bytes={offset}-{}", offset + n - 1));
+            }
+            _ if offset > 0 => {
+                req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+            }
+            _ => {}
         }
         let resp = req.send().await.map_err(|e| CacheError::Transport {
             url: url.clone(),
@@ -107,6 +123,44 @@ impl BinaryCache for HttpCache {
                 return Err(super::too_large(url, limit));
             }
             body.extend_from_slice(&chunk);
+        }
+        Ok(Some(body.into()))
+    }
+
+    async fn read_range(&self, rel: &str, offset: u64, len: u64) -> Result<Option<Bytes>, CacheError> {
+        let Some(resp) = self.request_range(rel, offset, Some(len)).await? else {
+            return Ok(None);
+        };
+        let url = resp.url().to_string();
+        // A server that ignores Range sends the whole file: skip to the range.
+        let mut skip = if resp.status() == StatusCode::PARTIAL_CONTENT {
+            0
+        } else {
+            offset
+        };
+        let mut body = Vec::with_capacity(len as usize);
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let mut chunk = chunk.map_err(|e| CacheError::Transport {
+                url: url.clone(),
+                msg: error_chain(&e),
+                retryable: true,
+            })?;
+            let n = skip.min(chunk.len() as u64);
+            skip -= n;
+            let _ = chunk.split_to(n as usize);
+            let want = (len as usize).saturating_sub(body.len());
+            body.extend_from_slice(&chunk[..chunk.len().min(want)]);
+            if body.len() as u64 >= len {
+                break;
+            }
+        }
+        if (body.len() as u64) < len {
+            return Err(CacheError::Transport {
+                url,
+                msg: format!("{} of the {len} bytes asked for at {offset}", body.len()),
+                retryable: true,
+            });
         }
         Ok(Some(body.into()))
     }

@@ -55,7 +55,7 @@ impl CacheError {
 /// a `.ls` listing is a few hundred bytes per file of a store path, a
 /// narinfo a line per field and a name per reference.
 pub fn small_file_limit(rel: &str) -> u64 {
-    if rel.ends_with(".ls") {
+    if rel.ends_with(".ls") || rel.ends_with(".idx") {
         64 << 20
     } else if rel.ends_with(".narinfo") {
         4 << 20
@@ -82,7 +82,13 @@ pub trait BinaryCache: Send + Sync {
     async fn get(&self, rel: &str) -> Result<Option<Bytes>, CacheError>;
     /// Opens `rel` as a stream starting at byte `offset`; `Ok(None)` when missing.
     async fn open(&self, rel: &str, offset: u64) -> Result<Option<ByteStream>, CacheError>;
+    /// Exactly `len` bytes of `rel` from `offset` (a ranged request);
+    /// `Ok(None)` when missing, an error when fewer bytes come.
+    async fn read_range(&self, rel: &str, offset: u64, len: u64) -> Result<Option<Bytes>, CacheError>;
 }
+
+/// The most bytes one ranged read takes (a few frames of a seekable NAR).
+pub const MAX_RANGE: u64 = 256 << 20;
 
 /// How hard to try.
 #[derive(Debug, Clone, Copy)]
@@ -119,6 +125,8 @@ pub struct CacheStats {
     pub requests: AtomicU64,
     /// NARs streamed (a transfer resumed at an offset counts once).
     pub nar_fetches: AtomicU64,
+    /// Ranged reads of NAR frames (file-granular fetching).
+    pub ranges: AtomicU64,
     /// NAR bytes received.
     pub bytes: AtomicU64,
     /// Requests that failed for good.
@@ -180,6 +188,46 @@ impl Cache {
                     return Err(e);
                 }
                 other => return other,
+            }
+        }
+    }
+
+    /// `read_range` with retries; at most [`MAX_RANGE`] bytes.
+    pub async fn read_range(&self, rel: &str, offset: u64, len: u64) -> Result<Option<Bytes>, CacheError> {
+        if len > MAX_RANGE {
+            return Err(CacheError::Invalid {
+                url: format!("{}/{rel}", self.url()),
+                msg: format!("a range of {len} bytes is more than the {MAX_RANGE} taken at once"),
+            });
+        }
+        let mut attempt = 0;
+        self.stats.ranges.fetch_add(1, Ordering::Relaxed);
+        loop {
+            let res = tokio::time::timeout(self.retry.stall_timeout, self.inner.read_range(rel, offset, len))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(CacheError::Stalled {
+                        url: format!("{}/{rel}", self.url()),
+                        secs: self.retry.stall_timeout.as_secs(),
+                    })
+                });
+            match res {
+                Err(e) if e.retryable() && attempt + 1 < self.retry.attempts => {
+                    tracing::debug!(error = %e, attempt, "retrying");
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(self.retry.delay(attempt)).await;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    self.stats.failed(&e);
+                    return Err(e);
+                }
+                Ok(r) => {
+                    if let Some(b) = &r {
+                        self.stats.bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+                    }
+                    return Ok(r);
+                }
             }
         }
     }

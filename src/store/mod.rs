@@ -8,6 +8,7 @@
 //! ever visible under its store name. When the node's own Nix store has a
 //! path, that copy is used instead.
 
+pub mod chunks;
 mod db;
 mod fetch;
 pub mod gc;
@@ -65,6 +66,8 @@ pub enum StoreError {
     Local { path: String, msg: String },
     #[error("{path} is in use by a running container (or a snapshot being made); not evicted{}", if *done > 0 { format!(" ({done} paths before it were)") } else { String::new() })]
     InUse { path: String, done: usize },
+    #[error("{path}: {msg}")]
+    Chunk { path: String, msg: String },
     #[error("{0}")]
     Substituter(String),
     #[error(transparent)]
@@ -143,6 +146,8 @@ pub struct Store {
     narinfos: Mutex<HashMap<StorePath, Arc<Found>>>,
     /// Whether a store path is a directory, as its `.ls` listing says.
     listed_dirs: Mutex<HashMap<StorePath, bool>>,
+    /// Signed file indexes found this run.
+    indexes: chunks::Indexes,
     inflight: Mutex<HashMap<StorePath, Flight>>,
     /// Paths being read or otherwise in use right now: never evicted.
     leases: Mutex<HashMap<StorePath, usize>>,
@@ -219,6 +224,7 @@ impl Store {
             db,
             narinfos: Mutex::new(HashMap::new()),
             listed_dirs: Mutex::new(HashMap::new()),
+            indexes: chunks::Indexes::default(),
             inflight: Mutex::new(HashMap::new()),
             leases: Mutex::new(HashMap::new()),
             pinned: Mutex::new(HashSet::new()),

@@ -99,7 +99,7 @@ impl Server {
         self.shared.lock().unwrap().rules.clear();
     }
 
-    /// Requests so far ("GET /x", "HEAD /x" or "GET /x bytes=N-").
+    /// Requests so far ("GET /x", "HEAD /x", "GET /x bytes=N-" or "GET /x bytes=N-M").
     pub fn log(&self) -> Vec<String> {
         self.shared.lock().unwrap().log.clone()
     }
@@ -131,6 +131,7 @@ fn serve(conn: TcpStream, root: &std::path::Path, shared: &Mutex<Shared>, stop: 
         let method = line.split_whitespace().next().unwrap_or("GET").to_string();
         let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
         let mut range_start = 0usize;
+        let mut range_end: Option<usize> = None;
         let mut ranged = false;
         loop {
             let mut h = String::new();
@@ -145,14 +146,19 @@ fn serve(conn: TcpStream, root: &std::path::Path, shared: &Mutex<Shared>, stop: 
                 .strip_prefix("range: bytes=")
                 .or_else(|| h.strip_prefix("Range: bytes="))
             {
-                range_start = v.trim_end_matches('-').parse().unwrap_or(0);
+                let (a, b) = v.split_once('-').unwrap_or((v, ""));
+                range_start = a.parse().unwrap_or(0);
+                range_end = b.parse().ok();
                 ranged = true;
             }
         }
         let fault = {
             let mut s = shared.lock().unwrap();
             s.log.push(if ranged {
-                format!("{method} {path} bytes={range_start}-")
+                format!(
+                    "{method} {path} bytes={range_start}-{}",
+                    range_end.map(|e| e.to_string()).unwrap_or_default()
+                )
             } else {
                 format!("{method} {path}")
             });
@@ -190,7 +196,10 @@ fn serve(conn: TcpStream, root: &std::path::Path, shared: &Mutex<Shared>, stop: 
                 }
             },
         };
-        let status = if ranged && range_start > 0 {
+        let status = if ranged && (range_start > 0 || range_end.is_some()) {
+            if let Some(e) = range_end {
+                body.truncate((e + 1).min(body.len()));
+            }
             body.drain(..range_start.min(body.len()));
             "206 Partial Content"
         } else {

@@ -264,3 +264,27 @@ pub fn copy_cli(dir: &Path) -> PathBuf {
     std::fs::copy(super::DAEMON, &cli).unwrap();
     cli
 }
+
+/// A closure: busybox (`-tool`), a path (`-data`) with a 3 MiB random file
+/// `share/big`, small files `share/deep/{a,b}` and a symlink, and a top path
+/// referring to both; returns the top path.
+pub fn mixed_closure(nix: &NixStore) -> String {
+    let expr = format!(
+        "rec {{ tool = {}; data = {}; top = {}; }}",
+        busybox_tool(),
+        derivation(
+            "data",
+            "b mkdir -p $out/share/deep; b dd if=/dev/urandom of=$out/share/big bs=64k count=48 2>/dev/null; \
+             b printf 'small one\\n' > $out/share/deep/a; b printf 'small two\\n' > $out/share/deep/b; \
+             b ln -s deep/a $out/share/link",
+            &[]
+        ),
+        derivation(
+            "top",
+            "b mkdir $out; b echo ${tool} ${data} > $out/refs",
+            &["tool", "data"]
+        ),
+    );
+    let outs = nix.build(&expr);
+    outs.into_iter().find(|o| o.ends_with("-top")).unwrap()
+}

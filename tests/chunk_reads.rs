@@ -1,0 +1,217 @@
+//! File-granular fetching at the store: a path of a cache made by `cache
+//! push` is read file by file through its signed index, over HTTP ranged
+//! requests to 127.0.0.1, fetching only the frames under the bytes asked
+//! for; every chunk is verified before it is served or kept. A tampered
+//! frame is never served, and an index the store may not trust is ignored
+//! (the path is then fetched whole).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use common::http::Server;
+use common::nix::{mixed_closure, NixStore};
+use common::TempRoot;
+use nix_snapshotter::nixfmt::index::FileIndex;
+use nix_snapshotter::nixfmt::signature::SecretKey;
+use nix_snapshotter::nixfmt::StorePath;
+use nix_snapshotter::store::Store;
+
+struct Fixture {
+    tmp: TempRoot,
+    nix: NixStore,
+    cache: PathBuf,
+    data: StorePath,
+}
+
+fn fixture(name: &str) -> Fixture {
+    let tmp = TempRoot::new(name);
+    let nix = NixStore::new(&tmp.join("nix"), "chunks-1");
+    let top = mixed_closure(&nix);
+    let cache = tmp.join("cache");
+    let out = Command::new(common::DAEMON)
+        .args(["cache", "push", "--to"])
+        .arg(&cache)
+        .arg("--secret-key")
+        .arg(&nix.secret_key)
+        .arg("--store-root")
+        .arg(&nix.root)
+        .args(["--frame-size", "64KiB", "--chunk-size", "16KiB", &top])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let data = nix.closure(&top).into_iter().find(|p| p.ends_with("-data")).unwrap();
+    Fixture {
+        data: StorePath::parse(&data).unwrap(),
+        tmp,
+        nix,
+        cache,
+    }
+}
+
+async fn store(root: &Path, url: &str, key: &str) -> Arc<Store> {
+    let cfg = nix_snapshotter::config::Config {
+        root: root.to_path_buf(),
+        substituters: vec![url.to_string()],
+        trusted_public_keys: vec![key.to_string()],
+        host_store: "".into(),
+        ..Default::default()
+    };
+    let db = nix_snapshotter::db::open_root(&cfg.root).unwrap();
+    nix_snapshotter::store::open_from_config(&cfg, db).await.unwrap()
+}
+
+/// Bytes asked for by ranged GETs of NAR files, and whole NAR GETs.
+fn nar_traffic(server: &Server) -> (u64, usize) {
+    let mut ranged = 0;
+    let mut whole = 0;
+    for l in server.log().iter().filter(|l| l.contains("/nar/")) {
+        match l.split_once(" bytes=") {
+            Some((_, r)) => {
+                let (a, b) = r.split_once('-').unwrap();
+                ranged += b.parse::<u64>().unwrap() - a.parse::<u64>().unwrap() + 1;
+            }
+            None => whole += 1,
+        }
+    }
+    (ranged, whole)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_small_file_of_a_large_path_costs_a_frame_and_every_byte_is_verified() {
+    let f = fixture("chunkreads");
+    let server = Server::start(f.cache.clone());
+    let s = store(&f.tmp.join("root"), &server.url(), &f.nix.public_key).await;
+    let ix = s.indexed(&f.data).await.expect("the pushed path has a trusted index");
+    let real = f.nix.real(&f.data.to_string());
+
+    let small = s.read_indexed(&ix, b"share/deep/a", 0, 1 << 20).await.unwrap();
+    assert_eq!(small, b"small one\n");
+    let (ranged, whole) = nar_traffic(&server);
+    let nar_file = std::fs::metadata(f.cache.join(ix.index.url.as_ref().unwrap()))
+        .unwrap()
+        .len();
+    assert_eq!(whole, 0, "{:#?}", server.log());
+    // One frame of at most 64 KiB of random-free data, out of a 3 MiB NAR.
+    assert!(ranged > 0 && ranged <= 64 << 10, "{ranged} bytes of {nar_file}");
+
+    // The middle of the big file: the frames under it, verified chunk by
+    // chunk; then again, from the chunks kept on disk, with no request.
+    let big = std::fs::read(real.join("share/big")).unwrap();
+    let at = (1 << 20) + 5;
+    let got = s.read_indexed(&ix, b"share/big", at as u64, 100_000).await.unwrap();
+    assert_eq!(got, big[at..at + 100_000]);
+    let requests = server.log().len();
+    let again = s.read_indexed(&ix, b"share/big", at as u64, 100_000).await.unwrap();
+    assert_eq!(again, got);
+    assert_eq!(server.log().len(), requests, "kept chunks were fetched again");
+    // Reads past the end are cut short; the whole file reads back.
+    let tail = s
+        .read_indexed(&ix, b"share/big", big.len() as u64 - 10, 100)
+        .await
+        .unwrap();
+    assert_eq!(tail, big[big.len() - 10..]);
+    let all = s.read_indexed(&ix, b"share/big", 0, u64::MAX).await.unwrap();
+    assert_eq!(all, big);
+    // Not a file: named.
+    let e = s.read_indexed(&ix, b"share/deep", 0, 10).await.unwrap_err().to_string();
+    assert!(e.contains("share/deep") && e.contains("not a file"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tampered_frame_is_never_served_or_kept() {
+    let f = fixture("chunktamper");
+    let idx = FileIndex::parse(&std::fs::read(f.cache.join(format!("{}.idx", f.data.hash_part()))).unwrap()).unwrap();
+    // Flip a byte in the middle of the NAR file (inside the big file's frames).
+    let nar = f.cache.join(idx.url.as_ref().unwrap());
+    let mut bytes = std::fs::read(&nar).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&nar, bytes).unwrap();
+    let server = Server::start(f.cache.clone());
+    let root = f.tmp.join("root");
+    let s = store(&root, &server.url(), &f.nix.public_key).await;
+    let ix = s.indexed(&f.data).await.unwrap();
+    let e = s
+        .read_indexed(&ix, b"share/big", 0, u64::MAX)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&f.data.to_string()) && (e.contains("does not match") || e.contains("does not decompress")),
+        "{e}"
+    );
+    // Chunks before the damage were verified and may be kept; none after
+    // it, and no chunk on disk differs from the original file.
+    let real = std::fs::read(f.nix.real(&f.data.to_string()).join("share/big")).unwrap();
+    let kept = walk_files(&root.join("chunks"));
+    for k in &kept {
+        let b = std::fs::read(k).unwrap();
+        assert!(
+            real.windows(b.len()).step_by(16 << 10).any(|w| w == b),
+            "{} is not the file's",
+            k.display()
+        );
+    }
+    assert!(kept.len() < real.len() / (16 << 10), "{} chunks kept", kept.len());
+}
+
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_index_the_store_may_not_trust_is_ignored() {
+    let f = fixture("chunktrust");
+    let idx_path = f.cache.join(format!("{}.idx", f.data.hash_part()));
+    let original = std::fs::read(&idx_path).unwrap();
+    let server = Server::start(f.cache.clone());
+
+    // Signed by a key nobody trusts (the narinfo still is trusted).
+    let stranger = NixStore::new(&f.tmp.join("stranger"), "stranger-1");
+    let key = SecretKey::parse(&std::fs::read_to_string(&stranger.secret_key).unwrap()).unwrap();
+    let mut idx = FileIndex::parse(&original).unwrap();
+    idx.sigs.clear();
+    idx.sign(&key);
+    std::fs::write(&idx_path, idx.to_bytes()).unwrap();
+    let s = store(&f.tmp.join("root1"), &server.url(), &f.nix.public_key).await;
+    assert!(s.indexed(&f.data).await.is_none());
+    // The path is still fetched, whole.
+    assert!(s.ensure(&f.data).await.is_ok());
+
+    // A body changed under a valid header: refused as malformed.
+    let mut bad = original.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    std::fs::write(&idx_path, bad).unwrap();
+    let s = store(&f.tmp.join("root2"), &server.url(), &f.nix.public_key).await;
+    assert!(s.indexed(&f.data).await.is_none());
+
+    // Valid and trusted, but for another store path.
+    let mut other = FileIndex::parse(&original).unwrap();
+    let tool = std::fs::read_dir(&f.cache)
+        .unwrap()
+        .flatten()
+        .find_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            (n.ends_with(".idx") && !n.starts_with(f.data.hash_part())).then(|| e.path())
+        })
+        .unwrap();
+    other.store_path = FileIndex::parse(&std::fs::read(tool).unwrap()).unwrap().store_path;
+    other.sigs.clear();
+    other.sign(&SecretKey::parse(&std::fs::read_to_string(&f.nix.secret_key).unwrap()).unwrap());
+    std::fs::write(&idx_path, other.to_bytes()).unwrap();
+    let s = store(&f.tmp.join("root3"), &server.url(), &f.nix.public_key).await;
+    assert!(s.indexed(&f.data).await.is_none());
+}
