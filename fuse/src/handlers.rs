@@ -233,6 +233,11 @@ impl Filesystem for FsImpl {
             self.state.files.forget(ino.0);
         }
         self.answer(&Node::Store(sn.clone()), None, move |state| {
+            if state.tree_of(&sn.base).is_some() {
+                // Read by the piece from its verified tree: no backing
+                // file; reads find none for handle 0 and ask the tree.
+                return reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+            }
             open_file(state, ino, &sn, None, reply)
         });
     }
@@ -265,7 +270,20 @@ impl Filesystem for FsImpl {
                 let Some(Node::Store(sn)) = self.state.node(ino) else {
                     return reply.error(Errno::EBADF);
                 };
-                self.answer(&Node::Store(sn.clone()), None, move |state| {
+                // A read may fetch: off the workers, whatever the node.
+                let wait = self.state.resolver.local(&sn.base).is_none();
+                self.state.answer(wait, self.max_waiting, move |state| {
+                    if let Some(tree) = state.tree_of(&sn.base) {
+                        return match tree.read(sn.rel.as_os_str().as_bytes(), offset, size) {
+                            Ok(data) => reply.data(&data),
+                            Err(e) => {
+                                if !state.leaving.load(Ordering::Relaxed) {
+                                    tracing::warn!(path = %sn.base, error = %e, "a read of a store file failed; EIO");
+                                }
+                                reply.error(Errno::EIO)
+                            }
+                        };
+                    }
                     match state.open_file(&sn) {
                         Ok(f) => {
                             let f = Arc::new(f);

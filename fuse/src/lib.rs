@@ -70,6 +70,39 @@ pub trait Resolver: Send + Sync + 'static {
     fn is_dir(&self, _base_name: &str) -> Option<bool> {
         None
     }
+
+    /// The verified tree of `base_name` when its files can be read one by
+    /// one without fetching the whole path (a signed file index): lookups
+    /// and listings are answered from it at once, and reads fetch only
+    /// what they need. Bounded like `resolve`.
+    fn tree(&self, _base_name: &str) -> Option<Arc<dyn FileTree>> {
+        None
+    }
+
+    /// [`Resolver::tree`] if already known: no network, no waiting.
+    fn known_tree(&self, _base_name: &str) -> Option<Arc<dyn FileTree>> {
+        None
+    }
+}
+
+/// What an entry of a [`FileTree`] is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TreeEntry {
+    Dir,
+    File { size: u64, executable: bool },
+    Symlink(Vec<u8>),
+}
+
+/// A store path known, and verified, before its content: its entries by
+/// path relative to the store path (empty for the store path itself, names
+/// joined with `/`), and its files read piece by piece.
+pub trait FileTree: Send + Sync {
+    fn entry(&self, rel: &[u8]) -> Option<TreeEntry>;
+    /// A directory's entries, sorted by name.
+    fn children(&self, rel: &[u8]) -> Option<Vec<(Vec<u8>, TreeEntry)>>;
+    /// Up to `len` bytes at `offset` of the file at `rel`, every byte
+    /// verified. May block on the network, within a time bound.
+    fn read(&self, rel: &[u8], offset: u64, len: u32) -> Result<Vec<u8>, String>;
 }
 
 /// One entry of a view's closure.

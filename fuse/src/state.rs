@@ -17,7 +17,7 @@ use rustix::fs::Stat;
 use crate::beneath::{self, Kind};
 use crate::files::Files;
 use crate::inodes::{Inodes, Node, StoreNode};
-use crate::{Resolver, StoreDir};
+use crate::{FileTree, Resolver, StoreDir, TreeEntry};
 
 pub(crate) struct State {
     pub resolver: Arc<dyn Resolver>,
@@ -147,7 +147,46 @@ fn attr_from(ino: u64, st: &Stat) -> FileAttr {
     }
 }
 
+/// Attributes of an entry of a verified tree (as its unpacked form would
+/// have them: mode 0444 or 0555, mtime 1).
+fn attr_of_entry(ino: u64, e: &TreeEntry) -> FileAttr {
+    let mut a = dir_attr(ino);
+    match e {
+        TreeEntry::Dir => {}
+        TreeEntry::File { size, executable } => {
+            a.kind = FileType::RegularFile;
+            a.size = *size;
+            a.blocks = size.div_ceil(512);
+            a.perm = if *executable { 0o555 } else { 0o444 };
+            a.nlink = 1;
+        }
+        TreeEntry::Symlink(target) => {
+            a.kind = FileType::Symlink;
+            a.size = target.len() as u64;
+            a.nlink = 1;
+        }
+    }
+    a
+}
+
+fn tree_kind(e: &TreeEntry) -> FileType {
+    match e {
+        TreeEntry::Dir => FileType::Directory,
+        TreeEntry::File { .. } => FileType::RegularFile,
+        TreeEntry::Symlink(_) => FileType::Symlink,
+    }
+}
+
 impl State {
+    /// The verified tree of store path `base` when it is not local (a
+    /// local path is read from disk). May fetch the tree (bounded).
+    pub fn tree_of(&self, base: &str) -> Option<Arc<dyn FileTree>> {
+        if self.resolver.local(base).is_some() {
+            return None;
+        }
+        self.resolver.tree(base)
+    }
+
     pub fn count(&self, op: Op) {
         self.requests[op as usize].fetch_add(1, Ordering::Relaxed);
     }
@@ -176,7 +215,9 @@ impl State {
     pub fn may_wait(&self, node: &Node, name: Option<&OsStr>) -> bool {
         match (node, name) {
             (Node::Store(sn), None) if sn.hinted => false,
-            (Node::Store(sn), _) => self.resolver.local(&sn.base).is_none(),
+            (Node::Store(sn), _) => {
+                self.resolver.local(&sn.base).is_none() && self.resolver.known_tree(&sn.base).is_none()
+            }
             (Node::ViewDir { view, depth: 2 }, Some(name)) => match view.entry(name) {
                 Some(e) => e.is_dir != Some(true) && self.resolver.local(&e.base_name).is_none(),
                 None => false,
@@ -228,6 +269,16 @@ impl State {
         view: Option<&Arc<str>>,
         looked_up: bool,
     ) -> Result<FileAttr, Errno> {
+        if let Some(tree) = self.tree_of(base) {
+            let entry = tree.entry(rel.as_os_str().as_bytes()).ok_or(Errno::ENOENT)?;
+            let node = StoreNode {
+                base: base.clone(),
+                rel: rel.to_path_buf(),
+                view: if entry == TreeEntry::Dir { view.cloned() } else { None },
+                hinted: false,
+            };
+            return Ok(attr_of_entry(self.store_ino(&node, looked_up), &entry));
+        }
         let st = self.at(base, rel, beneath::lstat)?;
         let is_dir = Kind::of(&st) == Kind::Dir;
         let node = StoreNode {
@@ -244,8 +295,11 @@ impl State {
     /// `/`), the kernel is told to forget the directory it was shown, and
     /// the next lookup shows what the path really is.
     fn check_hinted(&self, base: &Arc<str>) -> Result<(), Errno> {
-        let st = self.at(base, Path::new(""), beneath::lstat)?;
-        if Kind::of(&st) == Kind::Dir {
+        let is_dir = match self.tree_of(base) {
+            Some(tree) => tree.entry(b"") == Some(TreeEntry::Dir),
+            None => Kind::of(&self.at(base, Path::new(""), beneath::lstat)?) == Kind::Dir,
+        };
+        if is_dir {
             return Ok(());
         }
         // Once per store path: the hinted nodes go, and with them every
@@ -405,6 +459,13 @@ impl State {
         if sn.hinted && sn.rel.as_os_str().is_empty() {
             return self.check_hinted(&sn.base);
         }
+        if let Some(tree) = self.tree_of(&sn.base) {
+            return match tree.entry(sn.rel.as_os_str().as_bytes()) {
+                Some(TreeEntry::Dir) => Ok(()),
+                Some(_) => Err(Errno::ENOTDIR),
+                None => Err(Errno::ENOENT),
+            };
+        }
         self.at(&sn.base, &sn.rel, |d, p| beneath::open_dir(d, p).map(drop))
     }
 
@@ -447,6 +508,22 @@ impl State {
                 if sn.hinted && sn.rel.as_os_str().is_empty() {
                     self.check_hinted(&sn.base)?;
                 }
+                if let Some(tree) = self.tree_of(&sn.base) {
+                    let children = tree.children(sn.rel.as_os_str().as_bytes()).ok_or(Errno::ENOTDIR)?;
+                    return Ok(children
+                        .into_iter()
+                        .map(|(name, entry)| {
+                            let name = OsString::from(OsStr::from_bytes(&name));
+                            let node = StoreNode {
+                                base: sn.base.clone(),
+                                rel: sn.rel.join(&name),
+                                view: if entry == TreeEntry::Dir { sn.view.clone() } else { None },
+                                hinted: false,
+                            };
+                            (name, self.listed_ino(&node), tree_kind(&entry))
+                        })
+                        .collect());
+                }
                 let list = self.at(&sn.base, &sn.rel, |d, p| beneath::entries(beneath::open_dir(d, p)?))?;
                 Ok(list
                     .into_iter()
@@ -466,7 +543,15 @@ impl State {
 
     pub fn read_link(&self, ino: INodeNo) -> Result<OsString, Errno> {
         match self.node(ino) {
-            Some(Node::Store(sn)) if !sn.hinted => self.at(&sn.base, &sn.rel, beneath::read_link),
+            Some(Node::Store(sn)) if !sn.hinted => {
+                if let Some(tree) = self.tree_of(&sn.base) {
+                    return match tree.entry(sn.rel.as_os_str().as_bytes()) {
+                        Some(TreeEntry::Symlink(t)) => Ok(OsString::from(OsStr::from_bytes(&t))),
+                        _ => Err(Errno::EINVAL),
+                    };
+                }
+                self.at(&sn.base, &sn.rel, beneath::read_link)
+            }
             _ => Err(Errno::EINVAL),
         }
     }

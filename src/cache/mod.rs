@@ -156,6 +156,9 @@ pub struct Cache {
     pub require_sigs: bool,
     pub retry: RetryPolicy,
     pub stats: Arc<CacheStats>,
+    /// Its nix-cache-info says it publishes file indexes: only then is a
+    /// path's `.idx` asked for (a request fewer per path everywhere else).
+    pub file_indexes: bool,
 }
 
 impl Cache {
@@ -381,6 +384,7 @@ pub fn open_all(urls: &[String], opts: &CacheOptions) -> Result<Vec<Cache>, Cach
             require_sigs: opts.require_sigs && !p.trusted,
             retry: opts.retry,
             stats: Arc::default(),
+            file_indexes: false,
         });
     }
     Ok(caches)
@@ -409,6 +413,7 @@ impl Cache {
                 if !self.priority_fixed {
                     self.priority = info.priority;
                 }
+                self.file_indexes = info.file_indexes;
             }
             Ok(None) => tracing::warn!(cache = self.url(), "no nix-cache-info; assuming defaults"),
             Err(e) => tracing::warn!(cache = self.url(), error = %e, "cache unreachable for now"),

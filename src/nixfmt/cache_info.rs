@@ -8,6 +8,9 @@ pub struct CacheInfo {
     pub want_mass_query: bool,
     /// Lower is preferred; Nix's default is 50.
     pub priority: u32,
+    /// `FileIndexes: 1`: the cache publishes a signed file index next to
+    /// each narinfo (`cache push`, `cache index`); Nix ignores the field.
+    pub file_indexes: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -23,6 +26,7 @@ impl CacheInfo {
             store_dir: String::new(),
             want_mass_query: false,
             priority: 50,
+            file_indexes: false,
         };
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -36,6 +40,7 @@ impl CacheInfo {
             match key {
                 "StoreDir" => info.store_dir = value.to_string(),
                 "WantMassQuery" => info.want_mass_query = value == "1",
+                "FileIndexes" => info.file_indexes = value == "1",
                 "Priority" => {
                     info.priority = value
                         .parse()

@@ -227,12 +227,28 @@ fn index_of(p: &mut Processed, store_path: StorePath, url: &str, key: &SecretKey
     idx
 }
 
+/// Makes `nar/` and a `nix-cache-info` that says the cache has file
+/// indexes (`FileIndexes: 1`, which Nix ignores), keeping what an existing
+/// one says otherwise.
 fn prepare_cache(cache: &Path) -> Result<(), PublishError> {
     let nar_dir = cache.join("nar");
     fs::create_dir_all(&nar_dir).map_err(io_at(&nar_dir))?;
     let info = cache.join("nix-cache-info");
-    if !info.exists() {
-        publish_file(&info, b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n")?;
+    let text = match fs::read_to_string(&info) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n".into()
+        }
+        Err(e) => return Err(PublishError::Io { path: info, source: e }),
+    };
+    if !text.lines().any(|l| l.trim() == "FileIndexes: 1") {
+        let mut text: String = text
+            .lines()
+            .filter(|l| !l.starts_with("FileIndexes:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        text.push_str("FileIndexes: 1\n");
+        publish_file(&info, text.as_bytes())?;
     }
     Ok(())
 }

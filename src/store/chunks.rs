@@ -28,6 +28,9 @@ pub struct Indexed {
     cache: usize,
     /// Uncompressed and compressed offset of every frame.
     starts: Vec<(u64, u64)>,
+    /// Entries by path, and each directory's entries (in name order).
+    by_path: HashMap<Vec<u8>, usize>,
+    children: HashMap<Vec<u8>, Vec<usize>>,
 }
 
 /// What the store remembers about paths' indexes this run.
@@ -44,6 +47,28 @@ fn chunk_err(path: &StorePath, msg: impl std::fmt::Display) -> StoreError {
 }
 
 impl Indexed {
+    /// The entry at `rel` (relative to the store path; empty: the path).
+    pub fn entry(&self, rel: &[u8]) -> Option<&crate::nixfmt::index::Entry> {
+        self.by_path.get(rel).map(|&i| &self.index.entries[i])
+    }
+
+    /// A directory's entries, by name order: (name, entry).
+    pub fn children(&self, rel: &[u8]) -> Option<Vec<(&[u8], &crate::nixfmt::index::Entry)>> {
+        let kids = self.children.get(rel)?;
+        Some(
+            kids.iter()
+                .map(|&i| {
+                    let e = &self.index.entries[i];
+                    let name = match e.path.iter().rposition(|&b| b == b'/') {
+                        Some(p) => &e.path[p + 1..],
+                        None => &e.path[..],
+                    };
+                    (name, e)
+                })
+                .collect(),
+        )
+    }
+
     /// The frames holding NAR bytes `from..to`: first and last index.
     fn frames_for(&self, from: u64, to: u64) -> (usize, usize) {
         let find = |at: u64| self.starts.partition_point(|(u, _)| *u <= at).saturating_sub(1);
@@ -77,10 +102,18 @@ impl Store {
         found
     }
 
+    /// [`Store::indexed`] if already asked this run: no network.
+    pub fn known_index(&self, path: &StorePath) -> Option<Arc<Indexed>> {
+        self.indexes.known.lock().ok()?.get(path).cloned().flatten()
+    }
+
     async fn found_index(&self, path: &StorePath) -> Option<Arc<Indexed>> {
         let found = self.narinfo(path).await.ok()?;
         let caches = self.caches().await.ok()?;
         let cache = caches.get(found.cache)?;
+        if !cache.file_indexes {
+            return None;
+        }
         let rel = format!("{}.idx", path.hash_part());
         let bytes = match cache.get(&rel).await {
             Ok(Some(b)) => b,
@@ -117,11 +150,28 @@ impl Store {
             u += f.decompressed as u64;
             c += f.compressed as u64;
         }
+        let mut by_path = HashMap::with_capacity(index.entries.len());
+        let mut children: HashMap<Vec<u8>, Vec<usize>> = HashMap::new();
+        for (i, e) in index.entries.iter().enumerate() {
+            by_path.insert(e.path.clone(), i);
+            if matches!(e.kind, EntryKind::Directory) {
+                children.entry(e.path.clone()).or_default();
+            }
+            if !e.path.is_empty() {
+                let parent = match e.path.iter().rposition(|&b| b == b'/') {
+                    Some(p) => e.path[..p].to_vec(),
+                    None => Vec::new(),
+                };
+                children.entry(parent).or_default().push(i);
+            }
+        }
         Some(Arc::new(Indexed {
             path: path.clone(),
             index,
             cache: found.cache,
             starts,
+            by_path,
+            children,
         }))
     }
 
@@ -131,7 +181,6 @@ impl Store {
     pub async fn read_indexed(&self, ix: &Indexed, rel: &[u8], offset: u64, len: u64) -> Result<Vec<u8>> {
         let shown = || format!("{}/{}", ix.path, String::from_utf8_lossy(rel));
         let entry = ix
-            .index
             .entry(rel)
             .ok_or_else(|| chunk_err(&ix.path, format!("{}: not in its index", shown())))?;
         let EntryKind::Regular {

@@ -4,9 +4,11 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use crate::nixfmt::index::EntryKind;
 use crate::nixfmt::StorePath;
+use crate::store::chunks::Indexed;
 use crate::store::Store;
-use nix_snapshotter_fuse::{Resolver, StoreDir};
+use nix_snapshotter_fuse::{FileTree, Resolver, StoreDir, TreeEntry};
 
 /// The store, once the daemon has opened it (it opens in the background so
 /// an unreachable cache never delays serving).
@@ -71,6 +73,35 @@ impl Resolver for StoreResolver {
         store.local(&path).map(|loc| store.holder(&loc))
     }
 
+    fn tree(&self, base_name: &str) -> Option<Arc<dyn FileTree>> {
+        let path = StorePath::from_base_name(base_name).ok()?;
+        let store = self.opened_store().ok()?.clone();
+        let asking = store.clone();
+        let ix = self
+            .rt
+            .block_on(async { tokio::time::timeout(self.timeout, asking.indexed(&path)).await })
+            .ok()
+            .flatten()?;
+        Some(Arc::new(IndexedTree {
+            store,
+            ix,
+            rt: self.rt.clone(),
+            timeout: self.timeout,
+        }))
+    }
+
+    fn known_tree(&self, base_name: &str) -> Option<Arc<dyn FileTree>> {
+        let path = StorePath::from_base_name(base_name).ok()?;
+        let store = self.store.get()?.clone();
+        let ix = store.known_index(&path)?;
+        Some(Arc::new(IndexedTree {
+            store,
+            ix,
+            rt: self.rt.clone(),
+            timeout: self.timeout,
+        }))
+    }
+
     fn is_dir(&self, base_name: &str) -> Option<bool> {
         let path = StorePath::from_base_name(base_name).ok()?;
         let store = self.store.get()?.clone();
@@ -78,5 +109,51 @@ impl Resolver for StoreResolver {
             .block_on(async { tokio::time::timeout(self.timeout, store.listed_is_dir(&path)).await })
             .ok()
             .flatten()
+    }
+}
+
+/// A store path read by the chunk through its signed index.
+struct IndexedTree {
+    store: Arc<Store>,
+    ix: Arc<Indexed>,
+    rt: tokio::runtime::Handle,
+    timeout: Duration,
+}
+
+fn tree_entry(kind: &EntryKind) -> TreeEntry {
+    match kind {
+        EntryKind::Directory => TreeEntry::Dir,
+        EntryKind::Regular { size, executable, .. } => TreeEntry::File {
+            size: *size,
+            executable: *executable,
+        },
+        EntryKind::Symlink { target } => TreeEntry::Symlink(target.clone()),
+    }
+}
+
+impl FileTree for IndexedTree {
+    fn entry(&self, rel: &[u8]) -> Option<TreeEntry> {
+        self.ix.entry(rel).map(|e| tree_entry(&e.kind))
+    }
+
+    fn children(&self, rel: &[u8]) -> Option<Vec<(Vec<u8>, TreeEntry)>> {
+        Some(
+            self.ix
+                .children(rel)?
+                .into_iter()
+                .map(|(name, e)| (name.to_vec(), tree_entry(&e.kind)))
+                .collect(),
+        )
+    }
+
+    fn read(&self, rel: &[u8], offset: u64, len: u32) -> std::result::Result<Vec<u8>, String> {
+        let read = self.store.read_indexed(&self.ix, rel, offset, len as u64);
+        match self
+            .rt
+            .block_on(async { tokio::time::timeout(self.timeout, read).await })
+        {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("reading {} takes longer than {:?}", self.ix.path, self.timeout)),
+        }
     }
 }
