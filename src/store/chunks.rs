@@ -31,7 +31,16 @@ pub struct Indexed {
     /// Entries by path, and each directory's entries (in name order).
     by_path: HashMap<Vec<u8>, usize>,
     children: HashMap<Vec<u8>, Vec<usize>>,
+    /// Regular files in NAR order: (contents' offset, size, first chunk).
+    files: Vec<(u64, u64, usize)>,
+    /// One fetch at a time: concurrent reads (the kernel's readahead)
+    /// find on disk what the first one fetched.
+    fetching: tokio::sync::Mutex<()>,
 }
+
+/// How far past what a read asks for a fetch goes, within the file: the
+/// kernel reads ahead 128 KiB at a time, each a round trip otherwise.
+const READ_AHEAD: u64 = 1 << 20;
 
 /// What the store remembers about paths' indexes this run.
 #[derive(Default)]
@@ -150,6 +159,19 @@ impl Store {
             u += f.decompressed as u64;
             c += f.compressed as u64;
         }
+        let files = index
+            .entries
+            .iter()
+            .filter_map(|e| match e.kind {
+                EntryKind::Regular {
+                    size,
+                    offset,
+                    first_chunk,
+                    ..
+                } => Some((offset, size, first_chunk)),
+                _ => None,
+            })
+            .collect();
         let mut by_path = HashMap::with_capacity(index.entries.len());
         let mut children: HashMap<Vec<u8>, Vec<usize>> = HashMap::new();
         for (i, e) in index.entries.iter().enumerate() {
@@ -172,6 +194,8 @@ impl Store {
             starts,
             by_path,
             children,
+            files,
+            fetching: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -198,45 +222,51 @@ impl Store {
         }
         let cs = ix.index.chunk_size as u64;
         let (c0, c1) = (offset / cs, (offset + len - 1) / cs);
-        let dir = self.chunk_dir();
         let chunk_len = |i: u64| cs.min(size - i * cs);
-        let mut pieces: Vec<Option<Vec<u8>>> = Vec::new();
-        for i in c0..=c1 {
-            let hash = &ix.index.chunks[first_chunk + i as usize];
-            let on_disk = std::fs::read(chunk_file(&dir, hash))
-                .ok()
-                .filter(|b| b.len() as u64 == chunk_len(i));
-            pieces.push(on_disk);
-        }
-        // Each run of missing chunks: one ranged read of the frames under it.
-        let mut i = 0;
-        while i < pieces.len() {
-            if pieces[i].is_some() {
-                i += 1;
-                continue;
-            }
-            let mut j = i;
-            while j + 1 < pieces.len() && pieces[j + 1].is_none() {
-                j += 1;
-            }
-            let (a, b) = (c0 + i as u64, c0 + j as u64);
-            let from = file_at + a * cs;
-            let to = file_at + b * cs + chunk_len(b);
-            let bytes = self.fetch_nar_range(ix, from, to).await?;
-            for k in a..=b {
-                let start = ((k - a) * cs) as usize;
-                let piece = bytes[start..start + chunk_len(k) as usize].to_vec();
-                let hash = &ix.index.chunks[first_chunk + k as usize];
-                if <[u8; 32]>::from(Sha256::digest(&piece)) != *hash {
-                    return Err(chunk_err(
-                        &ix.path,
-                        format!("{}: chunk {k} does not match its index; nothing was served", shown()),
-                    ));
+        let dir = self.chunk_dir();
+        let on_disk = |pieces: &mut Vec<Option<Vec<u8>>>| {
+            for (n, slot) in pieces.iter_mut().enumerate() {
+                if slot.is_none() {
+                    let k = c0 + n as u64;
+                    *slot = std::fs::read(chunk_file(&dir, &ix.index.chunks[first_chunk + k as usize]))
+                        .ok()
+                        .filter(|b| b.len() as u64 == chunk_len(k));
                 }
-                keep_chunk(&dir, hash, &piece);
-                pieces[(k - c0) as usize] = Some(piece);
             }
-            i = j + 1;
+        };
+        let mut pieces: Vec<Option<Vec<u8>>> = vec![None; (c1 - c0 + 1) as usize];
+        on_disk(&mut pieces);
+        if pieces.iter().any(Option::is_none) {
+            let _turn = ix.fetching.lock().await;
+            on_disk(&mut pieces);
+            if let (Some(a), Some(b)) = (
+                pieces.iter().position(Option::is_none),
+                pieces.iter().rposition(Option::is_none),
+            ) {
+                let (a, b) = (c0 + a as u64, c0 + b as u64);
+                let last = size.div_ceil(cs) - 1;
+                let b_ahead = last.min(b.max(a + READ_AHEAD / cs - 1));
+                let from = file_at + a * cs;
+                let to = file_at + b_ahead * cs + chunk_len(b_ahead);
+                let (u0, bytes) = self.fetch_frames(ix, from, to).await?;
+                let wanted = first_chunk + a as usize..first_chunk + b as usize + 1;
+                let mut got = keep_verified(ix, &dir, u0, &bytes, &wanted);
+                for (n, slot) in pieces.iter_mut().enumerate() {
+                    let k = first_chunk + c0 as usize + n;
+                    if slot.is_none() {
+                        *slot = Some(got.remove(&k).ok_or_else(|| {
+                            chunk_err(
+                                &ix.path,
+                                format!(
+                                    "{}: chunk {} does not match its index; nothing was served",
+                                    shown(),
+                                    k - first_chunk
+                                ),
+                            )
+                        })?);
+                    }
+                }
+            }
         }
         let mut out = Vec::with_capacity(len as usize);
         let skip = (offset - c0 * cs) as usize;
@@ -248,9 +278,10 @@ impl Store {
         Ok(out)
     }
 
-    /// NAR bytes `from..to` of an indexed path: the frames holding them,
-    /// fetched in one ranged request and decompressed one by one.
-    async fn fetch_nar_range(&self, ix: &Indexed, from: u64, to: u64) -> Result<Vec<u8>> {
+    /// The frames holding NAR bytes `from..to` of an indexed path, fetched
+    /// in one ranged request and decompressed one by one: where they start
+    /// in the NAR, and their bytes.
+    async fn fetch_frames(&self, ix: &Indexed, from: u64, to: u64) -> Result<(u64, Vec<u8>)> {
         let caches = self.caches().await?;
         let cache = caches
             .get(ix.cache)
@@ -288,10 +319,45 @@ impl Store {
                 })?;
             nar.extend_from_slice(&plain);
         }
-        let a = (from - u0) as usize;
-        let b = (to - u0) as usize;
-        Ok(nar[a..b].to_vec())
+        Ok((u0, nar))
     }
+}
+
+/// Verifies and keeps every whole chunk of every file inside NAR bytes
+/// `u0..` (`bytes`): neighbours of what was asked for come with the same
+/// frames and are free now. Returns the chunks of `wanted` (global chunk
+/// numbers) that verified; one that does not is neither kept nor returned.
+fn keep_verified(
+    ix: &Indexed,
+    dir: &Path,
+    u0: u64,
+    bytes: &[u8],
+    wanted: &std::ops::Range<usize>,
+) -> HashMap<usize, Vec<u8>> {
+    let u1 = u0 + bytes.len() as u64;
+    let cs = ix.index.chunk_size as u64;
+    let mut out = HashMap::new();
+    let first = ix.files.partition_point(|(off, size, _)| off + size <= u0);
+    for &(off, size, first_chunk) in ix.files[first..].iter().take_while(|(off, _, _)| *off < u1) {
+        for k in 0..size.div_ceil(cs) {
+            let (a, b) = (off + k * cs, off + (k * cs + cs).min(size));
+            if a < u0 || b > u1 {
+                continue;
+            }
+            let piece = &bytes[(a - u0) as usize..(b - u0) as usize];
+            let n = first_chunk + k as usize;
+            let hash = &ix.index.chunks[n];
+            if <[u8; 32]>::from(Sha256::digest(piece)) != *hash {
+                tracing::warn!(path = %ix.path, chunk = n, "a fetched chunk does not match its index; not kept");
+                continue;
+            }
+            keep_chunk(dir, hash, piece);
+            if wanted.contains(&n) {
+                out.insert(n, piece.to_vec());
+            }
+        }
+    }
+    out
 }
 
 /// Keeps a verified chunk (by rename: a reader sees all of it or none).
