@@ -47,6 +47,7 @@ enum Mode {
     NixRef,
     PushedNix,
     Oci,
+    FileGrained,
 }
 
 impl Mode {
@@ -55,6 +56,7 @@ impl Mode {
             Mode::NixRef => "nix_ref",
             Mode::PushedNix => "pushed_nix",
             Mode::Oci => "oci_overlayfs",
+            Mode::FileGrained => "nix_ref_file_granular",
         }
     }
 
@@ -63,6 +65,7 @@ impl Mode {
             Mode::NixRef => "(a) nix:0 image",
             Mode::PushedNix => "(b) pushed Nix image",
             Mode::Oci => "(c) OCI image on overlayfs",
+            Mode::FileGrained => "(d) nix:0 image, by file",
         }
     }
 }
@@ -82,6 +85,8 @@ struct Setup {
     pushed: String,
     oci: String,
     cache: link::Link,
+    /// The same cache with file indexes and seekable NARs (`cache index`).
+    indexed: link::Link,
     registry: link::Link,
     registry_host: String,
 }
@@ -111,6 +116,12 @@ fn main() {
     );
     publish(&closure.chroot, &cache, "zstd", &key, &closure.top);
     publish(&closure.chroot, &cache, "zstd", &key, &stored);
+    let indexed = dir.join("cache-indexed");
+    run(Command::new("cp").arg("-a").arg(&cache).arg(&indexed));
+    run(Command::new(tc::DAEMON)
+        .args(["cache", "index", "--secret-key"])
+        .arg(&key)
+        .arg(&indexed));
 
     // --- The same files as an ordinary image, and both pushed.
     eprintln!("building the OCI image (one gzip layer per store path) ...");
@@ -133,6 +144,7 @@ fn main() {
     // --- Both behind shaped links.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let server = tc::http::Server::start(cache.clone());
+    let indexed_server = tc::http::Server::start(indexed.clone());
     let rtt = Duration::from_millis(50);
     let setup = Setup {
         public,
@@ -140,12 +152,13 @@ fn main() {
         pushed,
         oci,
         cache: link::shaped_proxy(&rt, server.addr, rtt, 100e6 / 8.0),
+        indexed: link::shaped_proxy(&rt, indexed_server.addr, rtt, 100e6 / 8.0),
         registry: link::shaped_proxy(&rt, registry.host.parse().unwrap(), rtt, 100e6 / 8.0),
         registry_host: registry.host.clone(),
     };
     setup.cache.check(&cache);
 
-    let modes = [Mode::NixRef, Mode::PushedNix, Mode::Oci];
+    let modes = [Mode::NixRef, Mode::PushedNix, Mode::Oci, Mode::FileGrained];
     let mut samples: Vec<Vec<Sample>> = modes.iter().map(|_| Vec::new()).collect();
     for r in 0..rounds {
         for i in 0..modes.len() {
@@ -218,14 +231,24 @@ async fn cold_pod(dir: &Path, setup: &Setup, mode: Mode) -> Sample {
     std::fs::create_dir_all(dir).unwrap();
     let nix_sock = dir.join("nix.sock");
     let ctrd_dir = dir.join("ctrd");
+    let cache = if mode == Mode::FileGrained {
+        &setup.indexed
+    } else {
+        &setup.cache
+    };
     let daemon = (mode != Mode::Oci).then(|| {
         let cfg = tc::cache_config(
             dir,
-            &setup.cache.url,
+            &cache.url,
             &setup.public,
             &format!(
-                "[image_service]\nenable = true\ncontainerd_address = \"{}\"\n",
-                ctrd_dir.join("containerd.sock").display()
+                "[image_service]\nenable = true\ncontainerd_address = \"{}\"\n{}",
+                ctrd_dir.join("containerd.sock").display(),
+                if mode == Mode::FileGrained {
+                    "[store]\nprefetch_entrypoint = false\n"
+                } else {
+                    ""
+                }
             ),
         );
         Daemon::start_logging(
@@ -245,13 +268,13 @@ async fn cold_pod(dir: &Path, setup: &Setup, mode: Mode) -> Sample {
     let image_service = daemon.as_ref().map_or(ctrd.address.clone(), |d| d.address.clone());
     let mut images = ImageServiceClient::new(nix_snapshotter::uds::connect(&image_service).await.unwrap());
     let image = match mode {
-        Mode::NixRef => &setup.nix_ref,
+        Mode::NixRef | Mode::FileGrained => &setup.nix_ref,
         Mode::PushedNix => &setup.pushed,
         Mode::Oci => &setup.oci,
     };
     let mut pod = tc::pod::Pod::run(&ctrd.address, "bench", &dir.join("logs")).await;
     drop_caches();
-    let (cache0, reg0) = (setup.cache.downloaded(), setup.registry.downloaded());
+    let (cache0, reg0) = (cache.downloaded(), setup.registry.downloaded());
 
     let start = Instant::now();
     images
@@ -285,7 +308,7 @@ async fn cold_pod(dir: &Path, setup: &Setup, mode: Mode) -> Sample {
     let sample = Sample {
         seconds,
         pull,
-        from_cache: setup.cache.downloaded() - cache0,
+        from_cache: cache.downloaded() - cache0,
         from_registry: setup.registry.downloaded() - reg0,
     };
     drop(ctrd);

@@ -84,6 +84,11 @@ pub struct StoreConfig {
     /// paths its command runs from (its `nix-entrypoint` label) at once,
     /// many in flight, instead of one after another as the program loads.
     pub prefetch_entrypoint: bool,
+    /// When a pulled Nix image names an access profile (its `nix-profile`
+    /// label), fetch what the profile lists at once, many requests in
+    /// flight (by the frame where the cache has file indexes), instead of
+    /// the command's closures whole.
+    pub prefetch_profile: bool,
 }
 
 /// Network behaviour of cache fetches.
@@ -105,6 +110,7 @@ impl Default for StoreConfig {
         StoreConfig {
             max_size: ByteSize(20 << 30),
             prefetch_entrypoint: true,
+            prefetch_profile: true,
         }
     }
 }

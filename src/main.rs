@@ -284,6 +284,10 @@ enum ImageCommand {
         /// The image's architecture (amd64, arm64, ...; default: this machine's).
         #[arg(long, value_name = "ARCH")]
         arch: Option<String>,
+        /// A store path of the closure holding an access profile (a copy of
+        /// a daemon's `<root>/access-profile`): pulls prefetch what it lists.
+        #[arg(long, value_name = "STORE_PATH")]
+        profile: Option<String>,
         /// Output archive.
         out: PathBuf,
     },
@@ -438,6 +442,7 @@ fn main() -> ExitCode {
             r#ref,
             store_root,
             arch,
+            profile,
             out,
         })) => {
             let abs = std::path::absolute(&out).unwrap_or(out.clone());
@@ -449,6 +454,7 @@ fn main() -> ExitCode {
                 name: Some(r#ref.unwrap_or_else(|| format!("nix:0{}", abs.display()))),
                 store_root,
                 arch,
+                profile,
             };
             match nix_snapshotter::image::build(&opts, &out) {
                 Ok(()) => ExitCode::SUCCESS,

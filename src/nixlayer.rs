@@ -29,6 +29,12 @@ pub const LABEL_COPY_TO_ROOT: &str = "containerd.io/snapshot/nix-copy-to-root";
 pub const LABEL_ENTRYPOINT: &str = "containerd.io/snapshot/nix-entrypoint";
 pub const MAX_ENTRYPOINT_PATHS: usize = 16;
 
+/// Ours: a store path of the layer's closure holding an access profile
+/// (what the image's containers read first, see
+/// [`crate::nixfmt::profile`]). A hint: a snapshotter may fetch what it
+/// lists, many requests in flight, when the image is pulled.
+pub const LABEL_PROFILE: &str = "containerd.io/snapshot/nix-profile";
+
 /// The store paths (`/nix/store/<hash>-<name>`) named anywhere in `args`
 /// that `closure` holds (base names), in order of appearance, at most
 /// [`MAX_ENTRYPOINT_PATHS`]: what [`LABEL_ENTRYPOINT`] lists.

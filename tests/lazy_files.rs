@@ -33,22 +33,39 @@ fn traffic(server: &Server, nar_url: &str) -> (u64, usize) {
     (ranged, whole)
 }
 
-fn scenario(name: &str, passthrough: bool) {
-    let tmp = TempRoot::new(name);
-    let nix = NixStore::new(&tmp.join("nix"), "lazyfiles-1");
-    let top = mixed_closure(&nix);
-    let cache = tmp.join("cache");
+/// A closure pushed to a cache with file indexes, served on 127.0.0.1.
+struct Setup {
+    tmp: TempRoot,
+    nix: NixStore,
+    top: String,
+    cache: PathBuf,
+    server: Server,
+    data: String,
+    tool: String,
+    data_nar: String,
+    tool_nar: String,
+}
+
+fn push(nix: &NixStore, cache: &std::path::Path, path: &str) {
     let out = Command::new(common::DAEMON)
         .args(["cache", "push", "--to"])
-        .arg(&cache)
+        .arg(cache)
         .arg("--secret-key")
         .arg(&nix.secret_key)
         .arg("--store-root")
         .arg(&nix.root)
-        .args(["--frame-size", "64KiB", "--chunk-size", "16KiB", &top])
+        .args(["--frame-size", "64KiB", "--chunk-size", "16KiB", path])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn setup(name: &str) -> Setup {
+    let tmp = TempRoot::new(name);
+    let nix = NixStore::new(&tmp.join("nix"), "lazyfiles-1");
+    let top = mixed_closure(&nix);
+    let cache = tmp.join("cache");
+    push(&nix, &cache, &top);
     let closure = nix.closure(&top);
     let data = closure.iter().find(|p| p.ends_with("-data")).unwrap().clone();
     let tool = closure.iter().find(|p| p.ends_with("-tool")).unwrap().clone();
@@ -60,74 +77,215 @@ fn scenario(name: &str, passthrough: bool) {
             .unwrap()
     };
     let (data_nar, tool_nar) = (nar_of(&data), nar_of(&tool));
-
     let server = Server::start(cache.clone());
-    let cfg = common::cache_config(
-        &tmp.path,
-        &server.url(),
-        &nix.public_key,
-        &format!("[fuse]\nfetch_timeout = 20.0\npassthrough = {passthrough}\n"),
-    );
-    let sock = tmp.join("nix.sock");
-    let root = tmp.join("root");
-    let daemon = Daemon::start_with(&root, &sock, &["--config", cfg.to_str().unwrap()], &[]);
-    let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
-    let layer = nix.layer_closure(&top);
-    let bb = format!("{tool}/bin/busybox");
-    let image = format!("docker.io/library/{name}:latest");
-    let archive = tmp.join("image.tar");
-    let script = format!(
-        "cat {data}/share/deep/a; ls {data}/share; readlink {data}/share/link; \
-         echo changed > {data}/share/deep/b; cat {data}/share/deep/b"
-    );
-    write_oci_archive(&archive, &image, &[nix_layer(&layer, &[])], &[&bb, "sh", "-c", &script]);
-    ctrd.ctr_ok(&["images", "import", "--snapshotter", "nix", archive.to_str().unwrap()]);
-    let out = ctrd.ctr_run_in(
-        &ctrd.namespace,
-        &["run", "--rm", "--snapshotter", "nix", &image, &unique("c")],
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "small one\nbig\ndeep\nlink\ndeep/a\nchanged\n",
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        common::tail(&daemon.log_text(), 30)
-    );
+    Setup {
+        tmp,
+        nix,
+        top,
+        cache,
+        server,
+        data,
+        tool,
+        data_nar,
+        tool_nar,
+    }
+}
 
-    // The data path: one small file read (and one copied up to be written):
-    // a frame or two of its NAR, never the whole; nothing unpacked.
-    let (ranged, whole) = traffic(&server, &data_nar);
-    let nar_size = std::fs::metadata(cache.join(&data_nar)).unwrap().len();
-    assert_eq!(whole, 0, "{:#?}", server.log());
-    assert!(
-        ranged > 0 && ranged <= 2 * (64 << 10),
-        "{ranged} of {nar_size} bytes fetched"
-    );
-    // busybox: read by the piece too (the whole binary, as exec reads it).
-    assert_eq!(traffic(&server, &tool_nar).1, 0, "{:#?}", server.log());
-    let base = |p: &str| StorePath::parse(p).unwrap().base_name().to_string();
-    assert!(
-        !root.join("store").join(base(&data)).exists(),
-        "the data path was fetched whole"
-    );
+impl Setup {
+    /// A node: our daemon (root `<tmp>/<name>/root`) and a containerd.
+    fn node(&self, name: &str, extra: &str) -> (Daemon, Containerd, PathBuf) {
+        let dir = self.tmp.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = common::cache_config(
+            &dir,
+            &self.server.url(),
+            &self.nix.public_key,
+            &format!("[fuse]\nfetch_timeout = 20.0\n{extra}"),
+        );
+        let sock = dir.join("nix.sock");
+        let root = dir.join("root");
+        let daemon = Daemon::start_with(&root, &sock, &["--config", cfg.to_str().unwrap()], &[]);
+        let ctrd = Containerd::start(&dir.join("ctrd"), &sock);
+        (daemon, ctrd, root)
+    }
 
-    // A view shows exactly the store path: its dump is the original's
-    // (every file read through the index, every chunk verified).
-    let view: PathBuf = ctrd.view_of_nix_layer("dump-check", &root);
-    for p in [&data, &tool] {
+    fn script(&self) -> String {
+        let data = &self.data;
+        format!(
+            "cat {data}/share/deep/a; ls {data}/share; readlink {data}/share/link; \
+             echo changed > {data}/share/deep/b; cat {data}/share/deep/b"
+        )
+    }
+
+    fn run(&self, ctrd: &Containerd, daemon: &Daemon, image: &str) {
+        let out = ctrd.ctr_run_in(
+            &ctrd.namespace,
+            &["run", "--rm", "--snapshotter", "nix", image, &unique("c")],
+        );
         assert_eq!(
-            dump_sha256(&view.join("nix/store").join(base(p))),
-            dump_sha256(&nix.real(p)),
-            "{p} differs through the view"
+            String::from_utf8_lossy(&out.stdout),
+            "small one\nbig\ndeep\nlink\ndeep/a\nchanged\n",
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            common::tail(&daemon.log_text(), 30)
         );
     }
-    assert_eq!(traffic(&server, &data_nar).1, 0);
+}
+
+fn no_problems(daemon: &Daemon) {
     let log = daemon.log_text();
     let problems: Vec<&str> = log
         .lines()
         .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
         .collect();
     assert!(problems.is_empty(), "{problems:#?}");
+}
+
+fn scenario(name: &str, passthrough: bool) {
+    let s = setup(name);
+    let (daemon, ctrd, root) = s.node("node", &format!("passthrough = {passthrough}\n"));
+    let layer = s.nix.layer_closure(&s.top);
+    let bb = format!("{}/bin/busybox", s.tool);
+    let image = format!("docker.io/library/{name}:latest");
+    let archive = s.tmp.join("image.tar");
+    write_oci_archive(
+        &archive,
+        &image,
+        &[nix_layer(&layer, &[])],
+        &[&bb, "sh", "-c", &s.script()],
+    );
+    ctrd.ctr_ok(&["images", "import", "--snapshotter", "nix", archive.to_str().unwrap()]);
+    s.run(&ctrd, &daemon, &image);
+
+    // The data path: one small file read (and one copied up to be written):
+    // a frame or two of its NAR, never the whole; nothing unpacked.
+    let (ranged, whole) = traffic(&s.server, &s.data_nar);
+    let nar_size = std::fs::metadata(s.cache.join(&s.data_nar)).unwrap().len();
+    assert_eq!(whole, 0, "{:#?}", s.server.log());
+    assert!(
+        ranged > 0 && ranged <= 2 * (64 << 10),
+        "{ranged} of {nar_size} bytes fetched"
+    );
+    // busybox: read by the piece too (the whole binary, as exec reads it).
+    assert_eq!(traffic(&s.server, &s.tool_nar).1, 0, "{:#?}", s.server.log());
+    let base = |p: &str| StorePath::parse(p).unwrap().base_name().to_string();
+    assert!(
+        !root.join("store").join(base(&s.data)).exists(),
+        "the data path was fetched whole"
+    );
+
+    // A view shows exactly the store path: its dump is the original's
+    // (every file read through the index, every chunk verified).
+    let view: PathBuf = ctrd.view_of_nix_layer("dump-check", &root);
+    for p in [&s.data, &s.tool] {
+        assert_eq!(
+            dump_sha256(&view.join("nix/store").join(base(p))),
+            dump_sha256(&s.nix.real(p)),
+            "{p} differs through the view"
+        );
+    }
+    assert_eq!(traffic(&s.server, &s.data_nar).1, 0);
+    no_problems(&daemon);
+}
+
+#[test]
+fn an_access_profile_recorded_on_one_node_prefetches_a_cold_start_on_another() {
+    let s = setup("lazyprofile");
+    let bb = format!("{}/bin/busybox", s.tool);
+    // Node A runs the image once; its daemon records what was read.
+    let (daemon, ctrd, root) = s.node("a", "");
+    let image = "docker.io/library/lazyprofile:latest";
+    let plain = s.tmp.join("plain.tar");
+    write_oci_archive(
+        &plain,
+        image,
+        &[nix_layer(&s.nix.layer_closure(&s.top), &[])],
+        &[&bb, "sh", "-c", &s.script()],
+    );
+    ctrd.ctr_ok(&["images", "import", "--snapshotter", "nix", plain.to_str().unwrap()]);
+    s.run(&ctrd, &daemon, image);
+    let recorded = root.join("access-profile");
+    common::wait_until(
+        std::time::Duration::from_secs(10),
+        || std::fs::read_to_string(&recorded).is_ok_and(|t| t.contains("share/deep/a") && t.contains("bin/busybox")),
+        || format!("no profile recorded: {:?}", std::fs::read_to_string(&recorded)),
+    );
+    drop(ctrd);
+    drop(daemon);
+
+    // Published with the image: a store path of its closure, named by a label.
+    let profile_file = s.tmp.join("profile");
+    std::fs::copy(&recorded, &profile_file).unwrap();
+    let profile = s.nix.add_file(&profile_file);
+    push(&s.nix, &s.cache, &profile);
+    let paths = s.tmp.join("store-paths");
+    let mut closure = s.nix.closure(&s.top);
+    closure.push(profile.clone());
+    std::fs::write(&paths, closure.join("\n")).unwrap();
+    let config = s.tmp.join("config.json");
+    std::fs::write(
+        &config,
+        serde_json::to_vec(&serde_json::json!({ "Cmd": [&bb, "sh", "-c", s.script()] })).unwrap(),
+    )
+    .unwrap();
+    let archive = s.tmp.join("profiled.tar");
+    let out = Command::new(common::DAEMON)
+        .args(["image", "build", "--config"])
+        .arg(&config)
+        .arg("--closure")
+        .arg(&paths)
+        .arg("--store-root")
+        .arg(&s.nix.root)
+        .args(["--profile", &profile, "--ref", image])
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Node B: loading the image (labels passed) prefetches what the profile
+    // lists, before any container runs; the run then fetches nothing more.
+    let before = traffic(&s.server, &s.data_nar).0;
+    let (daemon, ctrd, _) = s.node("b", "");
+    let load = ctrd.image_load(&ctrd.namespace, &archive);
+    assert!(load.status.success(), "{}", String::from_utf8_lossy(&load.stderr));
+    common::wait_until(
+        std::time::Duration::from_secs(30),
+        || {
+            daemon
+                .log_text()
+                .contains("prefetched what the image's access profile lists")
+        },
+        || format!("no prefetch: {}", common::tail(&daemon.log_text(), 20)),
+    );
+    let prefetched = traffic(&s.server, &s.data_nar).0 - before;
+    assert!(prefetched > 0, "nothing of the data path prefetched");
+    let requests = s.server.log().len();
+    s.run(&ctrd, &daemon, image);
+    let after: Vec<String> = s.server.log()[requests..]
+        .iter()
+        .filter(|l| l.contains("/nar/"))
+        .cloned()
+        .collect();
+    assert!(after.is_empty(), "the run still fetched: {after:#?}");
+    no_problems(&daemon);
+
+    // A profile outside the closure is refused by name.
+    let out = Command::new(common::DAEMON)
+        .args(["image", "build", "--config"])
+        .arg(&config)
+        .arg("--closure")
+        .arg(&paths)
+        .arg("--store-root")
+        .arg(&s.nix.root)
+        .args(["--profile", "/nix/store/00000000000000000000000000000000-elsewhere"])
+        .arg(s.tmp.join("bad.tar"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--profile") && err.contains("not a store path of the closure"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -538,6 +538,9 @@ pub struct BuildOptions {
     /// The image's architecture (OCI/Go names: amd64, arm64, ...); default
     /// the host's. (A `--from-image` base keeps its own.)
     pub arch: Option<String>,
+    /// A store path of the closure holding an access profile, named by the
+    /// Nix layer's `nix-profile` label.
+    pub profile: Option<String>,
 }
 
 /// This machine's architecture as OCI images name it.
@@ -674,6 +677,16 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<(), ImageError> {
             crate::nixlayer::LABEL_ENTRYPOINT.to_string(),
             serde_json::to_string(&entry).unwrap_or_default(),
         );
+    }
+    if let Some(p) = &opts.profile {
+        let sp = StorePath::parse(p)
+            .ok()
+            .filter(|sp| paths.contains(sp))
+            .ok_or_else(|| ImageError::Invalid {
+                path: opts.closure.clone(),
+                msg: format!("--profile {p}: not a store path of the closure (add it to the closure)"),
+            })?;
+        annotations.insert(crate::nixlayer::LABEL_PROFILE.to_string(), sp.to_string());
     }
     let nix = Layer::from_tar(&layer_tar(&nix_layer_entries(&closure, &links)), annotations);
     layers.push(nix);

@@ -11,6 +11,7 @@ pub mod index;
 pub mod listing;
 pub mod nar;
 pub mod narinfo;
+pub mod profile;
 pub mod signature;
 pub mod store_path;
 

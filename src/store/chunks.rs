@@ -10,7 +10,9 @@
 //! the NAR the verified narinfo names; otherwise the path is fetched whole,
 //! with a warning.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+
+use futures::StreamExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -18,6 +20,7 @@ use sha2::{Digest, Sha256};
 
 use super::{Result, Store, StoreError};
 use crate::nixfmt::index::{EntryKind, FileIndex};
+use crate::nixfmt::profile;
 use crate::nixfmt::StorePath;
 
 /// A store path's verified index, with where each frame starts.
@@ -43,9 +46,19 @@ pub struct Indexed {
 const READ_AHEAD: u64 = 1 << 20;
 
 /// What the store remembers about paths' indexes this run.
-#[derive(Default)]
 pub struct Indexes {
     known: std::sync::Mutex<HashMap<StorePath, Option<Arc<Indexed>>>>,
+    /// What was read by the chunk; whether its writer runs.
+    recorder: Arc<std::sync::Mutex<(profile::Recorder, bool)>>,
+}
+
+impl Default for Indexes {
+    fn default() -> Self {
+        Indexes {
+            known: Default::default(),
+            recorder: Arc::new(std::sync::Mutex::new((profile::Recorder::default(), false))),
+        }
+    }
 }
 
 fn chunk_err(path: &StorePath, msg: impl std::fmt::Display) -> StoreError {
@@ -221,6 +234,7 @@ impl Store {
             return Ok(Vec::new());
         }
         let cs = ix.index.chunk_size as u64;
+        self.record(&ix.path, rel, offset, len, cs);
         let (c0, c1) = (offset / cs, (offset + len - 1) / cs);
         let chunk_len = |i: u64| cs.min(size - i * cs);
         let dir = self.chunk_dir();
@@ -282,11 +296,17 @@ impl Store {
     /// in one ranged request and decompressed one by one: where they start
     /// in the NAR, and their bytes.
     async fn fetch_frames(&self, ix: &Indexed, from: u64, to: u64) -> Result<(u64, Vec<u8>)> {
+        let (f0, f1) = ix.frames_for(from, to);
+        self.fetch_frame_run(ix, f0, f1).await
+    }
+
+    /// Frames `f0..=f1` of an indexed path, in one ranged request,
+    /// decompressed: where they start in the NAR, and their bytes.
+    async fn fetch_frame_run(&self, ix: &Indexed, f0: usize, f1: usize) -> Result<(u64, Vec<u8>)> {
         let caches = self.caches().await?;
         let cache = caches
             .get(ix.cache)
             .ok_or_else(|| chunk_err(&ix.path, "its cache is gone"))?;
-        let (f0, f1) = ix.frames_for(from, to);
         let (u0, c0) = ix.starts[f0];
         let last = ix.index.frames[f1];
         let c_end = ix.starts[f1].1 + last.compressed as u64;
@@ -322,6 +342,156 @@ impl Store {
         Ok((u0, nar))
     }
 }
+
+impl Store {
+    /// Whether pulled images' access profiles are acted on.
+    pub fn prefetches_profiles(&self) -> bool {
+        self.opts.prefetch_profile
+    }
+
+    /// `<root>/access-profile`: what this daemon's containers read by the
+    /// chunk, first reads first (see [`crate::nixfmt::profile`]).
+    pub fn profile_file(&self) -> PathBuf {
+        self.opts.dir.with_file_name("access-profile")
+    }
+
+    fn record(&self, path: &StorePath, rel: &[u8], offset: u64, len: u64, chunk: u64) {
+        let Ok(mut r) = self.indexes.recorder.lock() else {
+            return;
+        };
+        r.0.note(path, rel, offset, len, chunk);
+        if r.1 {
+            return;
+        }
+        // A writer, twice a second while anything is new, by rename; it
+        // ends with the store.
+        r.1 = true;
+        let recorder = Arc::downgrade(&self.indexes.recorder);
+        let dest = self.profile_file();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                let Some(rec) = recorder.upgrade() else { return };
+                let text = match rec.lock() {
+                    Ok(mut r) if r.0.dirty => {
+                        r.0.dirty = false;
+                        profile::to_text(&r.0.ranges)
+                    }
+                    _ => continue,
+                };
+                let tmp = dest.with_extension("tmp");
+                if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &dest)) {
+                    tracing::debug!(error = %e, "cannot write the access profile");
+                }
+            }
+        });
+    }
+
+    /// Fetches, many requests in flight, the chunks an access profile (a
+    /// store path, from an image's `nix-profile` label) lists, for the
+    /// paths of `within` (the image's closure): by the frame for paths
+    /// with a file index, whole for the others. Failures are left to the
+    /// reads that would have found the chunks.
+    pub async fn prefetch_profile(self: &Arc<Self>, profile_path: StorePath, within: HashSet<StorePath>) {
+        let started = std::time::Instant::now();
+        let ranges = match self.read_profile(&profile_path).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(profile = %profile_path, error = %e, "cannot use the image's access profile");
+                return;
+            }
+        };
+        let mut order: Vec<StorePath> = Vec::new();
+        let mut by_path: HashMap<StorePath, Vec<profile::Range>> = HashMap::new();
+        for r in ranges.into_iter().filter(|r| within.contains(&r.path)) {
+            if !by_path.contains_key(&r.path) {
+                order.push(r.path.clone());
+            }
+            by_path.entry(r.path.clone()).or_default().push(r);
+        }
+        // (path, first frame, last frame) runs, or whole paths.
+        let mut jobs: Vec<(Arc<Indexed>, usize, usize)> = Vec::new();
+        let mut whole = Vec::new();
+        for p in &order {
+            let Some(ix) = self.indexed(p).await else {
+                whole.push(p.clone());
+                continue;
+            };
+            let mut frames = std::collections::BTreeSet::new();
+            for r in &by_path[p] {
+                if let Some(EntryKind::Regular { size, offset, .. }) = ix.entry(&r.rel).map(|e| &e.kind) {
+                    let from = r.offset.min(*size);
+                    let to = r.offset.saturating_add(r.len).min(*size);
+                    if to > from {
+                        let (f0, f1) = ix.frames_for(offset + from, offset + to);
+                        frames.extend(f0..=f1);
+                    }
+                }
+            }
+            // Runs of consecutive frames, at most PREFETCH_RUN bytes each.
+            let mut run: Option<(usize, usize, u64)> = None;
+            for f in frames {
+                let c = ix.index.frames[f].compressed as u64;
+                run = match run {
+                    Some((a, b, n)) if b + 1 == f && n + c <= PREFETCH_RUN => Some((a, f, n + c)),
+                    Some((a, b, _)) => {
+                        jobs.push((ix.clone(), a, b));
+                        Some((f, f, c))
+                    }
+                    None => Some((f, f, c)),
+                };
+            }
+            if let Some((a, b, _)) = run {
+                jobs.push((ix.clone(), a, b));
+            }
+        }
+        let (runs, paths) = (jobs.len(), whole.len());
+        let dir = self.chunk_dir();
+        let parallel = self.opts.max_parallel.max(1);
+        let frames = futures::stream::iter(jobs).for_each_concurrent(parallel, |(ix, a, b)| {
+            let (dir, me) = (dir.clone(), self.clone());
+            async move {
+                match me.fetch_frame_run(&ix, a, b).await {
+                    Ok((u0, bytes)) => {
+                        keep_verified(&ix, &dir, u0, &bytes, &(0..0));
+                    }
+                    Err(e) => tracing::debug!(error = %e, "profile prefetch"),
+                }
+            }
+        });
+        let paths_done = futures::stream::iter(whole).for_each_concurrent(parallel, |p| {
+            let me = self.clone();
+            async move {
+                if let Err(e) = me.ensure(&p).await {
+                    tracing::debug!(path = %p, error = %e, "profile prefetch");
+                }
+            }
+        });
+        futures::join!(frames, paths_done);
+        tracing::info!(
+            runs,
+            paths,
+            ms = started.elapsed().as_millis() as u64,
+            "prefetched what the image's access profile lists"
+        );
+    }
+
+    async fn read_profile(self: &Arc<Self>, path: &StorePath) -> Result<Vec<profile::Range>> {
+        let loc = self.ensure(path).await.map_err(|e| chunk_err(path, e))?;
+        let holder = self.holder(&loc);
+        let bytes = nix_snapshotter_fuse::beneath::read_file(
+            std::os::fd::AsFd::as_fd(&*holder),
+            Path::new(path.base_name()),
+            profile::MAX_PROFILE as u64,
+        )
+        .map_err(|e| chunk_err(path, e))?;
+        let text = String::from_utf8(bytes).map_err(|_| chunk_err(path, "not UTF-8"))?;
+        profile::parse(&text).map_err(|e| chunk_err(path, e))
+    }
+}
+
+/// The most compressed bytes one prefetch request takes.
+const PREFETCH_RUN: u64 = 4 << 20;
 
 /// Verifies and keeps every whole chunk of every file inside NAR bytes
 /// `u0..` (`bytes`): neighbours of what was asked for come with the same

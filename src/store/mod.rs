@@ -103,6 +103,8 @@ pub struct StoreOptions {
     pub max_parallel: usize,
     /// See [`crate::config::StoreConfig::prefetch_entrypoint`].
     pub prefetch_entrypoint: bool,
+    /// See [`crate::config::StoreConfig::prefetch_profile`].
+    pub prefetch_profile: bool,
 }
 
 /// Counters for progress reporting and summaries.
@@ -826,6 +828,7 @@ pub async fn open_from_config(
         max_size: cfg.store.max_size.0,
         max_parallel: cfg.fetch.max_parallel.max(1),
         prefetch_entrypoint: cfg.store.prefetch_entrypoint,
+        prefetch_profile: cfg.store.prefetch_profile,
     };
     let store = tokio::task::spawn_blocking(move || Store::open(opts, caches, db))
         .await

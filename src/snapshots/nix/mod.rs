@@ -27,7 +27,8 @@ use crate::nixlayer::RootLink;
 use nix_snapshotter_fuse::{beneath, Resolver, StoreFs};
 
 pub use crate::nixlayer::{
-    LABEL_CLOSURE, LABEL_COPY_TO_ROOT, LABEL_ENTRYPOINT, LABEL_LAYER, LABEL_PATH_PREFIX, MAX_ENTRYPOINT_PATHS,
+    LABEL_CLOSURE, LABEL_COPY_TO_ROOT, LABEL_ENTRYPOINT, LABEL_LAYER, LABEL_PATH_PREFIX, LABEL_PROFILE,
+    MAX_ENTRYPOINT_PATHS,
 };
 pub use resolver::{StoreResolver, StoreSlot};
 pub use tree::{materialize, mountpoints};
@@ -43,6 +44,8 @@ pub struct RemoteLayer {
     pub links: BTreeMap<String, RootLink>,
     /// The store paths the image's command runs from (a hint).
     pub entrypoint: Vec<StorePath>,
+    /// An access profile of the image (a hint).
+    pub profile: Option<StorePath>,
 }
 
 /// Everything the snapshotter needs for Nix layers.
@@ -120,6 +123,7 @@ impl NixSupport {
             }
         };
         let entrypoint = entrypoint_hint(labels, &closure)?;
+        let profile = profile_hint(labels, &closure)?;
         let resolver = self.resolver();
         let mut links = BTreeMap::new();
         for root in &roots {
@@ -138,6 +142,7 @@ impl NixSupport {
             closure,
             links,
             entrypoint,
+            profile,
         }))
     }
 
@@ -148,14 +153,22 @@ impl NixSupport {
         let Some(store) = self.store.get().cloned() else {
             return;
         };
-        if layer.entrypoint.is_empty() {
-            return;
-        }
         let within = layer
             .closure
             .iter()
             .filter_map(|p| StorePath::from_base_name(&p.name).ok())
             .collect();
+        // A profile says what the containers read: it replaces fetching
+        // the command's closures whole.
+        if let (Some(profile), true) = (&layer.profile, store.prefetches_profiles()) {
+            let profile = profile.clone();
+            self.rt
+                .spawn(async move { store.prefetch_profile(profile, within).await });
+            return;
+        }
+        if layer.entrypoint.is_empty() {
+            return;
+        }
         let roots = layer.entrypoint.clone();
         self.rt
             .spawn(async move { store.prefetch_closure(roots, within).await });
@@ -195,6 +208,20 @@ impl NixSupport {
             })
             .collect()
     }
+}
+
+/// The [`LABEL_PROFILE`] hint of a layer: one store path of its closure;
+/// anything else is an error naming the label.
+fn profile_hint(labels: &BTreeMap<String, String>, closure: &[NixPath]) -> Result<Option<StorePath>> {
+    let Some(raw) = labels.get(LABEL_PROFILE) else {
+        return Ok(None);
+    };
+    let bad = |m: String| Error::InvalidArgument(format!("label {LABEL_PROFILE}={raw:?}: {m}"));
+    let p = StorePath::parse(raw).map_err(|e| bad(e.to_string()))?;
+    if !closure.iter().any(|c| c.name == p.base_name()) {
+        return Err(bad(format!("{raw} is not in the closure")));
+    }
+    Ok(Some(p))
 }
 
 /// The [`LABEL_ENTRYPOINT`] hint of a layer: store paths of its closure, at
