@@ -178,7 +178,7 @@ fn main() {
 
     // --- Images: the Nix image, and the same python rootfs as a plain image.
     let cli = env!("CARGO_BIN_EXE_nix-snapshotter");
-    closure.nix_image(&dir, IMAGE, &dir.join("nix.tar"));
+    closure.nix_image(&dir, IMAGE, &dir.join("nix.tar"), None);
     // The python part of the closure, unpacked as ordinary files.
     let python_part: Vec<&String> = paths.iter().filter(|p| !p.contains("-bulk-")).collect();
     closure.plain_image(&[python_part], PLAIN_IMAGE, &dir.join("plain.tar"));

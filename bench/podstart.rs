@@ -48,6 +48,7 @@ enum Mode {
     PushedNix,
     Oci,
     FileGrained,
+    Profiled,
 }
 
 impl Mode {
@@ -57,6 +58,7 @@ impl Mode {
             Mode::PushedNix => "pushed_nix",
             Mode::Oci => "oci_overlayfs",
             Mode::FileGrained => "nix_ref_file_granular",
+            Mode::Profiled => "nix_ref_file_granular_profile",
         }
     }
 
@@ -66,6 +68,7 @@ impl Mode {
             Mode::PushedNix => "(b) pushed Nix image",
             Mode::Oci => "(c) OCI image on overlayfs",
             Mode::FileGrained => "(d) nix:0 image, by file",
+            Mode::Profiled => "(e) by file, with a profile",
         }
     }
 }
@@ -82,6 +85,8 @@ struct Sample {
 struct Setup {
     public: String,
     nix_ref: String,
+    /// The same image naming a recorded access profile.
+    nix_ref_profiled: String,
     pushed: String,
     oci: String,
     cache: link::Link,
@@ -99,7 +104,7 @@ fn main() {
 
     // --- The Nix image, its archive in the store and in the signed cache.
     let archive = dir.join("nix-image-python.tar");
-    closure.nix_image(&dir, "docker.io/library/bench-python:latest", &archive);
+    closure.nix_image(&dir, "docker.io/library/bench-python:latest", &archive, None);
     let stored = run(Command::new("nix")
         .args(NIXFLAGS)
         .args(["store", "add-file", "--store"])
@@ -146,9 +151,10 @@ fn main() {
     let server = tc::http::Server::start(cache.clone());
     let indexed_server = tc::http::Server::start(indexed.clone());
     let rtt = Duration::from_millis(50);
-    let setup = Setup {
+    let mut setup = Setup {
         public,
         nix_ref: format!("nix:0{stored}:latest"),
+        nix_ref_profiled: String::new(),
         pushed,
         oci,
         cache: link::shaped_proxy(&rt, server.addr, rtt, 100e6 / 8.0),
@@ -158,7 +164,49 @@ fn main() {
     };
     setup.cache.check(&cache);
 
-    let modes = [Mode::NixRef, Mode::PushedNix, Mode::Oci, Mode::FileGrained];
+    // --- (e): a profile recorded by one by-file cold start, published as a
+    // store path with a second image that names it.
+    eprintln!("recording an access profile ...");
+    let recorded = dir.join("access-profile");
+    rt.block_on(cold_pod(
+        &dir.join("record"),
+        &setup,
+        Mode::FileGrained,
+        Some(&recorded),
+    ));
+    let profile = run(Command::new("nix")
+        .args(NIXFLAGS)
+        .args(["store", "add-file", "--store"])
+        .arg(&closure.chroot)
+        .arg(&recorded))
+    .trim()
+    .to_string();
+    let profiled = dir.join("nix-image-python-profiled.tar");
+    closure.nix_image(&dir, "docker.io/library/bench-python:latest", &profiled, Some(&profile));
+    let stored_profiled = run(Command::new("nix")
+        .args(NIXFLAGS)
+        .args(["store", "add-file", "--store"])
+        .arg(&closure.chroot)
+        .arg(&profiled))
+    .trim()
+    .to_string();
+    run(Command::new(tc::DAEMON)
+        .args(["cache", "push", "--to"])
+        .arg(&indexed)
+        .arg("--secret-key")
+        .arg(&key)
+        .arg("--store-root")
+        .arg(&closure.chroot)
+        .args([&profile, &stored_profiled]));
+    setup.nix_ref_profiled = format!("nix:0{stored_profiled}:latest");
+
+    let modes = [
+        Mode::NixRef,
+        Mode::PushedNix,
+        Mode::Oci,
+        Mode::FileGrained,
+        Mode::Profiled,
+    ];
     let mut samples: Vec<Vec<Sample>> = modes.iter().map(|_| Vec::new()).collect();
     for r in 0..rounds {
         for i in 0..modes.len() {
@@ -168,6 +216,7 @@ fn main() {
                 &dir.join(format!("r{r}-{}", modes[m].key())),
                 &setup,
                 modes[m],
+                None,
             ));
             eprintln!(
                 "round {r}: {}: {:.2} s, of which PullImage {:.2} s ({} MiB from the cache, {} MiB from the registry)",
@@ -226,16 +275,14 @@ fn main() {
     drop(registry);
 }
 
-/// One cold start of `mode` in a fresh node under `dir`.
-async fn cold_pod(dir: &Path, setup: &Setup, mode: Mode) -> Sample {
+/// One cold start of `mode` in a fresh node under `dir`; the daemon's
+/// access profile copied to `keep_profile` when given.
+async fn cold_pod(dir: &Path, setup: &Setup, mode: Mode, keep_profile: Option<&Path>) -> Sample {
     std::fs::create_dir_all(dir).unwrap();
     let nix_sock = dir.join("nix.sock");
     let ctrd_dir = dir.join("ctrd");
-    let cache = if mode == Mode::FileGrained {
-        &setup.indexed
-    } else {
-        &setup.cache
-    };
+    let by_file = matches!(mode, Mode::FileGrained | Mode::Profiled);
+    let cache = if by_file { &setup.indexed } else { &setup.cache };
     let daemon = (mode != Mode::Oci).then(|| {
         let cfg = tc::cache_config(
             dir,
@@ -244,7 +291,7 @@ async fn cold_pod(dir: &Path, setup: &Setup, mode: Mode) -> Sample {
             &format!(
                 "[image_service]\nenable = true\ncontainerd_address = \"{}\"\n{}",
                 ctrd_dir.join("containerd.sock").display(),
-                if mode == Mode::FileGrained {
+                if by_file {
                     "[store]\nprefetch_entrypoint = false\n"
                 } else {
                     ""
@@ -269,6 +316,7 @@ async fn cold_pod(dir: &Path, setup: &Setup, mode: Mode) -> Sample {
     let mut images = ImageServiceClient::new(nix_snapshotter::uds::connect(&image_service).await.unwrap());
     let image = match mode {
         Mode::NixRef | Mode::FileGrained => &setup.nix_ref,
+        Mode::Profiled => &setup.nix_ref_profiled,
         Mode::PushedNix => &setup.pushed,
         Mode::Oci => &setup.oci,
     };
@@ -302,6 +350,11 @@ async fn cold_pod(dir: &Path, setup: &Setup, mode: Mode) -> Sample {
     }
     let seconds = start.elapsed().as_secs_f64();
 
+    if let Some(to) = keep_profile {
+        // Written twice a second while it changes.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        std::fs::copy(dir.join("root").join("access-profile"), to).expect("the daemon recorded no access profile");
+    }
     let status = pod.wait_exit(&id, Duration::from_secs(60)).await;
     assert_eq!(status.exit_code, 0, "{image}: {status:?}");
     pod.remove().await;

@@ -12,13 +12,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 results = json.load(open(sys.argv[1]))
-modes = ["nix_ref", "pushed_nix", "oci_overlayfs"]
+order = ["nix_ref", "pushed_nix", "oci_overlayfs", "nix_ref_file_granular", "nix_ref_file_granular_profile"]
+modes = [m for m in order if m in results]
 labels = [results[m]["label"] for m in modes]
 pull = [results[m]["pull"] for m in modes]
 total = [results[m]["median"] for m in modes]
 rest = [t - p for t, p in zip(total, pull)]
 
-fig, ax = plt.subplots(figsize=(8, 4))
+fig, ax = plt.subplots(figsize=(8, 1.2 + 0.7 * len(modes)))
 ax.barh(labels, pull, label="PullImage")
 ax.barh(labels, rest, left=pull, label="create, start, to first log line")
 for i, m in enumerate(modes):

@@ -86,22 +86,32 @@ in sh "python-closure" "b mkdir $out; for d in $deps; do b echo $d >> $out/refs;
     }
 
     /// `image build` of the Nix image running [`cmd`](Self::cmd) as
-    /// `reference`, written to `out`.
-    pub fn nix_image(&self, dir: &Path, reference: &str, out: &Path) {
+    /// `reference`, written to `out`; with `profile`, a store path of an
+    /// access profile added to its closure and named by its label.
+    pub fn nix_image(&self, dir: &Path, reference: &str, out: &Path, profile: Option<&str>) {
         let config = dir.join("config.json");
         std::fs::write(
             &config,
             serde_json::to_vec(&serde_json::json!({ "Cmd": self.cmd() })).unwrap(),
         )
         .unwrap();
+        let mut closure = dir.join("store-paths");
+        if let Some(p) = profile {
+            let with = dir.join("store-paths-profiled");
+            let mut text = std::fs::read_to_string(&closure).unwrap();
+            text.push_str(&format!("\n{p}\n"));
+            std::fs::write(&with, text).unwrap();
+            closure = with;
+        }
         run(Command::new(env!("CARGO_BIN_EXE_nix-snapshotter"))
             .args(["image", "build", "--config"])
             .arg(&config)
             .arg("--closure")
-            .arg(dir.join("store-paths"))
+            .arg(&closure)
             .arg("--store-root")
             .arg(&self.chroot)
             .args(["--ref", reference])
+            .args(profile.map(|p| ["--profile", p]).into_iter().flatten())
             .arg(out));
     }
 

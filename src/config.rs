@@ -89,6 +89,11 @@ pub struct StoreConfig {
     /// flight (by the frame where the cache has file indexes), instead of
     /// the command's closures whole.
     pub prefetch_profile: bool,
+    /// A store path read by the chunk (from a cache with file indexes) is
+    /// fetched whole in the background once this fraction of its files'
+    /// bytes was read, and is then whole and NarHash-verified; above 1:
+    /// never.
+    pub complete_after: f64,
 }
 
 /// Network behaviour of cache fetches.
@@ -111,6 +116,7 @@ impl Default for StoreConfig {
             max_size: ByteSize(20 << 30),
             prefetch_entrypoint: true,
             prefetch_profile: true,
+            complete_after: 0.5,
         }
     }
 }

@@ -232,3 +232,38 @@ async fn an_index_the_store_may_not_trust_is_ignored() {
     let s = store(&f.tmp.join("root3"), &server.url(), &f.nix.public_key).await;
     assert!(s.indexed(&f.data).await.is_none());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_path_read_far_enough_becomes_whole_from_its_chunks_and_matches_its_nar_hash() {
+    let f = fixture("chunkcomplete");
+    let server = Server::start(f.cache.clone());
+    let root = f.tmp.join("root");
+    let s = store(&root, &server.url(), &f.nix.public_key).await;
+    let ix = s.indexed(&f.data).await.unwrap();
+    // The big file is most of the path: past half of it (the default
+    // [store] complete_after), the path is completed in the background.
+    let big = s.read_indexed(&ix, b"share/big", 0, u64::MAX).await.unwrap();
+    assert_eq!(big.len(), 3 << 20);
+    common::wait_until(
+        std::time::Duration::from_secs(30),
+        || s.local(&f.data).is_some(),
+        || "the path was not completed".into(),
+    );
+    let base = f.data.base_name().to_string();
+    assert_eq!(
+        common::nix::dump_sha256(&root.join("store").join(&base)),
+        common::nix::dump_sha256(&f.nix.real(&f.data.to_string())),
+        "the completed path is not the store path"
+    );
+    // Made from the chunks here and the frames missing: never downloaded
+    // whole, and fewer bytes than the NAR file.
+    let (ranged, whole) = nar_traffic(&server);
+    let nar_file = std::fs::metadata(f.cache.join(ix.index.url.as_ref().unwrap()))
+        .unwrap()
+        .len();
+    assert_eq!(whole, 0, "{:#?}", server.log());
+    assert!(
+        ranged <= nar_file + (64 << 10),
+        "{ranged} bytes for a {nar_file}-byte NAR"
+    );
+}

@@ -245,7 +245,9 @@ fn an_access_profile_recorded_on_one_node_prefetches_a_cold_start_on_another() {
     // Node B: loading the image (labels passed) prefetches what the profile
     // lists, before any container runs; the run then fetches nothing more.
     let before = traffic(&s.server, &s.data_nar).0;
-    let (daemon, ctrd, _) = s.node("b", "");
+    // (Completion off: what a run reads must all have been prefetched, and
+    // completing busybox's path would fetch its other half meanwhile.)
+    let (daemon, ctrd, _) = s.node("b", "[store]\ncomplete_after = 2.0\n");
     let load = ctrd.image_load(&ctrd.namespace, &archive);
     assert!(load.status.success(), "{}", String::from_utf8_lossy(&load.stderr));
     common::wait_until(

@@ -88,6 +88,10 @@ pub(crate) struct Files {
     adopted: Mutex<HashMap<u64, Adopted>>,
     /// Handles the kernel holds, with their inode.
     opens: Mutex<HashMap<u64, (u64, OpenFile)>>,
+    /// Inodes opened without a backing file (read from a verified tree):
+    /// the kernel may still have them open so, and refuses passthrough on
+    /// an inode open without it.
+    unbacked: Mutex<std::collections::HashSet<u64>>,
     next_fh: AtomicU64,
 }
 
@@ -111,6 +115,7 @@ impl Files {
             weak: Mutex::new(HashMap::new()),
             adopted: Mutex::new(HashMap::new()),
             opens: Mutex::new(HashMap::new()),
+            unbacked: Mutex::new(std::collections::HashSet::new()),
             next_fh: AtomicU64::new(first_handle(epoch)),
         }
     }
@@ -187,6 +192,19 @@ impl Files {
         }
         weak.insert(ino, Arc::downgrade(&id));
         Ok(id)
+    }
+
+    /// Notes that `ino` was opened without a backing file.
+    pub fn opened_unbacked(&self, ino: u64) {
+        if let Ok(mut u) = self.unbacked.lock() {
+            u.insert(ino);
+        }
+    }
+
+    /// Whether `ino` was ever opened without a backing file (it must then
+    /// never be opened with passthrough).
+    pub fn was_unbacked(&self, ino: u64) -> bool {
+        self.unbacked.lock().map(|u| u.contains(&ino)).unwrap_or(true)
     }
 
     /// Keeps `ino`'s backing file for reads without a handle (the kernel

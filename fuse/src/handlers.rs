@@ -54,7 +54,7 @@ fn open_file(state: &State, ino: INodeNo, sn: &crate::inodes::StoreNode, kept: O
             })
         });
     }
-    if backing.is_none() && state.passthrough.load(Ordering::Relaxed) {
+    if backing.is_none() && state.passthrough.load(Ordering::Relaxed) && !state.files.was_unbacked(ino.0) {
         let made = state.files.backing_or(ino.0, || {
             let dev = state
                 .dev
@@ -236,6 +236,7 @@ impl Filesystem for FsImpl {
             if state.tree_of(&sn.base).is_some() {
                 // Read by the piece from its verified tree: no backing
                 // file; reads find none for handle 0 and ask the tree.
+                state.files.opened_unbacked(ino.0);
                 return reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
             }
             open_file(state, ino, &sn, None, reply)

@@ -39,6 +39,12 @@ pub struct Indexed {
     /// One fetch at a time: concurrent reads (the kernel's readahead)
     /// find on disk what the first one fetched.
     fetching: tokio::sync::Mutex<()>,
+    /// Chunks served so far, their bytes, and the files' bytes in all: past
+    /// `[store] complete_after` of it, the path is fetched whole.
+    served: std::sync::Mutex<HashSet<usize>>,
+    served_bytes: std::sync::atomic::AtomicU64,
+    total_bytes: u64,
+    completing: std::sync::atomic::AtomicBool,
 }
 
 /// How far past what a read asks for a fetch goes, within the file: the
@@ -172,7 +178,7 @@ impl Store {
             u += f.decompressed as u64;
             c += f.compressed as u64;
         }
-        let files = index
+        let files: Vec<(u64, u64, usize)> = index
             .entries
             .iter()
             .filter_map(|e| match e.kind {
@@ -207,15 +213,38 @@ impl Store {
             starts,
             by_path,
             children,
+            total_bytes: files.iter().map(|(_, size, _)| size).sum(),
             files,
             fetching: tokio::sync::Mutex::new(()),
+            served: Default::default(),
+            served_bytes: Default::default(),
+            completing: Default::default(),
         }))
     }
 
     /// Up to `len` bytes at `offset` of the file at `rel` (relative to the
     /// store path) of an indexed path: from verified chunks on disk, the
     /// rest fetched, verified and kept first.
-    pub async fn read_indexed(&self, ix: &Indexed, rel: &[u8], offset: u64, len: u64) -> Result<Vec<u8>> {
+    pub async fn read_indexed(
+        self: &Arc<Self>,
+        ix: &Arc<Indexed>,
+        rel: &[u8],
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>> {
+        self.read_chunks(ix, rel, offset, len, true).await
+    }
+
+    /// [`Store::read_indexed`]; `counted`: a container's read (recorded in
+    /// the access profile, counted towards completion), not the store's own.
+    async fn read_chunks(
+        self: &Arc<Self>,
+        ix: &Arc<Indexed>,
+        rel: &[u8],
+        offset: u64,
+        len: u64,
+        counted: bool,
+    ) -> Result<Vec<u8>> {
         let shown = || format!("{}/{}", ix.path, String::from_utf8_lossy(rel));
         let entry = ix
             .entry(rel)
@@ -234,7 +263,9 @@ impl Store {
             return Ok(Vec::new());
         }
         let cs = ix.index.chunk_size as u64;
-        self.record(&ix.path, rel, offset, len, cs);
+        if counted {
+            self.record(&ix.path, rel, offset, len, cs);
+        }
         let (c0, c1) = (offset / cs, (offset + len - 1) / cs);
         let chunk_len = |i: u64| cs.min(size - i * cs);
         let dir = self.chunk_dir();
@@ -281,6 +312,9 @@ impl Store {
                     }
                 }
             }
+        }
+        if counted {
+            self.served(ix, first_chunk, c0, c1, &chunk_len);
         }
         let mut out = Vec::with_capacity(len as usize);
         let skip = (offset - c0 * cs) as usize;
@@ -344,6 +378,128 @@ impl Store {
 }
 
 impl Store {
+    /// Counts chunks `c0..=c1` of a file (its first chunk `first`) as
+    /// served; once `[store] complete_after` of the path's bytes were, the
+    /// path is fetched whole in the background (and verified against its
+    /// NarHash), after which it is read from disk like any local path.
+    fn served(self: &Arc<Self>, ix: &Arc<Indexed>, first: usize, c0: u64, c1: u64, chunk_len: &dyn Fn(u64) -> u64) {
+        use std::sync::atomic::Ordering;
+        let Ok(mut served) = ix.served.lock() else {
+            return;
+        };
+        for k in c0..=c1 {
+            if served.insert(first + k as usize) {
+                ix.served_bytes.fetch_add(chunk_len(k), Ordering::Relaxed);
+            }
+        }
+        drop(served);
+        let threshold = self.opts.complete_after * ix.total_bytes as f64;
+        if ix.served_bytes.load(Ordering::Relaxed) as f64 >= threshold
+            && self.opts.complete_after <= 1.0
+            && !ix.completing.swap(true, Ordering::AcqRel)
+        {
+            let (me, path) = (self.clone(), ix.path.clone());
+            tokio::spawn(async move {
+                tracing::info!(%path, "read enough of it by the chunk: completing it in the background");
+                if let Err(e) = me.ensure(&path).await {
+                    tracing::warn!(%path, error = %e, "cannot complete a store path read by the chunk");
+                }
+            });
+        }
+    }
+
+    /// Sends the NAR of an indexed path into `tx`, made from its index (the
+    /// framing) and its chunks (on disk, the rest fetched by the frame and
+    /// verified): what is already here is not downloaded again. The caller
+    /// checks the result against the NarHash as it would a downloaded NAR.
+    pub async fn nar_from_chunks(
+        self: &Arc<Self>,
+        ix: &Arc<Indexed>,
+        tx: tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
+    ) -> Result<()> {
+        let mut w = NarWriter {
+            buf: Vec::with_capacity(1 << 20),
+            tx: &tx,
+        };
+        let result = self.write_nar(ix, &mut w).await;
+        match &result {
+            Ok(()) => w.flush().await,
+            Err(e) => {
+                let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+            }
+        }
+        result
+    }
+
+    async fn write_nar(self: &Arc<Self>, ix: &Arc<Indexed>, w: &mut NarWriter<'_>) -> Result<()> {
+        w.string(crate::nixfmt::nar::MAGIC).await;
+        // Directories open above the current entry (their paths).
+        let mut open: Vec<&[u8]> = Vec::new();
+        for (i, e) in ix.index.entries.iter().enumerate() {
+            if i > 0 {
+                let parent = match e.path.iter().rposition(|&b| b == b'/') {
+                    Some(p) => &e.path[..p],
+                    None => &e.path[..0],
+                };
+                while open.last().is_some_and(|d| *d != parent) {
+                    open.pop();
+                    w.string(b")").await; // the directory node
+                    w.string(b")").await; // its entry
+                }
+                let name = &e.path[parent.len() + usize::from(!parent.is_empty())..];
+                for s in [&b"entry"[..], b"(", b"name", name, b"node"] {
+                    w.string(s).await;
+                }
+            }
+            w.string(b"(").await;
+            w.string(b"type").await;
+            match &e.kind {
+                EntryKind::Directory => {
+                    w.string(b"directory").await;
+                    open.push(&e.path);
+                    continue;
+                }
+                EntryKind::Symlink { target } => {
+                    for s in [&b"symlink"[..], b"target", target] {
+                        w.string(s).await;
+                    }
+                }
+                EntryKind::Regular { executable, size, .. } => {
+                    w.string(b"regular").await;
+                    if *executable {
+                        w.string(b"executable").await;
+                        w.string(b"").await;
+                    }
+                    w.string(b"contents").await;
+                    w.bytes(&size.to_le_bytes()).await;
+                    let mut at = 0;
+                    while at < *size {
+                        let piece = self
+                            .read_chunks(ix, &e.path, at, (4 << 20).min(size - at), false)
+                            .await?;
+                        if piece.is_empty() {
+                            return Err(chunk_err(&ix.path, "a file ended early"));
+                        }
+                        at += piece.len() as u64;
+                        w.bytes(&piece).await;
+                    }
+                    w.bytes(&[0u8; 8][..((8 - size % 8) % 8) as usize]).await;
+                }
+            }
+            w.string(b")").await;
+            if i > 0 {
+                w.string(b")").await; // the entry of a file or symlink
+            }
+        }
+        while let Some(d) = open.pop() {
+            w.string(b")").await;
+            if !d.is_empty() {
+                w.string(b")").await;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether pulled images' access profiles are acted on.
     pub fn prefetches_profiles(&self) -> bool {
         self.opts.prefetch_profile
@@ -487,6 +643,36 @@ impl Store {
         .map_err(|e| chunk_err(path, e))?;
         let text = String::from_utf8(bytes).map_err(|_| chunk_err(path, "not UTF-8"))?;
         profile::parse(&text).map_err(|e| chunk_err(path, e))
+    }
+}
+
+/// NAR bytes on their way to the unpacker, a MiB at a time.
+struct NarWriter<'a> {
+    buf: Vec<u8>,
+    tx: &'a tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
+}
+
+impl NarWriter<'_> {
+    async fn bytes(&mut self, b: &[u8]) {
+        self.buf.extend_from_slice(b);
+        if self.buf.len() >= 1 << 20 {
+            self.flush().await;
+        }
+    }
+
+    /// A NAR string: length, bytes, zero padding to 8.
+    async fn string(&mut self, s: &[u8]) {
+        self.bytes(&(s.len() as u64).to_le_bytes()).await;
+        self.bytes(s).await;
+        self.bytes(&[0u8; 8][..(8 - s.len() % 8) % 8]).await;
+    }
+
+    async fn flush(&mut self) {
+        if !self.buf.is_empty() {
+            let full = std::mem::take(&mut self.buf);
+            // A closed channel: the unpacker failed and says why.
+            let _ = self.tx.send(Ok(bytes::Bytes::from(full))).await;
+        }
     }
 }
 

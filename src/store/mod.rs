@@ -105,6 +105,8 @@ pub struct StoreOptions {
     pub prefetch_entrypoint: bool,
     /// See [`crate::config::StoreConfig::prefetch_profile`].
     pub prefetch_profile: bool,
+    /// See [`crate::config::StoreConfig::complete_after`].
+    pub complete_after: f64,
 }
 
 /// Counters for progress reporting and summaries.
@@ -664,9 +666,16 @@ impl Store {
             .join(format!(".tmp-{}-{:08x}", path.hash_part(), rand::random::<u32>()));
         let started = Instant::now();
 
+        let from_chunks = self.known_index(path);
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let unpack = {
-            let info = info.clone();
+            let mut info = info.clone();
+            if from_chunks.is_some() {
+                // The NAR itself, checked against NarSize and NarHash.
+                info.compression = crate::nixfmt::narinfo::Compression::None;
+                info.file_size = None;
+                info.file_hash = None;
+            }
             let tmp = tmp.clone();
             tokio::task::spawn_blocking(move || fetch::unpack_verified(fetch::ChannelReader::new(rx), &info, &tmp))
         };
@@ -674,9 +683,11 @@ impl Store {
             let counters = &self.counters;
             let (fwd_tx, mut fwd_rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(16);
             // Count bytes as they pass to the unpacker.
+            // (Made from chunks, it was counted as its frames came.)
+            let downloading = from_chunks.is_none();
             let forward = async move {
                 while let Some(item) = fwd_rx.recv().await {
-                    if let Ok(b) = &item {
+                    if let (Ok(b), true) = (&item, downloading) {
                         counters.bytes_downloaded.fetch_add(b.len() as u64, Ordering::Relaxed);
                     }
                     if tx.send(item).await.is_err() {
@@ -684,8 +695,22 @@ impl Store {
                     }
                 }
             };
-            let stream = cache.stream_to(&info.url, info.file_size, fwd_tx);
-            let (res, ()) = tokio::join!(stream, forward);
+            let source = async {
+                match &from_chunks {
+                    // Read by the chunk so far: made from the chunks here and
+                    // the frames missing, not downloaded again.
+                    Some(ix) => self
+                        .nar_from_chunks(ix, fwd_tx)
+                        .await
+                        .map(|()| 0)
+                        .map_err(|e| CacheError::Invalid {
+                            url: format!("{}/{}", cache.url(), info.url),
+                            msg: e.to_string(),
+                        }),
+                    None => cache.stream_to(&info.url, info.file_size, fwd_tx).await,
+                }
+            };
+            let (res, ()) = tokio::join!(source, forward);
             res
         };
         let unpacked = unpack
@@ -829,6 +854,7 @@ pub async fn open_from_config(
         max_parallel: cfg.fetch.max_parallel.max(1),
         prefetch_entrypoint: cfg.store.prefetch_entrypoint,
         prefetch_profile: cfg.store.prefetch_profile,
+        complete_after: cfg.store.complete_after,
     };
     let store = tokio::task::spawn_blocking(move || Store::open(opts, caches, db))
         .await
