@@ -11,7 +11,11 @@
 //! (c) the same files as an ordinary OCI image (one gzip layer per store
 //!     path, as Nix's layered images are) in the same registry, pulled by
 //!     containerd's CRI onto its overlayfs snapshotter: what a Kubernetes
-//!     node runs today.
+//!     node runs today;
+//! (d) (a) from a copy of the cache that `cache index` gave file indexes and
+//!     seekable NARs: store paths read by the chunk;
+//! (e) (d) with an access profile that one (d) run recorded, published with
+//!     the image (`image build --profile`): a pull prefetches what it lists.
 //!
 //! Every run starts cold: a fresh containerd (no images, no content), for
 //! (a) and (b) a fresh daemon with an empty store, page caches dropped. The
