@@ -15,7 +15,8 @@
 //! (d) (a) from a copy of the cache that `cache index` gave file indexes and
 //!     seekable NARs: store paths read by the chunk;
 //! (e) (d) with an access profile that one (d) run recorded, published with
-//!     the image (`image build --profile`): a pull prefetches what it lists.
+//!     the image (`image build --profile`): a pull prefetches what it lists;
+//! (f) (e)'s image pushed to the registry and pulled by reference, as (b).
 //!
 //! Every run starts cold: a fresh containerd (no images, no content), for
 //! (a) and (b) a fresh daemon with an empty store, page caches dropped. The
@@ -53,6 +54,7 @@ enum Mode {
     Oci,
     FileGrained,
     Profiled,
+    PushedProfiled,
 }
 
 impl Mode {
@@ -63,6 +65,7 @@ impl Mode {
             Mode::Oci => "oci_overlayfs",
             Mode::FileGrained => "nix_ref_file_granular",
             Mode::Profiled => "nix_ref_file_granular_profile",
+            Mode::PushedProfiled => "pushed_nix_file_granular_profile",
         }
     }
 
@@ -73,6 +76,7 @@ impl Mode {
             Mode::Oci => "(c) OCI image on overlayfs",
             Mode::FileGrained => "(d) nix:0 image, by file",
             Mode::Profiled => "(e) by file, with a profile",
+            Mode::PushedProfiled => "(f) pushed, by file, profile",
         }
     }
 }
@@ -89,8 +93,9 @@ struct Sample {
 struct Setup {
     public: String,
     nix_ref: String,
-    /// The same image naming a recorded access profile.
+    /// The same image naming a recorded access profile, and pushed.
     nix_ref_profiled: String,
+    pushed_profiled: String,
     pushed: String,
     oci: String,
     cache: link::Link,
@@ -159,6 +164,7 @@ fn main() {
         public,
         nix_ref: format!("nix:0{stored}:latest"),
         nix_ref_profiled: String::new(),
+        pushed_profiled: format!("{}/bench/python-nix:profiled", registry.host),
         pushed,
         oci,
         cache: link::shaped_proxy(&rt, server.addr, rtt, 100e6 / 8.0),
@@ -203,6 +209,7 @@ fn main() {
         .arg(&closure.chroot)
         .args([&profile, &stored_profiled]));
     setup.nix_ref_profiled = format!("nix:0{stored_profiled}:latest");
+    push(&profiled, &setup.pushed_profiled);
 
     let modes = [
         Mode::NixRef,
@@ -210,6 +217,7 @@ fn main() {
         Mode::Oci,
         Mode::FileGrained,
         Mode::Profiled,
+        Mode::PushedProfiled,
     ];
     let mut samples: Vec<Vec<Sample>> = modes.iter().map(|_| Vec::new()).collect();
     for r in 0..rounds {
@@ -285,7 +293,7 @@ async fn cold_pod(dir: &Path, setup: &Setup, mode: Mode, keep_profile: Option<&P
     std::fs::create_dir_all(dir).unwrap();
     let nix_sock = dir.join("nix.sock");
     let ctrd_dir = dir.join("ctrd");
-    let by_file = matches!(mode, Mode::FileGrained | Mode::Profiled);
+    let by_file = matches!(mode, Mode::FileGrained | Mode::Profiled | Mode::PushedProfiled);
     let cache = if by_file { &setup.indexed } else { &setup.cache };
     let daemon = (mode != Mode::Oci).then(|| {
         let cfg = tc::cache_config(
@@ -321,6 +329,7 @@ async fn cold_pod(dir: &Path, setup: &Setup, mode: Mode, keep_profile: Option<&P
     let image = match mode {
         Mode::NixRef | Mode::FileGrained => &setup.nix_ref,
         Mode::Profiled => &setup.nix_ref_profiled,
+        Mode::PushedProfiled => &setup.pushed_profiled,
         Mode::PushedNix => &setup.pushed,
         Mode::Oci => &setup.oci,
     };

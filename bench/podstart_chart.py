@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 results = json.load(open(sys.argv[1]))
-order = ["nix_ref", "pushed_nix", "oci_overlayfs", "nix_ref_file_granular", "nix_ref_file_granular_profile"]
+order = ["nix_ref", "pushed_nix", "oci_overlayfs", "nix_ref_file_granular", "nix_ref_file_granular_profile", "pushed_nix_file_granular_profile"]
 modes = [m for m in order if m in results]
 labels = [results[m]["label"] for m in modes]
 pull = [results[m]["pull"] for m in modes]

@@ -568,8 +568,10 @@ impl Store {
         // (path, first frame, last frame) runs, or whole paths.
         let mut jobs: Vec<(Arc<Indexed>, usize, usize)> = Vec::new();
         let mut whole = Vec::new();
-        for p in &order {
-            let Some(ix) = self.indexed(p).await else {
+        // The paths' indexes, all asked for at once (each is a round trip).
+        let indexes = futures::future::join_all(order.iter().map(|p| self.indexed(p))).await;
+        for (p, ix) in order.iter().zip(indexes) {
+            let Some(ix) = ix else {
                 whole.push(p.clone());
                 continue;
             };
