@@ -16,6 +16,17 @@ use nix_snapshotter::nixfmt::signature::PublicKey;
 use nix_snapshotter::nixfmt::{NarInfo, StorePath};
 use sha2::{Digest, Sha256};
 
+/// `cache index` of `cache` with `nix`'s key.
+fn index_cache(nix: &NixStore, cache: &Path) -> (bool, String, String) {
+    ours(&[
+        "cache",
+        "index",
+        "--secret-key",
+        nix.secret_key.to_str().unwrap(),
+        cache.to_str().unwrap(),
+    ])
+}
+
 fn ours(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(common::DAEMON).args(args).output().unwrap();
     (
@@ -233,13 +244,7 @@ fn a_cache_stock_nix_wrote_gets_indexes_and_stays_readable_and_a_bad_nar_is_name
     for (compression, name) in [("xz", "xzcache"), ("zstd", "zstdcache")] {
         let cache = tmp.join(name);
         nix.publish(&cache, compression, std::slice::from_ref(&top));
-        let (ok, out, err) = ours(&[
-            "cache",
-            "index",
-            "--secret-key",
-            nix.secret_key.to_str().unwrap(),
-            cache.to_str().unwrap(),
-        ]);
+        let (ok, out, err) = index_cache(&nix, &cache);
         assert!(ok, "{err}");
         assert_eq!(out.lines().count(), nix.closure(&top).len(), "{out}");
         // Stock Nix still reads the cache (the narinfos now point at the
@@ -253,13 +258,7 @@ fn a_cache_stock_nix_wrote_gets_indexes_and_stays_readable_and_a_bad_nar_is_name
             assert!(idx.url.as_deref().unwrap().ends_with(".nar.zst"));
         }
         // Again: all there.
-        let (ok, out, _) = ours(&[
-            "cache",
-            "index",
-            "--secret-key",
-            nix.secret_key.to_str().unwrap(),
-            cache.to_str().unwrap(),
-        ]);
+        let (ok, out, _) = index_cache(&nix, &cache);
         assert!(ok && out.is_empty(), "{out}");
     }
 
@@ -275,13 +274,7 @@ fn a_cache_stock_nix_wrote_gets_indexes_and_stays_readable_and_a_bad_nar_is_name
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x55;
     std::fs::write(&nar, bytes).unwrap();
-    let (ok, _, err) = ours(&[
-        "cache",
-        "index",
-        "--secret-key",
-        nix.secret_key.to_str().unwrap(),
-        cache.to_str().unwrap(),
-    ]);
+    let (ok, _, err) = index_cache(&nix, &cache);
     assert!(!ok && err.contains(&data) && err.contains("hashes to"), "{err}");
     assert!(!cache.join(format!("{}.idx", sp.hash_part())).exists());
     assert_eq!(

@@ -229,17 +229,20 @@ fn an_access_profile_recorded_on_one_node_prefetches_a_cold_start_on_another() {
     )
     .unwrap();
     let archive = s.tmp.join("profiled.tar");
-    let out = Command::new(common::DAEMON)
-        .args(["image", "build", "--config"])
-        .arg(&config)
-        .arg("--closure")
-        .arg(&paths)
-        .arg("--store-root")
-        .arg(&s.nix.root)
-        .args(["--profile", &profile, "--ref", image])
-        .arg(&archive)
-        .output()
-        .unwrap();
+    let build = |profile: &str, out: &std::path::Path| {
+        Command::new(common::DAEMON)
+            .args(["image", "build", "--config"])
+            .arg(&config)
+            .arg("--closure")
+            .arg(&paths)
+            .arg("--store-root")
+            .arg(&s.nix.root)
+            .args(["--profile", profile, "--ref", image])
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let out = build(&profile, &archive);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     // Node B: loading the image (labels passed) prefetches what the profile
@@ -272,17 +275,10 @@ fn an_access_profile_recorded_on_one_node_prefetches_a_cold_start_on_another() {
     no_problems(&daemon);
 
     // A profile outside the closure is refused by name.
-    let out = Command::new(common::DAEMON)
-        .args(["image", "build", "--config"])
-        .arg(&config)
-        .arg("--closure")
-        .arg(&paths)
-        .arg("--store-root")
-        .arg(&s.nix.root)
-        .args(["--profile", "/nix/store/00000000000000000000000000000000-elsewhere"])
-        .arg(s.tmp.join("bad.tar"))
-        .output()
-        .unwrap();
+    let out = build(
+        "/nix/store/00000000000000000000000000000000-elsewhere",
+        &s.tmp.join("bad.tar"),
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("--profile") && err.contains("not a store path of the closure"),

@@ -166,12 +166,15 @@ impl Cache {
         self.inner.url()
     }
 
-    /// `get` with retries.
-    pub async fn get(&self, rel: &str) -> Result<Option<Bytes>, CacheError> {
+    /// `op` (a request for `rel`), each try bounded by the stalled-transfer
+    /// timeout, retried with backoff while its error is worth another try.
+    async fn with_retries<T, Fut>(&self, rel: &str, op: impl Fn() -> Fut) -> Result<T, CacheError>
+    where
+        Fut: std::future::Future<Output = Result<T, CacheError>>,
+    {
         let mut attempt = 0;
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         loop {
-            let res = tokio::time::timeout(self.retry.stall_timeout, self.inner.get(rel))
+            let res = tokio::time::timeout(self.retry.stall_timeout, op())
                 .await
                 .unwrap_or_else(|_| {
                     Err(CacheError::Stalled {
@@ -190,9 +193,15 @@ impl Cache {
                     self.stats.failed(&e);
                     return Err(e);
                 }
-                other => return other,
+                ok => return ok,
             }
         }
+    }
+
+    /// `get` with retries.
+    pub async fn get(&self, rel: &str) -> Result<Option<Bytes>, CacheError> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.with_retries(rel, || self.inner.get(rel)).await
     }
 
     /// `read_range` with retries; at most [`MAX_RANGE`] bytes.
@@ -203,36 +212,14 @@ impl Cache {
                 msg: format!("a range of {len} bytes is more than the {MAX_RANGE} taken at once"),
             });
         }
-        let mut attempt = 0;
         self.stats.ranges.fetch_add(1, Ordering::Relaxed);
-        loop {
-            let res = tokio::time::timeout(self.retry.stall_timeout, self.inner.read_range(rel, offset, len))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(CacheError::Stalled {
-                        url: format!("{}/{rel}", self.url()),
-                        secs: self.retry.stall_timeout.as_secs(),
-                    })
-                });
-            match res {
-                Err(e) if e.retryable() && attempt + 1 < self.retry.attempts => {
-                    tracing::debug!(error = %e, attempt, "retrying");
-                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(self.retry.delay(attempt)).await;
-                    attempt += 1;
-                }
-                Err(e) => {
-                    self.stats.failed(&e);
-                    return Err(e);
-                }
-                Ok(r) => {
-                    if let Some(b) = &r {
-                        self.stats.bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
-                    }
-                    return Ok(r);
-                }
-            }
+        let r = self
+            .with_retries(rel, || self.inner.read_range(rel, offset, len))
+            .await?;
+        if let Some(b) = &r {
+            self.stats.bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
         }
+        Ok(r)
     }
 
     /// Streams `rel` into `tx`, reopening at the current offset when the
