@@ -53,13 +53,23 @@ fn fixture(name: &str) -> Fixture {
 }
 
 async fn store(root: &Path, url: &str, key: &str) -> Arc<Store> {
-    let cfg = nix_snapshotter::config::Config {
+    store_with(root, url, key, |_| {}).await
+}
+
+async fn store_with(
+    root: &Path,
+    url: &str,
+    key: &str,
+    tune: impl FnOnce(&mut nix_snapshotter::config::Config),
+) -> Arc<Store> {
+    let mut cfg = nix_snapshotter::config::Config {
         root: root.to_path_buf(),
         substituters: vec![url.to_string()],
         trusted_public_keys: vec![key.to_string()],
         host_store: "".into(),
         ..Default::default()
     };
+    tune(&mut cfg);
     let db = nix_snapshotter::db::open_root(&cfg.root).unwrap();
     nix_snapshotter::store::open_from_config(&cfg, db).await.unwrap()
 }
@@ -266,4 +276,40 @@ async fn a_path_read_far_enough_becomes_whole_from_its_chunks_and_matches_its_na
         ranged <= nar_file + (64 << 10),
         "{ranged} bytes for a {nar_file}-byte NAR"
     );
+    // Its chunks went with it: the files are on disk now.
+    assert_eq!(walk_files(&root.join("chunks")), Vec::<PathBuf>::new());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kept_chunks_count_against_the_store_bound_and_the_oldest_go() {
+    let f = fixture("chunkgc");
+    let server = Server::start(f.cache.clone());
+    let root = f.tmp.join("root");
+    let s = store_with(&root, &server.url(), &f.nix.public_key, |c| {
+        c.store.max_size = nix_snapshotter::config::ByteSize(1 << 20);
+        c.store.complete_after = 2.0;
+    })
+    .await;
+    let ix = s.indexed(&f.data).await.unwrap();
+    let real = std::fs::read(f.nix.real(&f.data.to_string()).join("share/big")).unwrap();
+    // 3 MiB read in pieces: 3 MiB of chunks kept, over a 1 MiB bound.
+    for at in (0..real.len()).step_by(256 << 10) {
+        let got = s.read_indexed(&ix, b"share/big", at as u64, 256 << 10).await.unwrap();
+        assert_eq!(got, real[at..(at + (256 << 10)).min(real.len())]);
+    }
+    let on_disk = || {
+        walk_files(&root.join("chunks"))
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok()) // the collector may be at work
+            .map(|m| m.len())
+            .sum::<u64>()
+    };
+    common::wait_until(
+        std::time::Duration::from_secs(20),
+        || on_disk() <= 1 << 20,
+        || format!("{} bytes of chunks kept over a 1 MiB bound", on_disk()),
+    );
+    // What went is fetched again when read, verified as before.
+    let again = s.read_indexed(&ix, b"share/big", 0, u64::MAX).await.unwrap();
+    assert_eq!(again, real);
 }

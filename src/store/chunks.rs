@@ -56,15 +56,43 @@ pub struct Indexes {
     known: std::sync::Mutex<HashMap<StorePath, Option<Arc<Indexed>>>>,
     /// What was read by the chunk; whether its writer runs.
     recorder: Arc<std::sync::Mutex<(profile::Recorder, bool)>>,
+    /// Bytes of the chunks kept on disk (counted against `max_size`).
+    pub chunk_bytes: std::sync::atomic::AtomicU64,
 }
 
-impl Default for Indexes {
-    fn default() -> Self {
+impl Indexes {
+    /// With the chunks kept under `dir` counted (leftovers of interrupted
+    /// writes removed).
+    pub fn open(dir: &Path) -> Indexes {
+        let mut bytes = 0;
+        for (path, size, _) in chunk_files(dir) {
+            if path.extension().is_some_and(|e| e.to_string_lossy().starts_with("tmp")) {
+                let _ = std::fs::remove_file(&path);
+            } else {
+                bytes += size;
+            }
+        }
         Indexes {
             known: Default::default(),
             recorder: Arc::new(std::sync::Mutex::new((profile::Recorder::default(), false))),
+            chunk_bytes: bytes.into(),
         }
     }
+}
+
+/// Every file under the chunk directory: (path, size, modified).
+pub(crate) fn chunk_files(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    for sub in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(sub.path()).into_iter().flatten().flatten() {
+            if let Ok(m) = f.metadata() {
+                if m.is_file() {
+                    out.push((f.path(), m.len(), m.modified().unwrap_or(std::time::UNIX_EPOCH)));
+                }
+            }
+        }
+    }
+    out
 }
 
 fn chunk_err(path: &StorePath, msg: impl std::fmt::Display) -> StoreError {
@@ -295,7 +323,8 @@ impl Store {
                 let to = file_at + b_ahead * cs + chunk_len(b_ahead);
                 let (u0, bytes) = self.fetch_frames(ix, from, to).await?;
                 let wanted = first_chunk + a as usize..first_chunk + b as usize + 1;
-                let mut got = keep_verified(ix, &dir, u0, &bytes, &wanted);
+                let (mut got, added) = keep_verified(ix, &dir, u0, &bytes, &wanted);
+                self.chunks_added(added);
                 for (n, slot) in pieces.iter_mut().enumerate() {
                     let k = first_chunk + c0 as usize + n;
                     if slot.is_none() {
@@ -500,6 +529,64 @@ impl Store {
         Ok(())
     }
 
+    /// Counts chunks newly kept; over the store's bound, collects.
+    fn chunks_added(self: &Arc<Self>, bytes: u64) {
+        let before = self
+            .indexes
+            .chunk_bytes
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        let max = self.opts.max_size;
+        if max > 0 && bytes > 0 {
+            let paths = self.usage().map(|(_, b)| b).unwrap_or(0);
+            if paths + before + bytes > max {
+                self.collect_in_background();
+            }
+        }
+    }
+
+    /// Removes the chunks of a path that became whole: its files are on
+    /// disk now. (A chunk another indexed path shares is fetched again if
+    /// that one needs it.)
+    pub(crate) fn drop_chunks_of(&self, ix: &Indexed) {
+        let dir = self.chunk_dir();
+        let mut freed = 0;
+        for hash in &ix.index.chunks {
+            let f = chunk_file(&dir, hash);
+            if let Ok(m) = std::fs::metadata(&f) {
+                if std::fs::remove_file(&f).is_ok() {
+                    freed += m.len();
+                }
+            }
+        }
+        let _ = self.indexes.chunk_bytes.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |b| Some(b.saturating_sub(freed)),
+        );
+    }
+
+    /// Removes the oldest chunks until at most `target` bytes of them are
+    /// left; the bytes freed.
+    pub(crate) fn collect_chunks(&self, target: u64) -> u64 {
+        let mut files = chunk_files(&self.chunk_dir());
+        let mut total: u64 = files.iter().map(|(_, s, _)| s).sum();
+        files.sort_by_key(|(_, _, t)| *t);
+        let mut freed = 0;
+        for (path, size, _) in files {
+            if total <= target {
+                break;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                total -= size;
+                freed += size;
+            }
+        }
+        self.indexes
+            .chunk_bytes
+            .store(total, std::sync::atomic::Ordering::Relaxed);
+        freed
+    }
+
     /// Whether pulled images' access profiles are acted on.
     pub fn prefetches_profiles(&self) -> bool {
         self.opts.prefetch_profile
@@ -611,7 +698,8 @@ impl Store {
             async move {
                 match me.fetch_frame_run(&ix, a, b).await {
                     Ok((u0, bytes)) => {
-                        keep_verified(&ix, &dir, u0, &bytes, &(0..0));
+                        let (_, added) = keep_verified(&ix, &dir, u0, &bytes, &(0..0));
+                        me.chunks_added(added);
                     }
                     Err(e) => tracing::debug!(error = %e, "profile prefetch"),
                 }
@@ -684,14 +772,16 @@ const PREFETCH_RUN: u64 = 4 << 20;
 /// Verifies and keeps every whole chunk of every file inside NAR bytes
 /// `u0..` (`bytes`): neighbours of what was asked for come with the same
 /// frames and are free now. Returns the chunks of `wanted` (global chunk
-/// numbers) that verified; one that does not is neither kept nor returned.
+/// numbers) that verified (one that does not is neither kept nor
+/// returned), and the bytes newly kept.
 fn keep_verified(
     ix: &Indexed,
     dir: &Path,
     u0: u64,
     bytes: &[u8],
     wanted: &std::ops::Range<usize>,
-) -> HashMap<usize, Vec<u8>> {
+) -> (HashMap<usize, Vec<u8>>, u64) {
+    let mut added = 0;
     let u1 = u0 + bytes.len() as u64;
     let cs = ix.index.chunk_size as u64;
     let mut out = HashMap::new();
@@ -709,21 +799,24 @@ fn keep_verified(
                 tracing::warn!(path = %ix.path, chunk = n, "a fetched chunk does not match its index; not kept");
                 continue;
             }
-            keep_chunk(dir, hash, piece);
+            if keep_chunk(dir, hash, piece) {
+                added += piece.len() as u64;
+            }
             if wanted.contains(&n) {
                 out.insert(n, piece.to_vec());
             }
         }
     }
-    out
+    (out, added)
 }
 
-/// Keeps a verified chunk (by rename: a reader sees all of it or none).
-/// A chunk that cannot be kept is simply fetched again next time.
-fn keep_chunk(dir: &Path, hash: &[u8; 32], bytes: &[u8]) {
+/// Keeps a verified chunk (by rename: a reader sees all of it or none);
+/// whether it was new. A chunk that cannot be kept is simply fetched again
+/// next time.
+fn keep_chunk(dir: &Path, hash: &[u8; 32], bytes: &[u8]) -> bool {
     let dest = chunk_file(dir, hash);
     if dest.exists() {
-        return;
+        return false;
     }
     let tmp = dest.with_extension(format!("tmp{}", std::process::id()));
     let kept = dest
@@ -732,8 +825,12 @@ fn keep_chunk(dir: &Path, hash: &[u8; 32], bytes: &[u8]) {
         .unwrap_or(Ok(()))
         .and_then(|()| std::fs::write(&tmp, bytes))
         .and_then(|()| std::fs::rename(&tmp, &dest));
-    if let Err(e) = kept {
-        let _ = std::fs::remove_file(&tmp);
-        tracing::debug!(error = %e, "cannot keep a chunk");
+    match kept {
+        Ok(()) => true,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::debug!(error = %e, "cannot keep a chunk");
+            false
+        }
     }
 }

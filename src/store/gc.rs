@@ -14,19 +14,35 @@ pub struct GcReport {
     pub remaining: u64,
     /// Paths that would have gone but were in use.
     pub kept_in_use: usize,
+    /// Bytes of chunks (of paths read by the chunk) removed.
+    pub chunks_freed: u64,
 }
 
 impl Store {
-    /// Evicts until the store uses at most `target` bytes (or nothing evictable is left).
+    /// Evicts until the store uses at most `target` bytes (or nothing
+    /// evictable is left): kept chunks first (the oldest; they are fetched
+    /// again when read), then least recently used paths.
     pub fn gc(&self, target: u64) -> Result<GcReport> {
         self.flush_uses()?;
         let mut records = self.db.all()?;
+        let paths: u64 = records.iter().map(|(_, r)| r.disk_size).sum();
+        let chunks = self.indexes.chunk_bytes.load(std::sync::atomic::Ordering::Relaxed);
         let mut report = GcReport {
-            remaining: records.iter().map(|(_, r)| r.disk_size).sum(),
+            remaining: paths + chunks,
             ..Default::default()
         };
         if report.remaining <= target {
             return Ok(report);
+        }
+        if chunks > 0 {
+            let freed = self.collect_chunks(target.saturating_sub(paths));
+            report.chunks_freed = freed;
+            report.freed += freed;
+            report.remaining -= freed.min(report.remaining);
+            if report.remaining <= target {
+                tracing::info!(chunks_freed = freed, "store garbage collection");
+                return Ok(report);
+            }
         }
         records.sort_by_key(|(_, r)| r.last_used);
         for (base, rec) in records {

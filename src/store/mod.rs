@@ -213,6 +213,7 @@ impl Store {
             tracing::info!(path = %gone, "forgetting store path whose directory is gone");
             db.remove(gone)?;
         }
+        let indexes = chunks::Indexes::open(&opts.dir.with_file_name("chunks"));
         let dir_fd = Arc::new(beneath::root(&opts.dir).map_err(|e| local_err(&opts.dir, e))?);
         let host_fd = opts
             .host_store
@@ -228,7 +229,7 @@ impl Store {
             db,
             narinfos: Mutex::new(HashMap::new()),
             listed_dirs: Mutex::new(HashMap::new()),
-            indexes: chunks::Indexes::default(),
+            indexes,
             inflight: Mutex::new(HashMap::new()),
             leases: Mutex::new(HashMap::new()),
             pinned: Mutex::new(HashSet::new()),
@@ -771,6 +772,9 @@ impl Store {
             ms = started.elapsed().as_millis() as u64,
             "fetched"
         );
+        if let Some(ix) = &from_chunks {
+            self.drop_chunks_of(ix);
+        }
         self.collect_in_background();
         Ok(Location::Local(dest))
     }
