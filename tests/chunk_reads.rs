@@ -28,6 +28,11 @@ struct Fixture {
 }
 
 fn fixture(name: &str) -> Fixture {
+    fixture_with(name, "16KiB")
+}
+
+/// The closure pushed with chunks of `chunk_size`.
+fn fixture_with(name: &str, chunk_size: &str) -> Fixture {
     let tmp = TempRoot::new(name);
     let nix = NixStore::new(&tmp.join("nix"), "chunks-1");
     let top = mixed_closure(&nix);
@@ -39,7 +44,7 @@ fn fixture(name: &str) -> Fixture {
         .arg(&nix.secret_key)
         .arg("--store-root")
         .arg(&nix.root)
-        .args(["--frame-size", "64KiB", "--chunk-size", "16KiB", &top])
+        .args(["--frame-size", "64KiB", "--chunk-size", chunk_size, &top])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -312,4 +317,19 @@ async fn kept_chunks_count_against_the_store_bound_and_the_oldest_go() {
     // What went is fetched again when read, verified as before.
     let again = s.read_indexed(&ix, b"share/big", 0, u64::MAX).await.unwrap();
     assert_eq!(again, real);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chunks_larger_than_the_read_ahead_read_from_a_files_start() {
+    // 4 MiB chunks: more than the 1 MiB a read looks ahead.
+    let f = fixture_with("chunkbig", "4MiB");
+    let server = Server::start(f.cache.clone());
+    let s = store(&f.tmp.join("root"), &server.url(), &f.nix.public_key).await;
+    let ix = s.indexed(&f.data).await.unwrap();
+    assert_eq!(
+        s.read_indexed(&ix, b"share/deep/a", 0, 100).await.unwrap(),
+        b"small one\n"
+    );
+    let real = std::fs::read(f.nix.real(&f.data.to_string()).join("share/big")).unwrap();
+    assert_eq!(s.read_indexed(&ix, b"share/big", 0, 4096).await.unwrap(), real[..4096]);
 }

@@ -47,6 +47,8 @@ pub const MAX_CHUNK: u32 = 4 << 20;
 /// A frame decompresses to at most this (bounds what one read inflates).
 pub const MAX_FRAME: u32 = 64 << 20;
 const MAX_PATH: usize = 64 << 10;
+/// Entries an index may list (each costs about 100 bytes parsed).
+pub const MAX_ENTRIES: usize = 1 << 20;
 const MAX_TARGET: usize = 4095;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -140,15 +142,14 @@ impl FileIndex {
         let body_hash = NixHash {
             sha256: Sha256::digest(body).into(),
         };
-        format!(
-            "nix-snapshotter-index;1;{};{};{};{};{};{};{}",
-            self.store_path,
-            self.nar_hash.to_nix_string(),
+        fingerprint_text(
+            &self.store_path,
+            &self.nar_hash,
             self.nar_size,
-            self.chunk_size,
-            self.url.as_deref().unwrap_or(""),
-            body_hash.to_nix_string(),
-            body.len()
+            self.chunk_size as u64,
+            self.url.as_deref(),
+            &body_hash,
+            body.len() as u64,
         )
     }
 
@@ -204,6 +205,18 @@ impl FileIndex {
     /// add up to the NAR, one hash per chunk), so that what a signature
     /// vouches for is also what a reader can use safely.
     pub fn parse(bytes: &[u8]) -> Result<FileIndex, IndexError> {
+        Self::parse_with(bytes, None)
+    }
+
+    /// [`FileIndex::parse`], refusing an index no key of `trusted` signed
+    /// before its body is even read (the header names the body's hash and
+    /// size, which the signature covers): an untrusted index costs no more
+    /// than its header.
+    pub fn parse_trusted(bytes: &[u8], trusted: &[PublicKey]) -> Result<FileIndex, IndexError> {
+        Self::parse_with(bytes, Some(trusted))
+    }
+
+    fn parse_with(bytes: &[u8], trusted: Option<&[PublicKey]>) -> Result<FileIndex, IndexError> {
         let err = |m: String| IndexError(m);
         let split = bytes
             .windows(2)
@@ -292,6 +305,18 @@ impl FileIndex {
                 body.len()
             )));
         }
+        if let Some(keys) = trusted {
+            let fingerprint = fingerprint_text(
+                &store_path,
+                &nar_hash,
+                nar_size,
+                chunk_size,
+                url.as_deref(),
+                &body_hash,
+                body_size,
+            );
+            verify_fingerprint(&fingerprint, &sigs, keys).map_err(|why| err(format!("not trusted: {why}")))?;
+        }
         if <[u8; 32]>::from(Sha256::digest(body)) != body_hash.sha256 {
             return Err(err("body does not match BodyHash".into()));
         }
@@ -314,6 +339,24 @@ impl FileIndex {
     pub fn entry(&self, path: &[u8]) -> Option<&Entry> {
         self.entries.iter().find(|e| e.path == path)
     }
+}
+
+/// What a signature covers.
+fn fingerprint_text(
+    store_path: &StorePath,
+    nar_hash: &NixHash,
+    nar_size: u64,
+    chunk_size: u64,
+    url: Option<&str>,
+    body_hash: &NixHash,
+    body_len: u64,
+) -> String {
+    format!(
+        "nix-snapshotter-index;1;{store_path};{};{nar_size};{chunk_size};{};{};{body_len}",
+        nar_hash.to_nix_string(),
+        url.unwrap_or(""),
+        body_hash.to_nix_string(),
+    )
 }
 
 /// A cursor over the body that never reads past its end.
@@ -353,8 +396,9 @@ fn parse_body(index: &mut FileIndex, body: &[u8]) -> Result<(), IndexError> {
     let err = |m: String| IndexError(m);
     let mut c = Cursor { b: body };
     let count = c.u32()? as usize;
-    // Each entry takes at least 3 bytes: a count beyond that is a lie.
-    if count == 0 || count > body.len() / 3 {
+    // Each entry takes at least 3 bytes: a count beyond that is a lie. The
+    // largest store paths hold a few hundred thousand entries.
+    if count == 0 || count > body.len() / 3 || count > MAX_ENTRIES {
         return Err(err(format!("{count} entries cannot fit the body")));
     }
     let mut check = TreeCheck::default();
@@ -471,7 +515,7 @@ impl TreeCheck {
             Some(i) => (&path[..i], &path[i + 1..]),
             None => (&path[..0], path),
         };
-        if path.is_empty() || !valid_entry_name(name) {
+        if path.is_empty() || path[0] == b'/' || !valid_entry_name(name) {
             return Err(err("invalid entry name"));
         }
         while self.stack.last().is_some_and(|(p, _)| p != parent) {
@@ -536,8 +580,22 @@ impl IndexBuilder {
     }
 }
 
+/// A path an index cannot hold (its length is a `u16`; the reader takes
+/// at most [`MAX_PATH`]): the publisher refuses it rather than sign a
+/// truncated one.
+fn too_long(path: &[u8]) -> Result<(), NarError> {
+    if path.len() >= MAX_PATH.min(u16::MAX as usize) {
+        return Err(NarError::Malformed {
+            path: format!("/{}", String::from_utf8_lossy(&path[..64])),
+            msg: format!("a path of {} bytes is too long for a file index", path.len()),
+        });
+    }
+    Ok(())
+}
+
 impl Visitor for IndexBuilder {
     fn directory(&mut self, path: &[u8]) -> Result<(), NarError> {
+        too_long(path)?;
         self.entries.push(Entry {
             path: path.to_vec(),
             kind: EntryKind::Directory,
@@ -546,6 +604,7 @@ impl Visitor for IndexBuilder {
     }
 
     fn symlink(&mut self, path: &[u8], target: &[u8]) -> Result<(), NarError> {
+        too_long(path)?;
         self.entries.push(Entry {
             path: path.to_vec(),
             kind: EntryKind::Symlink {
@@ -556,6 +615,7 @@ impl Visitor for IndexBuilder {
     }
 
     fn file(&mut self, path: &[u8], executable: bool, size: u64, offset: u64) -> Result<(), NarError> {
+        too_long(path)?;
         self.entries.push(Entry {
             path: path.to_vec(),
             kind: EntryKind::Regular {
@@ -701,6 +761,24 @@ mod tests {
     }
 
     #[test]
+    fn an_untrusted_index_is_refused_before_its_body_is_read() {
+        let (_t, bytes) = sample();
+        let mut idx = build(&bytes);
+        idx.sign(&key(2));
+        let mut text = idx.to_bytes();
+        // A body that would not parse: the signature says no first.
+        let last = text.len() - 1;
+        text[last] ^= 1;
+        let e = FileIndex::parse_trusted(&text, &[key(1).public()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not trusted"), "{e}");
+        let good = idx.to_bytes();
+        assert!(FileIndex::parse_trusted(&good, &[key(2).public()]).is_ok());
+        assert!(FileIndex::parse_trusted(&good, &[key(1).public()]).is_err());
+    }
+
+    #[test]
     fn inconsistent_bodies_are_refused_by_what_is_wrong() {
         let (_t, bytes) = sample();
         let idx = build(&bytes);
@@ -733,6 +811,8 @@ mod tests {
         assert!(e.contains("frames add up"), "{e}");
         let e = reparse(&|i| i.chunk_size = 1000);
         assert!(e.contains("ChunkSize"), "{e}");
+        let e = reparse(&|i| i.entries[1].path = b"/empty".to_vec());
+        assert!(e.contains("invalid entry name"), "{e}");
         // A body that does not match its header's hash.
         let mut text = idx.to_bytes();
         let last = text.len() - 1;

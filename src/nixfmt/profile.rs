@@ -125,16 +125,31 @@ pub struct Recorder {
     pub ranges: Vec<Range>,
     /// Changed since last written.
     pub dirty: bool,
+    /// About the length of the profile's text so far.
+    text_len: usize,
 }
+
+/// Chunks remembered as seen at most: recording stops there (a profile is
+/// about a program's first reads, not everything a node ever reads).
+const MAX_SEEN: usize = 1 << 20;
 
 impl Recorder {
     /// Notes a read of `len` bytes at `offset` of `rel` in `path`, in
     /// chunks of `chunk` bytes.
     pub fn note(&mut self, path: &StorePath, rel: &[u8], offset: u64, len: u64, chunk: u64) {
-        if len == 0 || chunk == 0 || self.ranges.len() >= MAX_RANGES {
+        if len == 0 || chunk == 0 {
             return;
         }
         for c in offset / chunk..=(offset + len - 1) / chunk {
+            // Full: what is recorded stays parseable (within MAX_PROFILE and
+            // MAX_RANGES), and memory bounded.
+            let line = path.base_name().len() + 3 * rel.len() + 44;
+            if self.seen.len() >= MAX_SEEN
+                || self.ranges.len() >= MAX_RANGES
+                || self.text_len + line > MAX_PROFILE - HEADER.len() - 1
+            {
+                return;
+            }
             if !self.seen.insert((path.clone(), rel.to_vec(), c)) {
                 continue;
             }
@@ -146,6 +161,7 @@ impl Recorder {
                     continue;
                 }
             }
+            self.text_len += line;
             self.ranges.push(Range {
                 path: path.clone(),
                 rel: rel.to_vec(),
@@ -173,6 +189,24 @@ mod tests {
         let text = to_text(&r.ranges);
         assert!(text.contains("lib/odd%20name%20%25 8192 4096"), "{text}");
         assert_eq!(parse(&text).unwrap(), r.ranges);
+    }
+
+    #[test]
+    fn a_full_recorder_stops_and_what_it_wrote_still_parses() {
+        let p = StorePath::from_base_name("syd87l2rxw8cbsxmxl853h0r6pdwhw1a-python3").unwrap();
+        let mut r = Recorder::default();
+        // Long, escaped names: the text limit is what stops it.
+        let rel = format!("lib/{}", " x".repeat(2000)).into_bytes();
+        for i in 0..10_000u64 {
+            r.note(&p, &rel, i * 8192, 1, 4096);
+        }
+        let text = to_text(&r.ranges);
+        assert!(
+            text.len() <= MAX_PROFILE && r.ranges.len() < 10_000,
+            "{} bytes",
+            text.len()
+        );
+        assert_eq!(parse(&text).unwrap().len(), r.ranges.len());
     }
 
     #[test]

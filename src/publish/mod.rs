@@ -201,7 +201,11 @@ fn process(
 
 /// Writes `bytes` to `path` by rename (readers see all of it or nothing).
 fn publish_file(path: &Path, bytes: &[u8]) -> Result<(), PublishError> {
-    let tmp = path.with_extension("tmp-publish");
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{:016x}", rand::random::<u64>()));
     fs::write(&tmp, bytes).map_err(io_at(&tmp))?;
     fs::rename(&tmp, path).map_err(io_at(path))
 }

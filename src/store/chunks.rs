@@ -51,9 +51,14 @@ pub struct Indexed {
 /// kernel reads ahead 128 KiB at a time, each a round trip otherwise.
 const READ_AHEAD: u64 = 1 << 20;
 
+/// A path's index once known: `None` when it has none to use.
+type IndexCell = tokio::sync::OnceCell<Option<Arc<Indexed>>>;
+
 /// What the store remembers about paths' indexes this run.
 pub struct Indexes {
-    known: std::sync::Mutex<HashMap<StorePath, Option<Arc<Indexed>>>>,
+    /// Each path's index, asked for once (concurrent askers wait for the
+    /// first); a transient failure is not remembered.
+    known: std::sync::Mutex<HashMap<StorePath, Arc<IndexCell>>>,
     /// What was read by the chunk; whether its writer runs.
     recorder: Arc<std::sync::Mutex<(profile::Recorder, bool)>>,
     /// Bytes of the chunks kept on disk (counted against `max_size`).
@@ -148,50 +153,59 @@ impl Store {
     /// one this store may use (see the module's doc). Asked of the cache
     /// once per run.
     pub async fn indexed(&self, path: &StorePath) -> Option<Arc<Indexed>> {
-        if let Some(known) = self.indexes.known.lock().ok()?.get(path) {
-            return known.clone();
-        }
-        let found = self.found_index(path).await;
-        if let Ok(mut k) = self.indexes.known.lock() {
-            k.insert(path.clone(), found.clone());
-        }
-        found
+        let cell = self
+            .indexes
+            .known
+            .lock()
+            .ok()?
+            .entry(path.clone())
+            .or_insert_with(Default::default)
+            .clone();
+        cell.get_or_try_init(|| self.found_index(path))
+            .await
+            .ok()
+            .and_then(|found| found.clone())
     }
 
     /// [`Store::indexed`] if already asked this run: no network.
     pub fn known_index(&self, path: &StorePath) -> Option<Arc<Indexed>> {
-        self.indexes.known.lock().ok()?.get(path).cloned().flatten()
+        self.indexes.known.lock().ok()?.get(path)?.get().cloned().flatten()
     }
 
-    async fn found_index(&self, path: &StorePath) -> Option<Arc<Indexed>> {
-        let found = self.narinfo(path).await.ok()?;
-        let caches = self.caches().await.ok()?;
-        let cache = caches.get(found.cache)?;
+    /// The path's index, `Ok(None)` for good (none, or one not to use),
+    /// `Err` when it cannot be told now (asked again next time).
+    async fn found_index(&self, path: &StorePath) -> std::result::Result<Option<Arc<Indexed>>, ()> {
+        let found = self.narinfo(path).await.map_err(drop)?;
+        let caches = self.caches().await.map_err(drop)?;
+        let Some(cache) = caches.get(found.cache) else {
+            return Ok(None);
+        };
         if !cache.file_indexes {
-            return None;
+            return Ok(None);
         }
         let rel = format!("{}.idx", path.hash_part());
         let bytes = match cache.get(&rel).await {
             Ok(Some(b)) => b,
-            Ok(None) => return None,
+            Ok(None) => return Ok(None),
             Err(e) => {
-                tracing::warn!(%path, error = %e, "cannot read the file index; fetching whole paths");
-                return None;
+                tracing::warn!(%path, error = %e, "cannot read the file index now; fetching whole paths");
+                return Err(());
             }
         };
         let refuse = |why: String| {
             tracing::warn!(%path, cache = cache.url(), "ignoring its file index ({why}); fetching the whole path");
-            None
+            Ok(None)
         };
-        let index = match FileIndex::parse(&bytes) {
+        // The signature is checked on the header, before the body is parsed.
+        let parsed = if cache.require_sigs {
+            FileIndex::parse_trusted(&bytes, &self.opts.trusted_keys)
+        } else {
+            FileIndex::parse(&bytes)
+        };
+        let index = match parsed {
             Ok(i) => i,
             Err(e) => return refuse(e.to_string()),
         };
-        if cache.require_sigs {
-            if let Err(reason) = index.verify(&self.opts.trusted_keys) {
-                return refuse(format!("not trusted: {reason}"));
-            }
-        }
         let info = &found.info;
         if &index.store_path != path || index.nar_hash != info.nar_hash || index.nar_size != info.nar_size {
             return refuse("it describes another NAR than the narinfo".into());
@@ -234,7 +248,7 @@ impl Store {
                 children.entry(parent).or_default().push(i);
             }
         }
-        Some(Arc::new(Indexed {
+        Ok(Some(Arc::new(Indexed {
             path: path.clone(),
             index,
             cache: found.cache,
@@ -247,7 +261,7 @@ impl Store {
             served: Default::default(),
             served_bytes: Default::default(),
             completing: Default::default(),
-        }))
+        })))
     }
 
     /// Up to `len` bytes at `offset` of the file at `rel` (relative to the
@@ -318,7 +332,7 @@ impl Store {
             ) {
                 let (a, b) = (c0 + a as u64, c0 + b as u64);
                 let last = size.div_ceil(cs) - 1;
-                let b_ahead = last.min(b.max(a + READ_AHEAD / cs - 1));
+                let b_ahead = last.min(b.max(a + (READ_AHEAD / cs).max(1) - 1));
                 let from = file_at + a * cs;
                 let to = file_at + b_ahead * cs + chunk_len(b_ahead);
                 let (u0, bytes) = self.fetch_frames(ix, from, to).await?;
@@ -371,6 +385,13 @@ impl Store {
             .get(ix.cache)
             .ok_or_else(|| chunk_err(&ix.path, "its cache is gone"))?;
         let (u0, c0) = ix.starts[f0];
+        let inflated: u64 = ix.index.frames[f0..=f1].iter().map(|f| f.decompressed as u64).sum();
+        if inflated > MAX_RUN {
+            return Err(chunk_err(
+                &ix.path,
+                format!("{inflated} bytes of frames at once is more than the {MAX_RUN} taken"),
+            ));
+        }
         let last = ix.index.frames[f1];
         let c_end = ix.starts[f1].1 + last.compressed as u64;
         let url = ix.index.url.as_deref().unwrap_or_default();
@@ -449,6 +470,7 @@ impl Store {
         let mut w = NarWriter {
             buf: Vec::with_capacity(1 << 20),
             tx: &tx,
+            closed: false,
         };
         let result = self.write_nar(ix, &mut w).await;
         match &result {
@@ -503,6 +525,9 @@ impl Store {
                     w.bytes(&size.to_le_bytes()).await;
                     let mut at = 0;
                     while at < *size {
+                        if w.closed {
+                            return Err(chunk_err(&ix.path, "the unpacker stopped"));
+                        }
                         let piece = self
                             .read_chunks(ix, &e.path, at, (4 << 20).min(size - at), false)
                             .await?;
@@ -615,13 +640,15 @@ impl Store {
             loop {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                 let Some(rec) = recorder.upgrade() else { return };
-                let text = match rec.lock() {
+                // Copied under the lock, written out of it: reads record on.
+                let ranges = match rec.lock() {
                     Ok(mut r) if r.0.dirty => {
                         r.0.dirty = false;
-                        profile::to_text(&r.0.ranges)
+                        r.0.ranges.clone()
                     }
                     _ => continue,
                 };
+                let text = profile::to_text(&ranges);
                 let tmp = dest.with_extension("tmp");
                 if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &dest)) {
                     tracing::debug!(error = %e, "cannot write the access profile");
@@ -656,7 +683,14 @@ impl Store {
         let mut jobs: Vec<(Arc<Indexed>, usize, usize)> = Vec::new();
         let mut whole = Vec::new();
         // The paths' indexes, all asked for at once (each is a round trip).
-        let indexes = futures::future::join_all(order.iter().map(|p| self.indexed(p))).await;
+        let asks = order.iter().cloned().map(|p| {
+            let me = self.clone();
+            async move { me.indexed(&p).await }
+        });
+        let indexes: Vec<_> = futures::stream::iter(asks)
+            .buffered(self.opts.max_parallel.max(1))
+            .collect()
+            .await;
         for (p, ix) in order.iter().zip(indexes) {
             let Some(ix) = ix else {
                 whole.push(p.clone());
@@ -673,17 +707,19 @@ impl Store {
                     }
                 }
             }
-            // Runs of consecutive frames, at most PREFETCH_RUN bytes each.
+            // Runs of consecutive frames, at most PREFETCH_RUN bytes each,
+            // compressed and decompressed (a frame of zeros is tiny).
             let mut run: Option<(usize, usize, u64)> = None;
             for f in frames {
-                let c = ix.index.frames[f].compressed as u64;
+                let fr = ix.index.frames[f];
+                let cost = (fr.compressed as u64).max(fr.decompressed as u64 / 4);
                 run = match run {
-                    Some((a, b, n)) if b + 1 == f && n + c <= PREFETCH_RUN => Some((a, f, n + c)),
+                    Some((a, b, n)) if b + 1 == f && n + cost <= PREFETCH_RUN => Some((a, f, n + cost)),
                     Some((a, b, _)) => {
                         jobs.push((ix.clone(), a, b));
-                        Some((f, f, c))
+                        Some((f, f, cost))
                     }
-                    None => Some((f, f, c)),
+                    None => Some((f, f, cost)),
                 };
             }
             if let Some((a, b, _)) = run {
@@ -740,6 +776,8 @@ impl Store {
 struct NarWriter<'a> {
     buf: Vec<u8>,
     tx: &'a tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
+    /// The unpacker is gone: nothing more is worth fetching.
+    closed: bool,
 }
 
 impl NarWriter<'_> {
@@ -760,11 +798,16 @@ impl NarWriter<'_> {
     async fn flush(&mut self) {
         if !self.buf.is_empty() {
             let full = std::mem::take(&mut self.buf);
-            // A closed channel: the unpacker failed and says why.
-            let _ = self.tx.send(Ok(bytes::Bytes::from(full))).await;
+            // A closed channel: the unpacker failed and says why; stop.
+            if self.tx.send(Ok(bytes::Bytes::from(full))).await.is_err() {
+                self.closed = true;
+            }
         }
     }
 }
+
+/// The most one fetch of frames inflates to.
+const MAX_RUN: u64 = 128 << 20;
 
 /// The most compressed bytes one prefetch request takes.
 const PREFETCH_RUN: u64 = 4 << 20;
@@ -787,7 +830,10 @@ fn keep_verified(
     let mut out = HashMap::new();
     let first = ix.files.partition_point(|(off, size, _)| off + size <= u0);
     for &(off, size, first_chunk) in ix.files[first..].iter().take_while(|(off, _, _)| *off < u1) {
-        for k in 0..size.div_ceil(cs) {
+        // Only the chunks that can lie inside the bytes fetched.
+        let k0 = u0.saturating_sub(off) / cs;
+        let k1 = ((u1 - off).div_ceil(cs)).min(size.div_ceil(cs));
+        for k in k0..k1 {
             let (a, b) = (off + k * cs, off + (k * cs + cs).min(size));
             if a < u0 || b > u1 {
                 continue;
@@ -818,7 +864,7 @@ fn keep_chunk(dir: &Path, hash: &[u8; 32], bytes: &[u8]) -> bool {
     if dest.exists() {
         return false;
     }
-    let tmp = dest.with_extension(format!("tmp{}", std::process::id()));
+    let tmp = dest.with_extension(format!("tmp{:016x}", rand::random::<u64>()));
     let kept = dest
         .parent()
         .map(std::fs::create_dir_all)
