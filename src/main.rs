@@ -522,21 +522,13 @@ fn defaults(rootless: bool) -> Result<Defaults, rootless::RootlessError> {
 }
 
 fn rootless_command(c: &RootlessCommand) -> ExitCode {
-    if let RootlessCommand::ContainerdChild {
-        containerd,
-        containerd_config,
-    } = c
-    {
-        return match rootless::exec_child(containerd, containerd_config) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(&e),
-        };
-    }
-    let dirs = match rootless::Dirs::from_env() {
-        Ok(d) => d,
-        Err(e) => return fail(&e),
-    };
+    use rootless::Dirs;
     let result = match c {
+        // rootlesskit's child: the user's directories are in its arguments.
+        RootlessCommand::ContainerdChild {
+            containerd,
+            containerd_config,
+        } => rootless::exec_child(containerd, containerd_config),
         RootlessCommand::Containerd {
             net,
             containerd,
@@ -549,21 +541,18 @@ fn rootless_command(c: &RootlessCommand) -> ExitCode {
                     extra: extra_config.clone(),
                 },
             };
-            rootless::exec_containerd(&dirs, *net, containerd, &config)
+            Dirs::from_env().and_then(|dirs| rootless::exec_containerd(&dirs, *net, containerd, &config))
         }
-        RootlessCommand::Check { net } => {
-            rootless::check_prerequisites(&rootless::user_name(), *net == Net::Slirp4netns).map(|()| {
+        // The runtime directory is a prerequisite too.
+        RootlessCommand::Check { net } => Dirs::from_env()
+            .and_then(|_| rootless::check_prerequisites(&rootless::user_name(), *net == Net::Slirp4netns))
+            .map(|()| {
                 println!("ready for rootless operation");
                 if let Some(msg) = rootless::cgroup_note() {
                     println!("note: {msg}");
                 }
-            })
-        }
-        RootlessCommand::Env => {
-            print!("{}", rootless::env_text(&dirs));
-            Ok(())
-        }
-        RootlessCommand::ContainerdChild { .. } => Ok(()),
+            }),
+        RootlessCommand::Env => Dirs::from_env().map(|dirs| print!("{}", rootless::env_text(&dirs))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -318,7 +318,7 @@ pub fn exec_containerd(dirs: &Dirs, net: Net, containerd: &Path, config: &Contai
     };
     let state = dirs.rootlesskit_state();
     // A state directory left by a rootlesskit that died refuses a new one.
-    if state.exists() && !child_alive(&state) {
+    if state.exists() && child_pid(dirs).is_err() {
         let _ = std::fs::remove_dir_all(&state);
     }
     let mut cmd = Command::new("rootlesskit");
@@ -374,13 +374,6 @@ pub fn exec_child(containerd: &Path, config: &Path) -> Result<()> {
         path: containerd.to_path_buf(),
         source: err,
     })
-}
-
-fn child_alive(state: &Path) -> bool {
-    std::fs::read_to_string(state.join("child_pid"))
-        .ok()
-        .and_then(|p| p.trim().parse::<i32>().ok())
-        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
 }
 
 /// rootlesskit's child: the process whose namespaces containerd runs in.

@@ -127,22 +127,7 @@ fn a_pushed_cache_is_read_by_stock_nix_and_by_file_through_signed_indexes() {
     let nix = NixStore::new(&tmp.join("nix"), "push-1");
     let top = common::nix::mixed_closure(&nix);
     let cache = tmp.join("cache");
-    let (ok, out, err) = ours(&[
-        "cache",
-        "push",
-        "--to",
-        cache.to_str().unwrap(),
-        "--secret-key",
-        nix.secret_key.to_str().unwrap(),
-        "--store-root",
-        nix.root.to_str().unwrap(),
-        "--frame-size",
-        "64KiB",
-        "--chunk-size",
-        "16KiB",
-        &top,
-    ]);
-    assert!(ok, "{err}");
+    let out = nix.cache_push(&cache, &["--frame-size", "64KiB", "--chunk-size", "16KiB"], &[&top]);
     // The whole closure, found by scanning for references as Nix does.
     let mut published: Vec<&str> = out.lines().collect();
     published.sort();
@@ -150,18 +135,8 @@ fn a_pushed_cache_is_read_by_stock_nix_and_by_file_through_signed_indexes() {
     want.sort();
     assert_eq!(published, want);
     // Pushing again publishes nothing new.
-    let (ok, out, _) = ours(&[
-        "cache",
-        "push",
-        "--to",
-        cache.to_str().unwrap(),
-        "--secret-key",
-        nix.secret_key.to_str().unwrap(),
-        "--store-root",
-        nix.root.to_str().unwrap(),
-        &top,
-    ]);
-    assert!(ok && out.is_empty(), "{out}");
+    let out = nix.cache_push(&cache, &[], &[&top]);
+    assert!(out.is_empty(), "{out}");
 
     // Stock Nix reads it, and registers the same references.
     let fresh = stock_nix_copies(&tmp, "fresh", &cache, &nix.public_key, &top);

@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use common::http::Server;
@@ -37,17 +36,7 @@ fn fixture_with(name: &str, chunk_size: &str) -> Fixture {
     let nix = NixStore::new(&tmp.join("nix"), "chunks-1");
     let top = mixed_closure(&nix);
     let cache = tmp.join("cache");
-    let out = Command::new(common::DAEMON)
-        .args(["cache", "push", "--to"])
-        .arg(&cache)
-        .arg("--secret-key")
-        .arg(&nix.secret_key)
-        .arg("--store-root")
-        .arg(&nix.root)
-        .args(["--frame-size", "64KiB", "--chunk-size", chunk_size, &top])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    nix.cache_push(&cache, &["--frame-size", "64KiB", "--chunk-size", chunk_size], &[&top]);
     let data = nix.closure(&top).into_iter().find(|p| p.ends_with("-data")).unwrap();
     Fixture {
         data: StorePath::parse(&data).unwrap(),

@@ -47,17 +47,7 @@ struct Setup {
 }
 
 fn push(nix: &NixStore, cache: &std::path::Path, path: &str) {
-    let out = Command::new(common::DAEMON)
-        .args(["cache", "push", "--to"])
-        .arg(cache)
-        .arg("--secret-key")
-        .arg(&nix.secret_key)
-        .arg("--store-root")
-        .arg(&nix.root)
-        .args(["--frame-size", "64KiB", "--chunk-size", "16KiB", path])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    nix.cache_push(cache, &["--frame-size", "64KiB", "--chunk-size", "16KiB"], &[path]);
 }
 
 fn setup(name: &str) -> Setup {

@@ -359,6 +359,15 @@ fn fingerprint_text(
     )
 }
 
+/// An entry's path split into its directory's path and its name (the root
+/// directory's entries have an empty parent).
+pub fn split_parent(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&path[..0], path),
+    }
+}
+
 /// A cursor over the body that never reads past its end.
 struct Cursor<'a> {
     b: &'a [u8],
@@ -511,10 +520,7 @@ impl TreeCheck {
             }
             return Ok(());
         }
-        let (parent, name) = match path.iter().rposition(|&b| b == b'/') {
-            Some(i) => (&path[..i], &path[i + 1..]),
-            None => (&path[..0], path),
-        };
+        let (parent, name) = split_parent(path);
         if path.is_empty() || path[0] == b'/' || !valid_entry_name(name) {
             return Err(err("invalid entry name"));
         }

@@ -218,19 +218,6 @@ fn place_nar(cache: &Path, tmp: &Path, file_hash: &NixHash) -> Result<String, Pu
     Ok(url)
 }
 
-fn index_of(p: &mut Processed, store_path: StorePath, url: &str, key: &SecretKey) -> FileIndex {
-    let builder = std::mem::replace(&mut p.index, IndexBuilder::new(1 << 16));
-    let mut idx = builder.finish(
-        store_path,
-        p.nar_hash,
-        p.nar_size,
-        Some(url.to_string()),
-        std::mem::take(&mut p.written.frames),
-    );
-    idx.sign(key);
-    idx
-}
-
 /// Makes `nar/` and a `nix-cache-info` that says the cache has file
 /// indexes (`FileIndexes: 1`, which Nix ignores), keeping what an existing
 /// one says otherwise.
@@ -309,18 +296,15 @@ pub fn push(
             drop(f);
             let tmp = cache.join(format!("nar/{}.nar.zst.tmp", path.hash_part()));
             let reader = io::BufReader::new(fs::File::open(&raw).map_err(io_at(&raw))?);
-            let mut p = process(reader, &path.to_string(), &tmp, layout, Some(&candidates))?;
+            let p = process(reader, &path.to_string(), &tmp, layout, Some(&candidates))?;
             let _ = fs::remove_file(&raw);
             let refs: Vec<StorePath> = p.refs.iter().filter_map(|h| candidates.get(h).cloned()).collect();
-            let url = place_nar(cache, &tmp, &p.written.file_hash)?;
-            let idx = index_of(&mut p, path.clone(), &url, key);
-            publish_file(&cache.join(format!("{}.idx", path.hash_part())), &idx.to_bytes())?;
             let mut info = NarInfo {
                 store_path: path.clone(),
-                url,
+                url: String::new(), // set where the NAR is placed
                 compression: Compression::Zstd,
-                file_hash: Some(p.written.file_hash),
-                file_size: Some(p.written.file_size),
+                file_hash: None,
+                file_size: None,
                 nar_hash: p.nar_hash,
                 nar_size: p.nar_size,
                 references: refs.clone(),
@@ -328,11 +312,9 @@ pub fn push(
                 sigs: Vec::new(),
                 ca: None,
             };
+            // Nix's fingerprint covers neither the NAR file nor its hash.
             info.sigs.push(key.sign(&info.fingerprint()));
-            publish_file(&narinfo, info.to_text().as_bytes())?;
-            report.published.push(path.to_string());
-            report.nar_bytes += p.nar_size;
-            report.compressed_bytes += p.written.file_size;
+            publish_processed(cache, &tmp, p, info, key, &mut report)?;
             refs
         };
         queue.extend(refs);
@@ -357,7 +339,7 @@ pub fn index(cache: &Path, key: &SecretKey, layout: &Layout) -> Result<Report, P
     names.sort();
     for narinfo in names {
         let text = fs::read_to_string(&narinfo).map_err(io_at(&narinfo))?;
-        let mut info = NarInfo::parse(&text).map_err(|source| PublishError::NarInfo {
+        let info = NarInfo::parse(&text).map_err(|source| PublishError::NarInfo {
             path: narinfo.clone(),
             source,
         })?;
@@ -385,7 +367,7 @@ pub fn index(cache: &Path, key: &SecretKey, layout: &Layout) -> Result<Report, P
             }
         };
         let tmp = cache.join(format!("nar/{}.nar.zst.tmp", info.store_path.hash_part()));
-        let mut p = match process(reader, &shown, &tmp, layout, None) {
+        let p = match process(reader, &shown, &tmp, layout, None) {
             Ok(p) => p,
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
@@ -400,19 +382,42 @@ pub fn index(cache: &Path, key: &SecretKey, layout: &Layout) -> Result<Report, P
                 want: format!("{} ({} bytes)", info.nar_hash.to_nix_string(), info.nar_size),
             });
         }
-        let url = place_nar(cache, &tmp, &p.written.file_hash)?;
-        let idx = index_of(&mut p, info.store_path.clone(), &url, key);
-        publish_file(&idx_path, &idx.to_bytes())?;
-        info.url = url;
-        info.compression = Compression::Zstd;
-        info.file_hash = Some(p.written.file_hash);
-        info.file_size = Some(p.written.file_size);
-        publish_file(&narinfo, info.to_text().as_bytes())?;
-        report.published.push(shown);
-        report.nar_bytes += p.nar_size;
-        report.compressed_bytes += p.written.file_size;
+        publish_processed(cache, &tmp, p, info, key, &mut report)?;
     }
     Ok(report)
+}
+
+/// Places `p`'s seekable NAR (written at `tmp`), writes its signed index,
+/// then `info` pointed at that NAR, last: no reader sees the path before
+/// its files.
+fn publish_processed(
+    cache: &Path,
+    tmp: &Path,
+    p: Processed,
+    mut info: NarInfo,
+    key: &SecretKey,
+    report: &mut Report,
+) -> Result<(), PublishError> {
+    let hash = info.store_path.hash_part().to_string();
+    let url = place_nar(cache, tmp, &p.written.file_hash)?;
+    let mut idx = p.index.finish(
+        info.store_path.clone(),
+        p.nar_hash,
+        p.nar_size,
+        Some(url.clone()),
+        p.written.frames,
+    );
+    idx.sign(key);
+    publish_file(&cache.join(format!("{hash}.idx")), &idx.to_bytes())?;
+    info.url = url;
+    info.compression = Compression::Zstd;
+    info.file_hash = Some(p.written.file_hash);
+    info.file_size = Some(p.written.file_size);
+    publish_file(&cache.join(format!("{hash}.narinfo")), info.to_text().as_bytes())?;
+    report.published.push(info.store_path.to_string());
+    report.nar_bytes += p.nar_size;
+    report.compressed_bytes += p.written.file_size;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use super::{Result, Store, StoreError};
-use crate::nixfmt::index::{EntryKind, FileIndex};
+use crate::nixfmt::index::{split_parent, EntryKind, FileIndex};
 use crate::nixfmt::profile;
 use crate::nixfmt::StorePath;
 
@@ -120,11 +120,7 @@ impl Indexed {
             kids.iter()
                 .map(|&i| {
                     let e = &self.index.entries[i];
-                    let name = match e.path.iter().rposition(|&b| b == b'/') {
-                        Some(p) => &e.path[p + 1..],
-                        None => &e.path[..],
-                    };
-                    (name, e)
+                    (split_parent(&e.path).1, e)
                 })
                 .collect(),
         )
@@ -241,11 +237,7 @@ impl Store {
                 children.entry(e.path.clone()).or_default();
             }
             if !e.path.is_empty() {
-                let parent = match e.path.iter().rposition(|&b| b == b'/') {
-                    Some(p) => e.path[..p].to_vec(),
-                    None => Vec::new(),
-                };
-                children.entry(parent).or_default().push(i);
+                children.entry(split_parent(&e.path).0.to_vec()).or_default().push(i);
             }
         }
         Ok(Some(Arc::new(Indexed {
@@ -488,16 +480,12 @@ impl Store {
         let mut open: Vec<&[u8]> = Vec::new();
         for (i, e) in ix.index.entries.iter().enumerate() {
             if i > 0 {
-                let parent = match e.path.iter().rposition(|&b| b == b'/') {
-                    Some(p) => &e.path[..p],
-                    None => &e.path[..0],
-                };
+                let (parent, name) = split_parent(&e.path);
                 while open.last().is_some_and(|d| *d != parent) {
                     open.pop();
                     w.string(b")").await; // the directory node
                     w.string(b")").await; // its entry
                 }
-                let name = &e.path[parent.len() + usize::from(!parent.is_empty())..];
                 for s in [&b"entry"[..], b"(", b"name", name, b"node"] {
                     w.string(s).await;
                 }

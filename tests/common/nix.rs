@@ -73,22 +73,7 @@ impl NixStore {
     fn build_with(&self, expr: &str, extra_paths: &str) -> Vec<String> {
         let file = self.root.with_extension("nix");
         std::fs::write(&file, expr).unwrap();
-        let out = Command::new("nix-build")
-            .arg("--store")
-            .arg(&self.root)
-            .args(["--option", "extra-sandbox-paths"])
-            .arg(format!("/bin/sh=/bin/busybox /bin/busybox{extra_paths}"))
-            .args(["--option", "build-users-group", ""])
-            .args(["--option", "substituters", ""])
-            .arg("--no-out-link")
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "nix-build failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = self.nix_build(extra_paths, &[file.as_os_str()]);
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(str::to_string)
@@ -161,28 +146,28 @@ impl NixStore {
     /// binary as `cli` (see [`copy_cli`]); panics unless it builds.
     pub fn build_test_expr(&self, cli: &Path, file: &str, args: &[&str]) -> std::process::Output {
         let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nix").join(file);
+        let mut all: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        all.extend([
+            std::ffi::OsStr::new("--argstr"),
+            std::ffi::OsStr::new("cli"),
+            cli.as_os_str(),
+            expr.as_os_str(),
+        ]);
+        self.nix_build(&format!(" /lib /lib64 /usr/lib {}", cli.display()), &all)
+    }
+
+    /// `nix-build` into this store, offline, busybox as `/bin/sh` and
+    /// `extra_paths` in the sandbox, then `args`; panics unless it builds.
+    fn nix_build(&self, extra_paths: &str, args: &[&std::ffi::OsStr]) -> std::process::Output {
         let out = Command::new("nix-build")
             .arg("--store")
             .arg(&self.root)
             .args(["--option", "extra-sandbox-paths"])
-            .arg(format!(
-                "/bin/sh=/bin/busybox /bin/busybox /lib /lib64 /usr/lib {}",
-                cli.display()
-            ))
-            .args([
-                "--option",
-                "build-users-group",
-                "",
-                "--option",
-                "substituters",
-                "",
-                "--no-out-link",
-            ])
+            .arg(format!("/bin/sh=/bin/busybox /bin/busybox{extra_paths}"))
+            .args(["--option", "build-users-group", ""])
+            .args(["--option", "substituters", ""])
+            .arg("--no-out-link")
             .args(args)
-            .arg("--argstr")
-            .arg("cli")
-            .arg(cli)
-            .arg(&expr)
             .output()
             .unwrap();
         assert!(
@@ -191,6 +176,30 @@ impl NixStore {
             String::from_utf8_lossy(&out.stderr)
         );
         out
+    }
+
+    /// `nix-snapshotter cache push` of `paths` (and their closures) from
+    /// this store into `cache`, signed with this store's key, with `args`
+    /// (the layout flags) first; panics unless it succeeds. Its output: the
+    /// store paths it published.
+    pub fn cache_push(&self, cache: &Path, args: &[&str], paths: &[&str]) -> String {
+        let out = Command::new(super::DAEMON)
+            .args(["cache", "push", "--to"])
+            .arg(cache)
+            .arg("--secret-key")
+            .arg(&self.secret_key)
+            .arg("--store-root")
+            .arg(&self.root)
+            .args(args)
+            .args(paths)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cache push: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// The closure of `path` in this store.

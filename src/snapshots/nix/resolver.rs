@@ -74,6 +74,10 @@ impl Resolver for StoreResolver {
     }
 
     fn tree(&self, base_name: &str) -> Option<Arc<dyn FileTree>> {
+        // Every request on a path read by the chunk asks: most find it known.
+        if let Some(t) = self.known_tree(base_name) {
+            return Some(t);
+        }
         let path = StorePath::from_base_name(base_name).ok()?;
         let store = self.opened_store().ok()?.clone();
         let asking = store.clone();
@@ -82,24 +86,14 @@ impl Resolver for StoreResolver {
             .block_on(async { tokio::time::timeout(self.timeout, asking.indexed(&path)).await })
             .ok()
             .flatten()?;
-        Some(Arc::new(IndexedTree {
-            store,
-            ix,
-            rt: self.rt.clone(),
-            timeout: self.timeout,
-        }))
+        Some(self.indexed_tree(store, ix))
     }
 
     fn known_tree(&self, base_name: &str) -> Option<Arc<dyn FileTree>> {
         let path = StorePath::from_base_name(base_name).ok()?;
         let store = self.store.get()?.clone();
         let ix = store.known_index(&path)?;
-        Some(Arc::new(IndexedTree {
-            store,
-            ix,
-            rt: self.rt.clone(),
-            timeout: self.timeout,
-        }))
+        Some(self.indexed_tree(store, ix))
     }
 
     fn is_dir(&self, base_name: &str) -> Option<bool> {
@@ -109,6 +103,17 @@ impl Resolver for StoreResolver {
             .block_on(async { tokio::time::timeout(self.timeout, store.listed_is_dir(&path)).await })
             .ok()
             .flatten()
+    }
+}
+
+impl StoreResolver {
+    fn indexed_tree(&self, store: Arc<Store>, ix: Arc<Indexed>) -> Arc<dyn FileTree> {
+        Arc::new(IndexedTree {
+            store,
+            ix,
+            rt: self.rt.clone(),
+            timeout: self.timeout,
+        })
     }
 }
 
