@@ -6,11 +6,9 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use nix_snapshotter::bench::link::{LinkSpec, Shaper};
 
 /// A running shaped link to one upstream.
 pub struct Link {
@@ -18,13 +16,13 @@ pub struct Link {
     pub url: String,
     /// `127.0.0.1:PORT`
     pub host: String,
-    /// Bytes carried from the upstream to clients so far.
-    pub down: Arc<AtomicU64>,
+    shaper: Shaper,
 }
 
 impl Link {
+    /// Bytes carried from the upstream to clients so far.
     pub fn downloaded(&self) -> u64 {
-        self.down.load(Ordering::Relaxed)
+        self.shaper.downloaded()
     }
 
     /// Measures and prints what the link does: one small request's latency
@@ -56,84 +54,22 @@ impl Link {
     }
 }
 
-/// A delaying, rate-limited TCP proxy to `upstream` on `rt`.
+/// A delaying, rate-limited TCP proxy to `upstream` on `rt` (the one
+/// `nix-snapshotter bench --link` uses).
 pub fn shaped_proxy(
     rt: &tokio::runtime::Runtime,
     upstream: std::net::SocketAddr,
     rtt: Duration,
     bytes_per_sec: f64,
 ) -> Link {
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let bucket = Arc::new(tokio::sync::Mutex::new(Instant::now()));
-    let down = Arc::new(AtomicU64::new(0));
-    let counter = down.clone();
-    rt.spawn(async move {
-        loop {
-            let Ok((client, _)) = listener.accept().await else {
-                return;
-            };
-            let bucket = bucket.clone();
-            let counter = counter.clone();
-            tokio::spawn(async move {
-                // Connection set-up costs a round trip.
-                tokio::time::sleep(rtt).await;
-                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
-                    return;
-                };
-                let (cr, cw) = client.into_split();
-                let (sr, sw) = server.into_split();
-                tokio::spawn(pipe(cr, sw, rtt / 2, bucket.clone(), bytes_per_sec, None));
-                tokio::spawn(pipe(sr, cw, rtt / 2, bucket, bytes_per_sec, Some(counter)));
-            });
-        }
-    });
+    let spec = LinkSpec {
+        rtt,
+        rate: bytes_per_sec,
+    };
+    let shaper = rt.block_on(Shaper::start(upstream, spec)).unwrap();
     Link {
-        url: format!("http://{addr}"),
-        host: addr.to_string(),
-        down,
+        url: format!("http://{}", shaper.addr),
+        host: shaper.addr.to_string(),
+        shaper,
     }
-}
-
-async fn pipe(
-    mut r: tokio::net::tcp::OwnedReadHalf,
-    mut w: tokio::net::tcp::OwnedWriteHalf,
-    delay: Duration,
-    bucket: Arc<tokio::sync::Mutex<Instant>>,
-    rate: f64,
-    counter: Option<Arc<AtomicU64>>,
-) {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
-    let writer = tokio::spawn(async move {
-        while let Some((due, chunk)) = rx.recv().await {
-            tokio::time::sleep_until(due.into()).await;
-            if w.write_all(&chunk).await.is_err() {
-                return;
-            }
-        }
-        let _ = w.shutdown().await;
-    });
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match r.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if let Some(c) = &counter {
-            c.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        // Pace: the shared link is busy until `next`.
-        let send_at = {
-            let mut next = bucket.lock().await;
-            let now = Instant::now();
-            let start = if *next > now { *next } else { now };
-            *next = start + Duration::from_secs_f64(n as f64 / rate);
-            *next
-        };
-        if tx.send((send_at + delay, buf[..n].to_vec())).is_err() {
-            break;
-        }
-    }
-    drop(tx);
-    let _ = writer.await;
 }

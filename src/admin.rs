@@ -10,8 +10,8 @@ use tonic::{Request, Response, Status};
 
 use crate::api::admin::admin_server::Admin;
 use crate::api::admin::{
-    CacheStatus, EvictRequest, EvictResponse, FetchRequest, FetchResponse, GcRequest, GcResponse, StatusRequest,
-    StatusResponse,
+    ActivityRequest, ActivityResponse, CacheStatus, Download, EvictRequest, EvictResponse, FetchRequest, FetchResponse,
+    GcRequest, GcResponse, InterposeEvent, InterposeRequest, StatusRequest, StatusResponse,
 };
 use crate::config::Config;
 use crate::nixfmt::StorePath;
@@ -23,11 +23,18 @@ pub struct AdminService {
     sn: Arc<Snapshotter>,
     store: StoreSlot,
     cfg: Config,
+    /// An Interpose call is open (one at a time).
+    interposed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AdminService {
     pub fn new(sn: Arc<Snapshotter>, store: StoreSlot, cfg: Config) -> AdminService {
-        AdminService { sn, store, cfg }
+        AdminService {
+            sn,
+            store,
+            cfg,
+            interposed: Arc::default(),
+        }
     }
 
     fn store(&self) -> Result<Arc<Store>, Status> {
@@ -89,6 +96,12 @@ impl Admin for AdminService {
         } else {
             roots
         };
+        if req.list_only {
+            return Ok(Response::new(FetchResponse {
+                paths: targets.iter().map(ToString::to_string).collect(),
+                ..Default::default()
+            }));
+        }
         let cold: Vec<&StorePath> = targets.iter().filter(|p| store.local(p).is_none()).collect();
         let cold = cold.len() as u64;
         let bytes_before = store.counters.bytes_downloaded.load(Ordering::Relaxed);
@@ -142,6 +155,74 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn activity(&self, req: Request<ActivityRequest>) -> Result<Response<ActivityResponse>, Status> {
+        let store = self.store()?;
+        let (records, last, first_kept) = store.journal.since(req.get_ref().after);
+        Ok(Response::new(ActivityResponse {
+            downloads: records
+                .into_iter()
+                .map(|r| Download {
+                    seq: r.seq,
+                    path: r.path,
+                    kind: r.kind.as_str().to_string(),
+                    cache: r.cache,
+                    bytes: r.bytes,
+                    micros: r.took.as_micros() as u64,
+                    error: r.error,
+                })
+                .collect(),
+            last,
+            first_kept,
+        }))
+    }
+
+    type InterposeStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<InterposeEvent, Status>> + Send>>;
+
+    async fn interpose(&self, req: Request<InterposeRequest>) -> Result<Response<Self::InterposeStream>, Status> {
+        let store = self.store()?;
+        let routes = req.into_inner().routes;
+        if routes.is_empty() {
+            return Err(Status::invalid_argument("no routes given"));
+        }
+        let caches = store.caches().await.map_err(|e| store_status(&e))?;
+        let mut plan = Vec::new();
+        for r in &routes {
+            let via: std::net::SocketAddr = r
+                .via
+                .parse()
+                .map_err(|e| Status::invalid_argument(format!("route via {:?}: {e}", r.via)))?;
+            let i = caches.iter().position(|c| c.url() == r.cache).ok_or_else(|| {
+                Status::invalid_argument(format!("{:?} is not one of the daemon's substituters", r.cache))
+            })?;
+            plan.push((i, via));
+        }
+        if self.interposed.swap(true, Ordering::AcqRel) {
+            return Err(Status::failed_precondition(
+                "another client is already routing the caches elsewhere (a bench running?)",
+            ));
+        }
+        // From here the guard puts everything back, however this ends.
+        let guard = Detours {
+            store: store.clone(),
+            caches: plan.iter().map(|(i, _)| *i).collect(),
+            flag: self.interposed.clone(),
+        };
+        for (i, via) in &plan {
+            caches[*i]
+                .inner
+                .detour(Some(*via))
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        tracing::info!(routes = routes.len(), "caches routed through other addresses");
+        let first = InterposeEvent {
+            message: format!("{} cache(s) routed", routes.len()),
+        };
+        Ok(Response::new(Box::pin(Held {
+            first: Some(first),
+            _guard: guard,
+        })))
+    }
+
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let mut out = StatusResponse {
             root: self.cfg.root.display().to_string(),
@@ -183,5 +264,48 @@ impl Admin for AdminService {
                 .collect();
         }
         Ok(Response::new(out))
+    }
+}
+
+/// Caches routed elsewhere by an open Interpose call: back to their own
+/// addresses when the call ends (the client hung up, or went away).
+struct Detours {
+    store: Arc<Store>,
+    caches: Vec<usize>,
+    flag: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Detours {
+    fn drop(&mut self) {
+        let caches = self.store.opened_caches();
+        for i in &self.caches {
+            if let Some(c) = caches.get(*i) {
+                let _ = c.inner.detour(None);
+            }
+        }
+        self.flag.store(false, Ordering::Release);
+        tracing::info!("caches back on their own addresses");
+    }
+}
+
+/// Interpose's answer: one event, then open until the client hangs up
+/// (tonic drops the stream then, and with it the guard).
+struct Held {
+    first: Option<InterposeEvent>,
+    _guard: Detours,
+}
+
+impl futures::Stream for Held {
+    type Item = Result<InterposeEvent, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        match self.first.take() {
+            Some(e) => std::task::Poll::Ready(Some(Ok(e))),
+            // Never woken: nothing more comes until the call is dropped.
+            None => std::task::Poll::Pending,
+        }
     }
 }

@@ -84,6 +84,7 @@ pub async fn fetch(cfg: &Config, paths: &[String], closure: bool) -> Result<(), 
             .fetch(FetchRequest {
                 paths: paths.to_vec(),
                 closure,
+                list_only: false,
             })
             .await
             .map_err(daemon_err(&cfg.address))?

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod api;
 pub mod authority;
+pub mod bench;
 pub mod cache;
 pub mod commands;
 pub mod config;

@@ -85,6 +85,53 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Time cold against warm (and eager) starts of an image already in
+    /// containerd, on the running daemon: what is fetched, how long it takes.
+    Bench {
+        /// containerd's socket (default: $CONTAINERD_ADDRESS, else
+        /// /run/containerd/containerd.sock, or the rootless one when not root).
+        #[arg(short, long, value_name = "CONTAINERD_SOCK", env = "CONTAINERD_ADDRESS")]
+        address: Option<PathBuf>,
+        /// containerd namespace the image is in.
+        #[arg(short, long, value_name = "NS", default_value = "default")]
+        namespace: String,
+        /// Snapshotter the containers run on (the daemon's, as containerd names it).
+        #[arg(long, default_value = "nix")]
+        snapshotter: String,
+        /// The daemon's socket (default: its configured `address`).
+        #[arg(long, value_name = "SOCK")]
+        daemon_address: Option<PathBuf>,
+        /// Ready at the first output line matching this regular expression
+        /// (default: the first line, or the command's exit).
+        #[arg(long, value_name = "REGEX")]
+        ready_line: Option<String>,
+        /// Runs of each mode.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Also time the Go project's way: the whole closure fetched first.
+        #[arg(long)]
+        eager: bool,
+        /// Shape the daemon's cache traffic as a WAN link would, e.g. 50ms,100mbit.
+        #[arg(long, value_name = "RTT,RATE")]
+        link: Option<nix_snapshotter::bench::LinkSpec>,
+        /// Write the results as JSON.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Draw the medians: FILE.svg, or FILE.png (needs rsvg-convert).
+        #[arg(long, value_name = "FILE")]
+        chart: Option<PathBuf>,
+        /// Give up on a run not ready after this many seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 120)]
+        timeout: u64,
+        /// The ctr binary that starts the containers.
+        #[arg(long, value_name = "PATH", default_value = "ctr")]
+        ctr: PathBuf,
+        /// Image name, as containerd lists it.
+        image: String,
+        /// Command and arguments to run instead of the image's (after --).
+        #[arg(last = true, value_name = "CMD")]
+        cmd: Vec<String>,
+    },
     /// Publish binary caches that lazy readers can read by file (signed
     /// file indexes, seekable zstd NARs; stock Nix reads them as usual).
     #[command(subcommand)]
@@ -500,6 +547,40 @@ fn main() -> ExitCode {
         Some(Command::Gc { max_size, .. }) => run(async { nix_snapshotter::commands::gc(&cfg, max_size).await }),
         Some(Command::Evict { paths, .. }) => run(async { nix_snapshotter::commands::evict(&cfg, &paths).await }),
         Some(Command::Status { json, .. }) => run(async { nix_snapshotter::commands::status(&cfg, json).await }),
+        Some(Command::Bench {
+            address,
+            namespace,
+            snapshotter,
+            daemon_address,
+            ready_line,
+            runs,
+            eager,
+            link,
+            json,
+            chart,
+            timeout,
+            ctr,
+            image,
+            cmd,
+        }) => run(async {
+            let opts = nix_snapshotter::bench::Options {
+                image,
+                cmd,
+                ready_line,
+                runs,
+                eager,
+                link,
+                json,
+                chart,
+                address: address.unwrap_or(defaults.containerd_address),
+                namespace,
+                snapshotter,
+                daemon: daemon_address.unwrap_or(cfg.address.clone()),
+                timeout: std::time::Duration::from_secs(timeout),
+                ctr,
+            };
+            nix_snapshotter::bench::bench(opts).await.map(drop)
+        }),
         None => run(async move {
             let lifeline = lifeline.map(|l| Box::pin(l.ended()) as nix_snapshotter::daemon::Lifeline);
             nix_snapshotter::daemon::run(cfg, found, cli.take_over, lifeline).await

@@ -28,6 +28,17 @@ pub struct HttpCache {
     url: String,
     client: reqwest::Client,
     auth: Option<(String, String)>,
+    /// Set by `bench --link`: where requests go instead.
+    detour: std::sync::RwLock<Option<Detour>>,
+}
+
+/// Requests sent through another address: for `http://`, to it with the
+/// cache's Host header; for `https://`, the cache's name resolved to it (so
+/// TLS still checks the cache's certificate).
+struct Detour {
+    base: String,
+    client: reqwest::Client,
+    host: Option<String>,
 }
 
 impl HttpCache {
@@ -40,6 +51,7 @@ impl HttpCache {
             url: url.to_string(),
             client,
             auth: netrc.and_then(|n| n.credentials(&host).cloned()),
+            detour: std::sync::RwLock::new(None),
         }
     }
 
@@ -55,7 +67,16 @@ impl HttpCache {
         len: Option<u64>,
     ) -> Result<Option<reqwest::Response>, CacheError> {
         let url = format!("{}/{rel}", self.url);
-        let mut req = self.client.get(&url);
+        let mut req = match self.detour.read().as_deref() {
+            Ok(Some(d)) => {
+                let req = d.client.get(format!("{}/{rel}", d.base));
+                match &d.host {
+                    Some(h) => req.header(reqwest::header::HOST, h),
+                    None => req,
+                }
+            }
+            _ => self.client.get(&url),
+        };
         if let Some((user, pass)) = &self.auth {
             req = req.basic_auth(user, Some(pass));
         }
@@ -100,6 +121,51 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 impl BinaryCache for HttpCache {
     fn url(&self) -> &str {
         &self.url
+    }
+
+    fn detour(&self, via: Option<std::net::SocketAddr>) -> Result<(), CacheError> {
+        let bad = |msg: String| CacheError::Transport {
+            url: self.url.clone(),
+            msg,
+            retryable: false,
+        };
+        let detour = match via {
+            None => None,
+            Some(via) => {
+                let u = reqwest::Url::parse(&self.url).map_err(|e| bad(e.to_string()))?;
+                let authority = match (u.host_str(), u.port()) {
+                    (Some(h), Some(p)) => format!("{h}:{p}"),
+                    (Some(h), None) => h.to_string(),
+                    (None, _) => return Err(bad("no host in the URL".into())),
+                };
+                if u.scheme() == "http" {
+                    Some(Detour {
+                        base: format!("http://{via}{}", u.path().trim_end_matches('/')),
+                        client: self.client.clone(),
+                        host: Some(authority),
+                    })
+                } else {
+                    let domain = u.host_str().unwrap_or_default().to_string();
+                    if domain.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok() {
+                        return Err(bad(
+                            "an https cache named by IP address cannot be routed elsewhere".into()
+                        ));
+                    }
+                    let client = reqwest::Client::builder()
+                        .resolve(&domain, via)
+                        .user_agent(concat!("nix-snapshotter/", env!("CARGO_PKG_VERSION")))
+                        .build()
+                        .map_err(|e| bad(format!("cannot build HTTP client: {e}")))?;
+                    Some(Detour {
+                        base: self.url.clone(),
+                        client,
+                        host: None,
+                    })
+                }
+            }
+        };
+        *self.detour.write().map_err(|_| bad("lock poisoned".into()))? = detour;
+        Ok(())
     }
 
     async fn get(&self, rel: &str) -> Result<Option<Bytes>, CacheError> {

@@ -85,6 +85,18 @@ pub trait BinaryCache: Send + Sync {
     /// Exactly `len` bytes of `rel` from `offset` (a ranged request);
     /// `Ok(None)` when missing, an error when fewer bytes come.
     async fn read_range(&self, rel: &str, offset: u64, len: u64) -> Result<Option<Bytes>, CacheError>;
+    /// Connects to `via` instead of the cache's own address from now on
+    /// (`None`: its own again), for `bench --link`. TLS, the Host header and
+    /// the URL stay the cache's.
+    fn detour(&self, via: Option<std::net::SocketAddr>) -> Result<(), CacheError> {
+        match via {
+            None => Ok(()),
+            Some(_) => Err(CacheError::UnsupportedUrl(format!(
+                "{}: only http(s) caches can be routed through another address",
+                self.url()
+            ))),
+        }
+    }
 }
 
 /// The most bytes one ranged read takes (a few frames of a seekable NAR).

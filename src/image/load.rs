@@ -51,10 +51,21 @@ fn api(call: &'static str) -> impl FnOnce(tonic::Status) -> LoadError {
     move |status| LoadError::Api { call, status }
 }
 
+/// containerd's namespace header (and lease) on every call.
 #[derive(Clone)]
-struct Headers {
+pub struct Headers {
     namespace: MetadataValue<tonic::metadata::Ascii>,
     lease: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl Headers {
+    /// The namespace header alone; `None` for a name no header can carry.
+    pub fn namespace(ns: &str) -> Option<Headers> {
+        Some(Headers {
+            namespace: ns.parse().ok()?,
+            lease: None,
+        })
+    }
 }
 
 impl tonic::service::Interceptor for Headers {

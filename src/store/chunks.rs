@@ -387,15 +387,26 @@ impl Store {
         let last = ix.index.frames[f1];
         let c_end = ix.starts[f1].1 + last.compressed as u64;
         let url = ix.index.url.as_deref().unwrap_or_default();
-        let bytes = cache
+        let started = std::time::Instant::now();
+        let got = cache
             .read_range(url, c0, c_end - c0)
             .await
             .map_err(|source| StoreError::Cache {
                 path: ix.path.clone(),
                 cache: cache.url().to_string(),
                 source,
-            })?
-            .ok_or_else(|| chunk_err(&ix.path, format!("{url} is missing from {}", cache.url())))?;
+            })
+            .and_then(|b| b.ok_or_else(|| chunk_err(&ix.path, format!("{url} is missing from {}", cache.url()))));
+        self.journal.add(super::journal::Record {
+            seq: 0,
+            path: ix.path.to_string(),
+            kind: super::journal::Kind::Range,
+            cache: cache.url().to_string(),
+            bytes: got.as_ref().map_or(0, |b| b.len() as u64),
+            took: started.elapsed(),
+            error: got.as_ref().err().map(ToString::to_string).unwrap_or_default(),
+        });
+        let bytes = got?;
         self.counters
             .bytes_downloaded
             .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -560,6 +571,20 @@ impl Store {
     /// Removes the chunks of a path that became whole: its files are on
     /// disk now. (A chunk another indexed path shares is fetched again if
     /// that one needs it.)
+    /// Forgets what this run learned of `path` (its narinfo, `.ls`
+    /// listing and index) and removes the chunks kept of it: the bytes freed.
+    pub(crate) fn forget(&self, path: &StorePath) -> u64 {
+        let before = self.indexes.chunk_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(ix) = self.known_index(path) {
+            self.drop_chunks_of(&ix);
+        }
+        if let Ok(mut k) = self.indexes.known.lock() {
+            k.remove(path);
+        }
+        self.forget_narinfo(path);
+        before.saturating_sub(self.indexes.chunk_bytes.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     pub(crate) fn drop_chunks_of(&self, ix: &Indexed) {
         let dir = self.chunk_dir();
         let mut freed = 0;

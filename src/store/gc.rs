@@ -95,10 +95,6 @@ impl Store {
         let mut report = EvictReport::default();
         for path in paths {
             let base = path.base_name().to_string();
-            let Some(size) = records.get(&base) else {
-                report.absent.push(path.to_string());
-                continue;
-            };
             let leases = self.leases.lock().map_err(|_| poisoned())?;
             let pinned = self.pinned.lock().map_err(|_| poisoned())?.contains(path);
             if pinned || leases.contains_key(path) {
@@ -107,9 +103,21 @@ impl Store {
                     done: report.evicted.len(),
                 });
             }
-            self.remove_unused(&base, path, leases)?;
-            report.freed += size;
-            report.evicted.push(path.to_string());
+            // Cold as after a restart: what this run learned of the path
+            // (narinfo, listing, index) goes too, and the chunks read of it.
+            let chunks = self.forget(path);
+            match records.get(&base) {
+                Some(size) => {
+                    self.remove_unused(&base, path, leases)?;
+                    report.freed += size + chunks;
+                    report.evicted.push(path.to_string());
+                }
+                None if chunks > 0 => {
+                    report.freed += chunks;
+                    report.evicted.push(path.to_string());
+                }
+                None => report.absent.push(path.to_string()),
+            }
         }
         tracing::info!(
             evicted = report.evicted.len(),

@@ -12,6 +12,7 @@ pub mod chunks;
 mod db;
 mod fetch;
 pub mod gc;
+pub mod journal;
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
@@ -163,6 +164,8 @@ pub struct Store {
     /// Last uses not yet written to the database.
     uses: Mutex<(HashMap<String, SystemTime>, Instant)>,
     pub counters: Counters,
+    /// Recent downloads, for `bench` (through the admin API).
+    pub journal: journal::Journal,
 }
 
 /// Keeps a path from eviction while alive.
@@ -229,6 +232,7 @@ impl Store {
             db,
             narinfos: Mutex::new(HashMap::new()),
             listed_dirs: Mutex::new(HashMap::new()),
+            journal: journal::Journal::default(),
             indexes,
             inflight: Mutex::new(HashMap::new()),
             leases: Mutex::new(HashMap::new()),
@@ -326,6 +330,17 @@ impl Store {
                         let started = Instant::now();
                         let res = landed.0.fetch_now(&landed.1).await.map_err(Arc::new);
                         landed.0.counters.fetch_seconds.observe(started.elapsed());
+                        if let Err(e) = &res {
+                            landed.0.journal.add(journal::Record {
+                                seq: 0,
+                                path: landed.1.to_string(),
+                                kind: journal::Kind::Path,
+                                cache: String::new(),
+                                bytes: 0,
+                                took: started.elapsed(),
+                                error: e.to_string(),
+                            });
+                        }
                         drop(landed);
                         let _ = tx.send(Some(res));
                     });
@@ -763,6 +778,20 @@ impl Store {
         )?;
         self.counters.paths_fetched.fetch_add(1, Ordering::Relaxed);
         self.counters.bytes_on_disk.fetch_add(disk_size, Ordering::Relaxed);
+        self.journal.add(journal::Record {
+            seq: 0,
+            path: path.to_string(),
+            kind: journal::Kind::Path,
+            cache: cache.url().to_string(),
+            // Made from chunks, its frames were counted as they came.
+            bytes: if from_chunks.is_some() {
+                0
+            } else {
+                info.file_size.unwrap_or(info.nar_size)
+            },
+            took: started.elapsed(),
+            error: String::new(),
+        });
         tracing::info!(
             path = %path,
             cache = cache.url(),
@@ -777,6 +806,16 @@ impl Store {
         }
         self.collect_in_background();
         Ok(Location::Local(dest))
+    }
+
+    /// Forgets the narinfo and listing verified for `path` this run.
+    fn forget_narinfo(&self, path: &StorePath) {
+        if let Ok(mut n) = self.narinfos.lock() {
+            n.remove(path);
+        }
+        if let Ok(mut l) = self.listed_dirs.lock() {
+            l.remove(path);
+        }
     }
 
     /// Everything recorded in the store.

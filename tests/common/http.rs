@@ -104,6 +104,11 @@ impl Server {
         self.shared.lock().unwrap().log.clone()
     }
 
+    /// Forgets the requests logged so far.
+    pub fn log_clear(&self) {
+        self.shared.lock().unwrap().log.clear();
+    }
+
     pub fn count(&self, suffix: &str) -> usize {
         self.log()
             .iter()

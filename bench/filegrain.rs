@@ -1,0 +1,436 @@
+//! Cold starts by the file against every other way, in one run on one shaped
+//! link (50 ms round trip, 100 Mbit/s, userspace: this kernel has no netem):
+//! time from `ctr run` to the container's first output line, and bytes that
+//! crossed the link, for the python closure of the cold-start benchmark
+//! (python3 and its libraries plus ~390 MiB of unrelated store paths; the
+//! program prints `ready` after `import json`):
+//!
+//! (a) eager, the Go nix-snapshotter's way: real Nix fetches the whole
+//!     closure (`nix copy --from`), then the container starts from it;
+//! (b) our whole-path lazy store (a cache without file indexes, the
+//!     command's closure prefetched whole);
+//! (c) by file: the cache given file indexes and seekable NARs by
+//!     `cache index`, chunks fetched as files are read;
+//! (d) (c) with an access profile one (c) run recorded, published with the
+//!     image (`image build --profile`): a cold start fetches what it lists
+//!     at once;
+//! (e) the same python files as an ordinary one-layer image on containerd's
+//!     overlayfs, already unpacked (page cache dropped): the floor.
+//!
+//! Every cold run has a fresh daemon root and a fresh containerd; page
+//! caches are dropped before the clock starts; the modes take turns within
+//! each round. Then warm: (d) again against (e) warm, alternating.
+//!
+//!     cargo bench --bench filegrain [-- --rounds N --json FILE]
+//!
+//! Needs root, containerd, runc, nix-bin, patchelf, python3,
+//! docker-registry and Debian's Go sources (scripts/bench).
+
+#[path = "../tests/common/mod.rs"]
+mod tc;
+
+mod common;
+mod link;
+mod python;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{arg, arg_or, drop_caches, median, nix_copy_from, publish, run, signing_key, NIXFLAGS};
+use python::PythonClosure;
+use tc::{Containerd, Daemon, TempRoot};
+
+const IMAGE: &str = "docker.io/library/bench-python:latest";
+const PLAIN_IMAGE: &str = "docker.io/library/bench-python-plain:latest";
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Mode {
+    Eager,
+    WholePath,
+    ByFile,
+    Profiled,
+    Overlay,
+}
+
+impl Mode {
+    fn key(self) -> &'static str {
+        match self {
+            Mode::Eager => "eager",
+            Mode::WholePath => "whole_path",
+            Mode::ByFile => "by_file",
+            Mode::Profiled => "by_file_profile",
+            Mode::Overlay => "overlayfs_unpacked",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Mode::Eager => "(a) eager (nix copy, the Go way)",
+            Mode::WholePath => "(b) lazy, whole paths",
+            Mode::ByFile => "(c) lazy, by file",
+            Mode::Profiled => "(d) lazy, by file + profile",
+            Mode::Overlay => "(e) overlayfs, unpacked",
+        }
+    }
+}
+
+struct Setup {
+    closure: PythonClosure,
+    public: String,
+    /// The shaped links to the plain cache and to the indexed one.
+    cache: link::Link,
+    indexed: link::Link,
+    nix_tar: PathBuf,
+    profiled_tar: PathBuf,
+    plain_tar: PathBuf,
+}
+
+struct Sample {
+    seconds: f64,
+    /// Bytes that crossed the link.
+    fetched: u64,
+}
+
+fn main() {
+    let rounds = arg_or("--rounds", 3);
+    let tmp = TempRoot::new("filebench");
+    let dir = tmp.path.clone();
+    let closure = PythonClosure::build(&dir);
+
+    let (key, public) = signing_key(&dir, "bench-file-1");
+    eprintln!(
+        "publishing ({} store paths, {} MiB) ...",
+        closure.paths.len(),
+        closure.bytes >> 20
+    );
+    let cache = dir.join("cache");
+    publish(&closure.chroot, &cache, "zstd", &key, &closure.top);
+    // The same closure as `cache push` publishes it: file indexes and
+    // seekable NARs only, so that the two caches' sizes compare.
+    let indexed = dir.join("cache-indexed");
+    run(Command::new(tc::DAEMON)
+        .args(["cache", "push", "--to"])
+        .arg(&indexed)
+        .arg("--secret-key")
+        .arg(&key)
+        .arg("--store-root")
+        .arg(&closure.chroot)
+        .arg(&closure.top));
+    let size = |d: &Path| common::du(&d.join("nar"));
+    let (plain_bytes, indexed_bytes) = (size(&cache), size(&indexed));
+
+    let nix_tar = dir.join("nix.tar");
+    closure.nix_image(&dir, IMAGE, &nix_tar, None);
+    let python_part: Vec<&String> = closure.paths.iter().filter(|p| !p.contains("-bulk-")).collect();
+    let plain_tar = dir.join("plain.tar");
+    closure.plain_image(&[python_part], PLAIN_IMAGE, &plain_tar);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let rtt = Duration::from_millis(50);
+    let server = tc::http::Server::start(cache.clone());
+    let indexed_server = tc::http::Server::start(indexed.clone());
+    let setup = Setup {
+        public,
+        cache: link::shaped_proxy(&rt, server.addr, rtt, 100e6 / 8.0),
+        indexed: link::shaped_proxy(&rt, indexed_server.addr, rtt, 100e6 / 8.0),
+        nix_tar,
+        profiled_tar: dir.join("nix-profiled.tar"),
+        plain_tar,
+        closure,
+    };
+    setup.cache.check(&cache);
+
+    // --- (d): a profile recorded by one by-file cold start, published as
+    // a store path that a second image names.
+    eprintln!("recording an access profile ...");
+    let recorded = dir.join("access-profile");
+    cold_run(&dir.join("record"), &setup, Mode::ByFile, Some(&recorded));
+    let read_bytes = profile_bytes(&recorded);
+    let profile = run(Command::new("nix")
+        .args(NIXFLAGS)
+        .args(["store", "add-file", "--store"])
+        .arg(&setup.closure.chroot)
+        .arg(&recorded))
+    .trim()
+    .to_string();
+    setup
+        .closure
+        .nix_image(&dir, IMAGE, &setup.profiled_tar, Some(&profile));
+    run(Command::new(tc::DAEMON)
+        .args(["cache", "push", "--to"])
+        .arg(&indexed)
+        .arg("--secret-key")
+        .arg(&key)
+        .arg("--store-root")
+        .arg(&setup.closure.chroot)
+        .arg(&profile));
+
+    let modes = [
+        Mode::Eager,
+        Mode::WholePath,
+        Mode::ByFile,
+        Mode::Profiled,
+        Mode::Overlay,
+    ];
+    let mut samples: Vec<Vec<Sample>> = modes.iter().map(|_| Vec::new()).collect();
+    for r in 0..rounds {
+        for i in 0..modes.len() {
+            let m = (r + i) % modes.len();
+            let d = dir.join(format!("r{r}-{}", modes[m].key()));
+            let s = cold_run(&d, &setup, modes[m], None);
+            eprintln!(
+                "round {r}: {}: {:.2} s, {:.1} MiB over the link",
+                modes[m].label(),
+                s.seconds,
+                s.fetched as f64 / 1048576.0
+            );
+            samples[m].push(s);
+        }
+    }
+
+    // --- Warm: (d) again against (e), alternating, after a warm-up of each.
+    eprintln!("warm runs ...");
+    let (warm, overlay) = warm_runs(&dir.join("warm"), &setup);
+
+    let mut report = serde_json::Map::new();
+    println!();
+    println!(
+        "closure: {} store paths, {} MiB; cache {} MiB of zstd NARs, {} MiB with indexes and seekable NARs ({:.2}x); \
+         the program reads {:.1} MiB (its profile); shaped link 50 ms / 100 Mbit; {rounds} rounds, medians",
+        setup.closure.paths.len(),
+        setup.closure.bytes >> 20,
+        plain_bytes >> 20,
+        indexed_bytes >> 20,
+        indexed_bytes as f64 / plain_bytes as f64,
+        read_bytes as f64 / 1048576.0
+    );
+    let eager = median(samples[0].iter().map(|s| s.seconds).collect());
+    for (m, mode) in modes.iter().enumerate() {
+        let times: Vec<f64> = samples[m].iter().map(|s| s.seconds).collect();
+        let t = median(times.clone());
+        let fetched = median(samples[m].iter().map(|s| s.fetched as f64).collect());
+        println!(
+            "{:<34} {t:>6.2} s  (min {:.2}, max {:.2})  {:>5.1}x faster than (a)  {:>6.1} MiB fetched ({:.2}x what it reads)",
+            mode.label(),
+            times.iter().copied().fold(f64::MAX, f64::min),
+            times.iter().copied().fold(0.0, f64::max),
+            eager / t,
+            fetched / 1048576.0,
+            fetched / read_bytes as f64,
+        );
+        report.insert(
+            mode.key().into(),
+            serde_json::json!({
+                "label": mode.label(),
+                "seconds": times,
+                "median": t,
+                "speedup_over_eager": eager / t,
+                "fetched_bytes": fetched,
+            }),
+        );
+    }
+    println!(
+        "warm, 9 alternating runs each: (d) {warm:.3} s, overlayfs {overlay:.3} s, ratio {:.2}x",
+        warm / overlay
+    );
+    report.insert(
+        "warm".into(),
+        serde_json::json!({ "by_file_profile": warm, "overlayfs": overlay }),
+    );
+    report.insert("read_bytes".into(), serde_json::json!(read_bytes));
+    report.insert("closure_bytes".into(), serde_json::json!(setup.closure.bytes));
+    report.insert(
+        "cache_bytes".into(),
+        serde_json::json!({ "zstd": plain_bytes, "indexed": indexed_bytes }),
+    );
+    if let Some(out) = arg("--json") {
+        std::fs::write(out, serde_json::to_vec_pretty(&report).unwrap()).unwrap();
+    }
+    drop(server);
+    drop(indexed_server);
+    drop(rt);
+}
+
+/// The bytes an access profile says the program read.
+fn profile_bytes(profile: &Path) -> u64 {
+    std::fs::read_to_string(profile)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The daemon's config for `mode`, under `dir`.
+fn daemon_config(dir: &Path, setup: &Setup, mode: Mode, host_store: &str) -> PathBuf {
+    let link = if matches!(mode, Mode::ByFile | Mode::Profiled) {
+        &setup.indexed
+    } else {
+        &setup.cache
+    };
+    // By file, the command's closure is not fetched whole ahead: what is
+    // read is fetched by the chunk (and with a profile, ahead by it).
+    let store = if mode == Mode::ByFile {
+        "prefetch_entrypoint = false\n"
+    } else {
+        ""
+    };
+    let cfg = tc::cache_config(
+        dir,
+        &link.url,
+        &setup.public,
+        &format!("[store]\nmax_size = \"0\"\n{store}"),
+    );
+    if !host_store.is_empty() {
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("host_store = \"\"", &format!("host_store = \"{host_store}\""));
+        std::fs::write(&cfg, text).unwrap();
+    }
+    cfg
+}
+
+/// One cold start of `mode` in a fresh node under `dir`; the daemon's access
+/// profile copied to `keep_profile` when given.
+fn cold_run(dir: &Path, setup: &Setup, mode: Mode, keep_profile: Option<&Path>) -> Sample {
+    std::fs::create_dir_all(dir).unwrap();
+    let sock = dir.join("nix.sock");
+    let link = if matches!(mode, Mode::ByFile | Mode::Profiled) {
+        &setup.indexed
+    } else {
+        &setup.cache
+    };
+    let before = link.downloaded();
+    let mut eager_seconds = 0.0;
+    let mut host_store = String::new();
+    if mode == Mode::Eager {
+        // The Go way: the whole closure realised first, then started.
+        let store = dir.join("eager");
+        drop_caches();
+        let t = Instant::now();
+        nix_copy_from(&link.url, &setup.public, &store, &setup.closure.top);
+        eager_seconds = t.elapsed().as_secs_f64();
+        host_store = store.join("nix/store").to_string_lossy().into_owned();
+    }
+    let daemon = (mode != Mode::Overlay).then(|| {
+        let cfg = daemon_config(dir, setup, mode, &host_store);
+        Daemon::start_logging(
+            &dir.join("root"),
+            &sock,
+            &["--config", cfg.to_str().unwrap()],
+            &[],
+            "warn",
+        )
+    });
+    let ctrd = Containerd::start(&dir.join("ctrd"), &sock);
+    let ns = ctrd.namespace.clone();
+    let (snapshotter, image) = if mode == Mode::Overlay {
+        run(Command::new("ctr")
+            .arg("--address")
+            .arg(&ctrd.address)
+            .args(["--namespace", &ns, "images", "import", "--snapshotter", "overlayfs"])
+            .arg(&setup.plain_tar));
+        ("overlayfs", PLAIN_IMAGE)
+    } else {
+        let tar = if mode == Mode::Profiled {
+            &setup.profiled_tar
+        } else {
+            &setup.nix_tar
+        };
+        let out = ctrd.image_load(&ns, tar);
+        assert!(
+            out.status.success(),
+            "image load: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ("nix", IMAGE)
+    };
+    if mode != Mode::Eager {
+        drop_caches();
+    }
+    let seconds = eager_seconds + first_line(&ctrd, snapshotter, image, &format!("{ns}-c"));
+    if let Some(to) = keep_profile {
+        // Written twice a second while it changes.
+        std::thread::sleep(Duration::from_millis(1500));
+        std::fs::copy(dir.join("root").join("access-profile"), to).expect("the daemon recorded no access profile");
+    }
+    let fetched = link.downloaded() - before;
+    drop(ctrd);
+    drop(daemon);
+    tc::unmount_below(dir);
+    let _ = nix_snapshotter::store::gc::remove_tree(dir);
+    Sample {
+        seconds,
+        fetched: if mode == Mode::Overlay { 0 } else { fetched },
+    }
+}
+
+/// `ctr run` of `image` until the first line of output: seconds.
+pub fn first_line(ctrd: &Containerd, snapshotter: &str, image: &str, id: &str) -> f64 {
+    let start = Instant::now();
+    let mut child = Command::new("ctr")
+        .arg("--address")
+        .arg(&ctrd.address)
+        .args(["--namespace", &ctrd.namespace])
+        .args(["run", "--rm", "--snapshotter", snapshotter, image, id])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let t = start.elapsed().as_secs_f64();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    assert!(
+        status.success() && line.trim() == "ready",
+        "container {id} failed ({line:?}): {err}"
+    );
+    t
+}
+
+/// Medians of 9 alternating warm runs of (d) and of (e), after a warm-up.
+fn warm_runs(dir: &Path, setup: &Setup) -> (f64, f64) {
+    std::fs::create_dir_all(dir).unwrap();
+    let sock = dir.join("nix.sock");
+    let cfg = daemon_config(dir, setup, Mode::Profiled, "");
+    let daemon = Daemon::start_logging(
+        &dir.join("root"),
+        &sock,
+        &["--config", cfg.to_str().unwrap()],
+        &[],
+        "warn",
+    );
+    let ctrd = Containerd::start(&dir.join("ctrd"), &sock);
+    let ns = ctrd.namespace.clone();
+    let out = ctrd.image_load(&ns, &setup.profiled_tar);
+    assert!(
+        out.status.success(),
+        "image load: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    run(Command::new("ctr")
+        .arg("--address")
+        .arg(&ctrd.address)
+        .args(["--namespace", &ns, "images", "import", "--snapshotter", "overlayfs"])
+        .arg(&setup.plain_tar));
+    for w in 0..2 {
+        first_line(&ctrd, "nix", IMAGE, &format!("{ns}-wn{w}"));
+        first_line(&ctrd, "overlayfs", PLAIN_IMAGE, &format!("{ns}-wo{w}"));
+    }
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for i in 0..9 {
+        ours.push(first_line(&ctrd, "nix", IMAGE, &format!("{ns}-n{i}")));
+        theirs.push(first_line(&ctrd, "overlayfs", PLAIN_IMAGE, &format!("{ns}-o{i}")));
+    }
+    drop(ctrd);
+    drop(daemon);
+    tc::unmount_below(dir);
+    (median(ours), median(theirs))
+}
