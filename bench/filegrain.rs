@@ -15,7 +15,11 @@
 //!     image (`image build --profile`): a cold start fetches what it lists
 //!     at once;
 //! (e) the same python files as an ordinary one-layer image on containerd's
-//!     overlayfs, already unpacked (page cache dropped): the floor.
+//!     overlayfs, already unpacked (page cache dropped): the floor;
+//! (f) SOCI, Debian's `soci-snapshotter`: (e)'s image with a SOCI index in
+//!     Debian's `docker-registry` behind the same link, `soci image rpull`
+//!     then `ctr run` (see `soci.rs`; left out, saying why, when its
+//!     package is missing).
 //!
 //! Every cold run has a fresh daemon root and a fresh containerd; page
 //! caches are dropped before the clock starts; the modes take turns within
@@ -32,6 +36,7 @@ mod tc;
 mod common;
 mod link;
 mod python;
+mod soci;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -52,6 +57,7 @@ enum Mode {
     ByFile,
     Profiled,
     Overlay,
+    Soci,
 }
 
 impl Mode {
@@ -62,6 +68,7 @@ impl Mode {
             Mode::ByFile => "by_file",
             Mode::Profiled => "by_file_profile",
             Mode::Overlay => "overlayfs_unpacked",
+            Mode::Soci => "soci",
         }
     }
 
@@ -72,6 +79,7 @@ impl Mode {
             Mode::ByFile => "(c) lazy, by file",
             Mode::Profiled => "(d) lazy, by file + profile",
             Mode::Overlay => "(e) overlayfs, unpacked",
+            Mode::Soci => "(f) SOCI (rpull + run)",
         }
     }
 }
@@ -167,19 +175,29 @@ fn main() {
         .arg(&setup.closure.chroot)
         .arg(&profile));
 
-    let modes = [
+    // --- (f): SOCI over the same link, when its package can be had.
+    let soci = soci::Soci::prepare(&dir.join("soci"), &setup.plain_tar, &rt, rtt)
+        .map_err(|e| eprintln!("SOCI left out: {e}"))
+        .ok();
+    let mut modes = vec![
         Mode::Eager,
         Mode::WholePath,
         Mode::ByFile,
         Mode::Profiled,
         Mode::Overlay,
     ];
+    if soci.is_some() {
+        modes.push(Mode::Soci);
+    }
     let mut samples: Vec<Vec<Sample>> = modes.iter().map(|_| Vec::new()).collect();
     for r in 0..rounds {
         for i in 0..modes.len() {
             let m = (r + i) % modes.len();
             let d = dir.join(format!("r{r}-{}", modes[m].key()));
-            let s = cold_run(&d, &setup, modes[m], None);
+            let s = match (modes[m], &soci) {
+                (Mode::Soci, Some(soci)) => soci.cold_run(&d),
+                (mode, _) => cold_run(&d, &setup, mode, None),
+            };
             eprintln!(
                 "round {r}: {}: {:.2} s, {:.1} MiB over the link",
                 modes[m].label(),
@@ -248,6 +266,7 @@ fn main() {
     if let Some(out) = arg("--json") {
         std::fs::write(out, serde_json::to_vec_pretty(&report).unwrap()).unwrap();
     }
+    drop(soci);
     drop(server);
     drop(indexed_server);
     drop(rt);
