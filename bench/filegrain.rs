@@ -34,6 +34,7 @@
 mod tc;
 
 mod common;
+mod layouts;
 mod link;
 mod python;
 mod soci;
@@ -156,6 +157,7 @@ fn main() {
     let recorded = dir.join("access-profile");
     cold_run(&dir.join("record"), &setup, Mode::ByFile, Some(&recorded));
     let read_bytes = profile_bytes(&recorded);
+    let ranges = nix_snapshotter::nixfmt::profile::parse(&std::fs::read_to_string(&recorded).unwrap()).unwrap();
     let profile = run(Command::new("nix")
         .args(NIXFLAGS)
         .args(["store", "add-file", "--store"])
@@ -174,6 +176,32 @@ fn main() {
         .arg("--store-root")
         .arg(&setup.closure.chroot)
         .arg(&profile));
+
+    // --- The layout, measured on that profile: frame sizes, and no
+    // compression at all.
+    eprintln!("publishing the closure with other frame sizes ...");
+    let mut layouts = Vec::new();
+    for (frame, name) in [
+        ("64KiB", "seekable zstd, 64 KiB frames"),
+        ("1MiB", "seekable zstd, 1 MiB frames"),
+    ] {
+        let other = dir.join(format!("cache-{frame}"));
+        run(Command::new(tc::DAEMON)
+            .args(["cache", "push", "--frame-size", frame, "--to"])
+            .arg(&other)
+            .arg("--secret-key")
+            .arg(&key)
+            .arg("--store-root")
+            .arg(&setup.closure.chroot)
+            .arg(&setup.closure.top));
+        layouts.push(layouts::seekable(name, &other, &ranges));
+        let _ = nix_snapshotter::store::gc::remove_tree(&other);
+    }
+    layouts.insert(
+        1,
+        layouts::seekable("seekable zstd, 256 KiB frames (default)", &indexed, &ranges),
+    );
+    layouts.push(layouts::uncompressed(&indexed, &ranges));
 
     // --- (f): SOCI over the same link, when its package can be had.
     let soci = soci::Soci::prepare(&dir.join("soci"), &setup.plain_tar, &rt, rtt)
@@ -253,6 +281,23 @@ fn main() {
         "warm, 9 alternating runs each: (d) {warm:.3} s, overlayfs {overlay:.3} s, ratio {:.2}x",
         warm / overlay
     );
+    println!("layouts, for this profile (cache size against plain zstd NARs; bytes and requests of a cold start):");
+    let mut layout_report = Vec::new();
+    for l in &layouts {
+        println!(
+            "  {:<44} cache {:>6.1} MiB ({:.2}x)  fetches {:>5.1} MiB ({:.2}x what it reads) in {} requests",
+            l.name,
+            l.cache_bytes as f64 / 1048576.0,
+            l.cache_bytes as f64 / plain_bytes as f64,
+            l.fetched as f64 / 1048576.0,
+            l.fetched as f64 / read_bytes as f64,
+            l.requests
+        );
+        layout_report.push(serde_json::json!({
+            "name": l.name, "cache_bytes": l.cache_bytes, "fetched_bytes": l.fetched, "requests": l.requests,
+        }));
+    }
+    report.insert("layouts".into(), serde_json::json!(layout_report));
     report.insert(
         "warm".into(),
         serde_json::json!({ "by_file_profile": warm, "overlayfs": overlay }),

@@ -2,7 +2,7 @@
 # the Go project (name, tag, config, copyToRoot, fromImage, resolvedByNix).
 # Everything here is also doable with the CLI alone:
 #   nix-snapshotter image build --config CONFIG.json --closure STORE_PATHS \
-#     [--copy-to-root PATHS.json] [--from-image ARCHIVE] [--ref REF] OUT.tar
+#     [--copy-to-root PATHS.json] [--from-image ARCHIVE] [--ref REF] [--profile P] OUT.tar
 { pkgs, nix-snapshotter ? pkgs.nix-snapshotter }:
 
 let
@@ -22,6 +22,10 @@ in
     , copyToRoot ? null
       # The image config's `config`: Cmd, Entrypoint, Env, WorkingDir, ...
     , config ? { }
+      # An access profile (a file: what `nix-snapshotter profile export`
+      # wrote after a run) that cold starts prefetch by; it joins the
+      # closure and the Nix layer's `nix-profile` label names it.
+    , accessProfile ? null
     }:
     let
       roots = if copyToRoot == null then [ ] else lib.toList copyToRoot;
@@ -31,7 +35,11 @@ in
       # Every store path the config mentions is in its string context, so the
       # closure of this file covers them.
       configFile = pkgs.writeText "nix-image-config-${baseName}.json" (builtins.toJSON config);
-      closure = pkgs.closureInfo { rootPaths = [ configFile ] ++ roots; };
+      profile = if accessProfile == null then null else builtins.path {
+        path = accessProfile;
+        name = "nix-access-profile-${baseName}";
+      };
+      closure = pkgs.closureInfo { rootPaths = [ configFile ] ++ roots ++ lib.optional (profile != null) profile; };
       copyToRootFile = pkgs.writeText "nix-image-copy-to-root-${baseName}.json" (builtins.toJSON (map toString roots));
       archive = pkgs.runCommand "nix-image-${baseName}.tar" { nativeBuildInputs = [ nix-snapshotter ]; } ''
         nix-snapshotter image build \
@@ -39,6 +47,7 @@ in
           --closure ${closure}/store-paths \
           ${lib.optionalString (roots != [ ]) "--copy-to-root ${copyToRootFile}"} \
           ${lib.optionalString (fromImage != null) "--from-image ${fromImage}"} \
+          ${lib.optionalString (profile != null) "--profile ${profile}"} \
           --ref ${if resolvedByNix then "nix:0$out" else lib.escapeShellArg "${name}:${tag}"} \
           $out
       '';

@@ -11,7 +11,8 @@ use tonic::{Request, Response, Status};
 use crate::api::admin::admin_server::Admin;
 use crate::api::admin::{
     ActivityRequest, ActivityResponse, CacheStatus, Download, EvictRequest, EvictResponse, FetchRequest, FetchResponse,
-    GcRequest, GcResponse, InterposeEvent, InterposeRequest, StatusRequest, StatusResponse,
+    GcRequest, GcResponse, InterposeEvent, InterposeRequest, ProfileRequest, ProfileResponse, StatusRequest,
+    StatusResponse,
 };
 use crate::config::Config;
 use crate::nixfmt::StorePath;
@@ -221,6 +222,14 @@ impl Admin for AdminService {
             first: Some(first),
             _guard: guard,
         })))
+    }
+
+    async fn profile(&self, req: Request<ProfileRequest>) -> Result<Response<ProfileResponse>, Status> {
+        let (text, ranges) = self.store()?.recorded_profile(req.get_ref().reset);
+        Ok(Response::new(ProfileResponse {
+            text,
+            ranges: ranges as u64,
+        }))
     }
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {

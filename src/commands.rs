@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::api::admin::admin_client::AdminClient;
-use crate::api::admin::{EvictRequest, FetchRequest, GcRequest, StatusRequest, StatusResponse};
+use crate::api::admin::{EvictRequest, FetchRequest, GcRequest, ProfileRequest, StatusRequest, StatusResponse};
 use crate::config::Config;
 use crate::nixfmt::StorePath;
 use crate::store::{self, Location, Store};
@@ -261,6 +261,50 @@ pub async fn evict(cfg: &Config, paths: &[String]) -> Result<(), CommandError> {
 }
 
 /// `nix-snapshotter status [--json]`
+/// `nix-snapshotter profile [--reset] [--output FILE]`: the access profile
+/// the running daemon recorded (or, with none running, the root's last
+/// one), to publish with an image (`image build --profile`, buildImage's
+/// `accessProfile`).
+pub async fn profile(cfg: &Config, reset: bool, output: Option<&std::path::Path>) -> Result<(), CommandError> {
+    let bad = |m: String| CommandError::State(crate::error::Error::InvalidArgument(m));
+    let (text, ranges) = match daemon(&cfg.address).await {
+        Some(mut d) => {
+            let r = d
+                .profile(ProfileRequest { reset })
+                .await
+                .map_err(daemon_err(&cfg.address))?
+                .into_inner();
+            (r.text, r.ranges)
+        }
+        None if reset => {
+            return Err(bad(format!(
+                "--reset needs a running daemon (none answers at {})",
+                cfg.address.display()
+            )))
+        }
+        None => {
+            let file = cfg.root.join("access-profile");
+            let text = std::fs::read_to_string(&file).map_err(|e| {
+                bad(format!(
+                    "no daemon answers at {} and {} cannot be read: {e}",
+                    cfg.address.display(),
+                    file.display()
+                ))
+            })?;
+            let ranges = crate::nixfmt::profile::parse(&text)
+                .map_err(|e| bad(format!("{}: {e}", file.display())))?
+                .len() as u64;
+            (text, ranges)
+        }
+    };
+    match output {
+        Some(p) => std::fs::write(p, &text).map_err(|e| bad(format!("{}: {e}", p.display())))?,
+        None => print!("{text}"),
+    }
+    eprintln!("{ranges} ranges");
+    Ok(())
+}
+
 pub async fn status(cfg: &Config, json: bool) -> Result<(), CommandError> {
     let (daemon_runs, s) = match daemon(&cfg.address).await {
         Some(mut d) => (

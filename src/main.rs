@@ -85,6 +85,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The access profile the daemon recorded (what containers read by the
+    /// chunk), to publish with an image (`image build --profile`).
+    Profile {
+        /// Configuration file (TOML), as for the daemon.
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Start recording afresh (after printing what was recorded).
+        #[arg(long)]
+        reset: bool,
+        /// Write it to FILE instead of standard output.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
     /// Time cold against warm (and eager) starts of an image already in
     /// containerd, on the running daemon: what is fetched, how long it takes.
     Bench {
@@ -457,7 +470,8 @@ fn main() -> ExitCode {
         Some(Command::Fetch { config: Some(c), .. })
         | Some(Command::Gc { config: Some(c), .. })
         | Some(Command::Evict { config: Some(c), .. })
-        | Some(Command::Status { config: Some(c), .. }) => Some(c.clone()),
+        | Some(Command::Status { config: Some(c), .. })
+        | Some(Command::Profile { config: Some(c), .. }) => Some(c.clone()),
         _ => cli.config.clone(),
     };
     let mut cfg = match Config::load_with(config_file.as_deref(), &defaults) {
@@ -547,6 +561,9 @@ fn main() -> ExitCode {
         Some(Command::Gc { max_size, .. }) => run(async { nix_snapshotter::commands::gc(&cfg, max_size).await }),
         Some(Command::Evict { paths, .. }) => run(async { nix_snapshotter::commands::evict(&cfg, &paths).await }),
         Some(Command::Status { json, .. }) => run(async { nix_snapshotter::commands::status(&cfg, json).await }),
+        Some(Command::Profile { reset, output, .. }) => {
+            run(async { nix_snapshotter::commands::profile(&cfg, reset, output.as_deref()).await })
+        }
         Some(Command::Bench {
             address,
             namespace,

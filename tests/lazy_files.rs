@@ -200,12 +200,34 @@ fn an_access_profile_recorded_on_one_node_prefetches_a_cold_start_on_another() {
         || std::fs::read_to_string(&recorded).is_ok_and(|t| t.contains("share/deep/a") && t.contains("bin/busybox")),
         || format!("no profile recorded: {:?}", std::fs::read_to_string(&recorded)),
     );
+    // Exported through the daemon (what a CI job does after a run), then
+    // recording starts afresh.
+    let profile_file = s.tmp.join("profile");
+    let export = |args: &[&str]| {
+        Command::new(common::DAEMON)
+            .arg("--address")
+            .arg(&daemon.address)
+            .arg("profile")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = export(&["--reset", "--output", profile_file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&profile_file).unwrap();
+    assert!(text.contains("share/deep/a") && text.contains("bin/busybox"), "{text}");
+    assert_eq!(text, std::fs::read_to_string(&recorded).unwrap());
+    let out = export(&[]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "nix-snapshotter-profile 1\n",
+        "reset: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     drop(ctrd);
     drop(daemon);
 
     // Published with the image: a store path of its closure, named by a label.
-    let profile_file = s.tmp.join("profile");
-    std::fs::copy(&recorded, &profile_file).unwrap();
     let profile = s.nix.add_file(&profile_file);
     push(&s.nix, &s.cache, &profile);
     let paths = s.tmp.join("store-paths");

@@ -97,6 +97,31 @@ fn build_image_takes_a_registry_name() {
     );
 }
 
+/// `accessProfile`: the file joins the closure as a store path of its own,
+/// and the Nix layer's label names it (cold starts prefetch by it).
+#[test]
+fn build_image_publishes_an_access_profile_with_the_image() {
+    let tmp = TempRoot::new("buildprofile");
+    let nix = NixStore::new(&tmp.join("nix"), "buildprofile-1");
+    let cli = common::nix::copy_cli(&tmp.path);
+    let recorded = tmp.join("access-profile");
+    std::fs::write(&recorded, "nix-snapshotter-profile 1\n").unwrap();
+    let out = build_image_nix(&nix, &cli, &["--arg", "accessProfile", recorded.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let image_path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let image = nix_snapshotter::image::read_archive(&nix.real(&image_path)).unwrap();
+    let ann = &image.layers.last().unwrap().annotations;
+    let profile = &ann["containerd.io/snapshot/nix-profile"];
+    assert!(profile.ends_with("-nix-access-profile-hello"), "{profile}");
+    assert_eq!(
+        std::fs::read_to_string(nix.real(profile)).unwrap(),
+        "nix-snapshotter-profile 1\n"
+    );
+    let info = &ann["containerd.io/snapshot/nix-closure"];
+    let paths = std::fs::read_to_string(nix.real(info).join("store-paths")).unwrap();
+    assert!(paths.lines().any(|l| l == profile), "{paths}");
+}
+
 #[test]
 fn build_image_nix_builds_a_runnable_image() {
     let tmp = TempRoot::new("buildimage");

@@ -171,16 +171,31 @@ impl Store {
     /// The path's index, `Ok(None)` for good (none, or one not to use),
     /// `Err` when it cannot be told now (asked again next time).
     async fn found_index(&self, path: &StorePath) -> std::result::Result<Option<Arc<Indexed>>, ()> {
-        let found = self.narinfo(path).await.map_err(drop)?;
         let caches = self.caches().await.map_err(drop)?;
+        let rel = format!("{}.idx", path.hash_part());
+        // Asked of the first cache that publishes indexes together with the
+        // narinfo (a round trip fewer on a cold start), and used only if
+        // the narinfo comes from that cache; it is verified against it.
+        let guess = caches.iter().position(|c| c.file_indexes);
+        let early = async {
+            match guess {
+                Some(i) => Some(caches[i].get(&rel).await),
+                None => None,
+            }
+        };
+        let (found, early) = tokio::join!(self.narinfo(path), early);
+        let found = found.map_err(drop)?;
         let Some(cache) = caches.get(found.cache) else {
             return Ok(None);
         };
         if !cache.file_indexes {
             return Ok(None);
         }
-        let rel = format!("{}.idx", path.hash_part());
-        let bytes = match cache.get(&rel).await {
+        let got = match (guess, early) {
+            (Some(i), Some(r)) if i == found.cache => r,
+            _ => cache.get(&rel).await,
+        };
+        let bytes = match got {
             Ok(Some(b)) => b,
             Ok(None) => return Ok(None),
             Err(e) => {
@@ -668,6 +683,20 @@ impl Store {
                 }
             }
         });
+    }
+
+    /// The access profile recorded so far, as text, and its number of
+    /// ranges; with `reset`, recording starts afresh (the file too).
+    pub fn recorded_profile(&self, reset: bool) -> (String, usize) {
+        let Ok(mut r) = self.indexes.recorder.lock() else {
+            return (profile::to_text(&[]), 0);
+        };
+        let out = (profile::to_text(&r.0.ranges), r.0.ranges.len());
+        if reset {
+            r.0 = profile::Recorder::default();
+            r.0.dirty = true;
+        }
+        out
     }
 
     /// Fetches, many requests in flight, the chunks an access profile (a

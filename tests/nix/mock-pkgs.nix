@@ -12,6 +12,7 @@ let
   } // env);
   lib = import ./mock-modules.nix // {
     toList = x: if builtins.isList x then x else [ x ];
+    optional = c: x: if c then [ x ] else [ ];
     optionalString = c: s: if c then s else "";
     optionalAttrs = c: s: if c then s else { };
     escapeShellArg = s: "'" + builtins.replaceStrings [ "'" ] [ "'\\''" ] s + "'";
@@ -31,8 +32,13 @@ rec {
     sh name { inherit text; passAsFile = [ "text" ]; } "b printf '#!/bin/sh\\n' > $out; b cat $textPath >> $out; b chmod 555 $out";
   writeText = name: text: sh name { inherit text; passAsFile = [ "text" ]; } "b cp $textPath $out";
   # closureInfo's store-paths, from Nix's exportReferencesGraph.
-  closureInfo = { rootPaths }: sh "closure-info" { exportReferencesGraph = builtins.concatLists (map (p: [ "graph" p ]) rootPaths); }
-    "b mkdir $out; b grep '^/nix/store/' graph | b grep -v '[.]drv$' | b sort -u > $out/store-paths";
+  # One graph file per root.
+  closureInfo = { rootPaths }: sh "closure-info"
+    {
+      exportReferencesGraph = builtins.concatLists
+        (builtins.genList (i: [ "graph${toString i}" (builtins.elemAt rootPaths i) ]) (builtins.length rootPaths));
+    }
+    "b mkdir $out; b cat graph* | b grep '^/nix/store/' | b grep -v '[.]drv$' | b sort -u > $out/store-paths";
   runCommand = name: env: script:
     sh name (builtins.removeAttrs env [ "nativeBuildInputs" ] // {
       PATH = builtins.concatStringsSep ":" (map (p: "${p}/bin") (env.nativeBuildInputs or [ ]));
