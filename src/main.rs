@@ -201,7 +201,7 @@ struct LayoutArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64KiB")]
     chunk_size: u64,
     /// Uncompressed bytes per zstd frame (the least a ranged read inflates).
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "256KiB")]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64KiB")]
     frame_size: u64,
     /// zstd level.
     #[arg(long, default_value_t = 9)]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::BenchError;
 
@@ -57,17 +57,22 @@ impl Runner {
                 msg: format!("cannot start {}: {e}", self.ctr.display()),
             },
         })?;
-        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let mut lines = Lines::new(child.stdout.take().expect("piped"));
         let mut stderr = child.stderr.take().expect("piped");
         let err_text = tokio::spawn(async move {
-            let mut buf = Vec::new();
-            let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut buf).await;
-            String::from_utf8_lossy(&buf).into_owned()
+            // The first bytes kept, the rest drained (a full pipe would stop ctr).
+            let (mut kept, mut buf) = (Vec::new(), [0u8; 8192]);
+            while let Ok(n @ 1..) = stderr.read(&mut buf).await {
+                if kept.len() < KEEP * 16 {
+                    kept.extend_from_slice(&buf[..n]);
+                }
+            }
+            String::from_utf8_lossy(&kept).into_owned()
         });
         let mut seen = String::new();
         let deadline = start + self.timeout;
         let ready = loop {
-            let line = match tokio::time::timeout_at(deadline.into(), lines.next_line()).await {
+            let line = match tokio::time::timeout_at(deadline.into(), lines.next()).await {
                 Err(_) => {
                     drop(guard);
                     return Err(BenchError::Timeout {
@@ -80,7 +85,7 @@ impl Runner {
                         output: tail(&seen),
                     });
                 }
-                Ok(Ok(Some(l))) => l,
+                Ok(Some(l)) => l,
                 // Output closed: the command ended.
                 Ok(_) => break None,
             };
@@ -134,6 +139,49 @@ impl Runner {
     }
 }
 
+/// Lines of a container's output, each at most [`MAX_LINE`] bytes (a longer
+/// one comes in pieces): its output takes bounded memory here.
+struct Lines<R> {
+    r: R,
+    buf: Vec<u8>,
+    done: bool,
+}
+
+const MAX_LINE: usize = 64 * 1024;
+
+impl<R: AsyncRead + Unpin> Lines<R> {
+    fn new(r: R) -> Self {
+        Lines {
+            r,
+            buf: Vec::new(),
+            done: false,
+        }
+    }
+
+    /// The next line without its newline; `None` at the end.
+    async fn next(&mut self) -> Option<String> {
+        loop {
+            let window = &self.buf[..self.buf.len().min(MAX_LINE + 1)];
+            if let Some(i) = window.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                return Some(String::from_utf8_lossy(&line[..i]).into_owned());
+            }
+            if self.buf.len() >= MAX_LINE || (self.done && !self.buf.is_empty()) {
+                let line: Vec<u8> = self.buf.drain(..self.buf.len().min(MAX_LINE)).collect();
+                return Some(String::from_utf8_lossy(&line).into_owned());
+            }
+            if self.done {
+                return None;
+            }
+            let mut chunk = [0u8; 8192];
+            match self.r.read(&mut chunk).await {
+                Ok(0) | Err(_) => self.done = true,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
 fn tail(s: &str) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
@@ -180,5 +228,24 @@ impl Drop for Cleanup<'_> {
         }
         quiet(&["containers", "delete", id]);
         quiet(&["snapshots", "--snapshotter", &self.runner.snapshotter, "rm", id]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn output_lines_are_split_and_bounded() {
+        let mut data = b"first\nsecond\n".to_vec();
+        data.extend(std::iter::repeat_n(b'x', MAX_LINE + 10));
+        data.extend_from_slice(b"\nlast without newline");
+        let mut lines = Lines::new(&data[..]);
+        assert_eq!(lines.next().await.as_deref(), Some("first"));
+        assert_eq!(lines.next().await.as_deref(), Some("second"));
+        assert_eq!(lines.next().await.map(|l| l.len()), Some(MAX_LINE));
+        assert_eq!(lines.next().await.as_deref(), Some("xxxxxxxxxx"));
+        assert_eq!(lines.next().await.as_deref(), Some("last without newline"));
+        assert_eq!(lines.next().await, None);
     }
 }

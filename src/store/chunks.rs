@@ -54,11 +54,62 @@ const READ_AHEAD: u64 = 1 << 20;
 /// A path's index once known: `None` when it has none to use.
 type IndexCell = tokio::sync::OnceCell<Option<Arc<Indexed>>>;
 
+/// Index entries kept in memory at most, all paths together (one index
+/// holds at most [`crate::nixfmt::index::MAX_ENTRIES`]): past it, the least
+/// recently used indexes are forgotten, and asked of the cache again when
+/// needed.
+const MAX_KNOWN_ENTRIES: usize = 2_000_000;
+
+/// A path's index cell and when it was last asked for.
+struct Known {
+    cell: Arc<IndexCell>,
+    used: u64,
+}
+
+impl Known {
+    fn entries(&self) -> usize {
+        match self.cell.get() {
+            Some(Some(ix)) => ix.index.entries.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// Forgets the least recently used indexes (never `keep`) until at most
+/// `max` entries are left.
+fn trim_known(known: &mut HashMap<StorePath, Known>, keep: &StorePath, max: usize) {
+    let items = known.iter().map(|(p, k)| (p.clone(), k.used, k.entries()));
+    for v in lru_victims(items, keep, max) {
+        known.remove(&v);
+    }
+}
+
+/// Which of `(key, last used, size)` to drop, least recently used first
+/// and never `keep`, for the sizes left to total at most `max`.
+fn lru_victims<K: PartialEq>(items: impl Iterator<Item = (K, u64, usize)>, keep: &K, max: usize) -> Vec<K> {
+    let mut items: Vec<(K, u64, usize)> = items.collect();
+    let mut total: usize = items.iter().map(|i| i.2).sum();
+    items.sort_by_key(|i| i.1);
+    let mut out = Vec::new();
+    for (k, _, size) in items {
+        if total <= max {
+            break;
+        }
+        if &k != keep && size > 0 {
+            total -= size;
+            out.push(k);
+        }
+    }
+    out
+}
+
 /// What the store remembers about paths' indexes this run.
 pub struct Indexes {
     /// Each path's index, asked for once (concurrent askers wait for the
     /// first); a transient failure is not remembered.
-    known: std::sync::Mutex<HashMap<StorePath, Arc<IndexCell>>>,
+    known: std::sync::Mutex<HashMap<StorePath, Known>>,
+    /// Orders uses of `known`.
+    tick: std::sync::atomic::AtomicU64,
     /// What was read by the chunk; whether its writer runs.
     recorder: Arc<std::sync::Mutex<(profile::Recorder, bool)>>,
     /// Bytes of the chunks kept on disk (counted against `max_size`).
@@ -79,6 +130,7 @@ impl Indexes {
         }
         Indexes {
             known: Default::default(),
+            tick: Default::default(),
             recorder: Arc::new(std::sync::Mutex::new((profile::Recorder::default(), false))),
             chunk_bytes: bytes.into(),
         }
@@ -149,23 +201,33 @@ impl Store {
     /// one this store may use (see the module's doc). Asked of the cache
     /// once per run.
     pub async fn indexed(&self, path: &StorePath) -> Option<Arc<Indexed>> {
-        let cell = self
-            .indexes
-            .known
-            .lock()
-            .ok()?
-            .entry(path.clone())
-            .or_insert_with(Default::default)
-            .clone();
-        cell.get_or_try_init(|| self.found_index(path))
+        let used = self.indexes.tick.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cell = {
+            let mut known = self.indexes.known.lock().ok()?;
+            let k = known.entry(path.clone()).or_insert_with(|| Known {
+                cell: Default::default(),
+                used,
+            });
+            k.used = used;
+            k.cell.clone()
+        };
+        let fresh = !cell.initialized();
+        let found = cell
+            .get_or_try_init(|| self.found_index(path))
             .await
             .ok()
-            .and_then(|found| found.clone())
+            .and_then(|found| found.clone());
+        if fresh && found.is_some() {
+            if let Ok(mut known) = self.indexes.known.lock() {
+                trim_known(&mut known, path, MAX_KNOWN_ENTRIES);
+            }
+        }
+        found
     }
 
     /// [`Store::indexed`] if already asked this run: no network.
     pub fn known_index(&self, path: &StorePath) -> Option<Arc<Indexed>> {
-        self.indexes.known.lock().ok()?.get(path)?.get().cloned().flatten()
+        self.indexes.known.lock().ok()?.get(path)?.cell.get().cloned().flatten()
     }
 
     /// The path's index, `Ok(None)` for good (none, or one not to use),
@@ -920,5 +982,20 @@ fn keep_chunk(dir: &Path, hash: &[u8; 32], bytes: &[u8]) -> bool {
             tracing::debug!(error = %e, "cannot keep a chunk");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lru_victims;
+
+    #[test]
+    fn the_least_recently_used_indexes_go_first_and_never_the_one_asked_for() {
+        let items = || [("a", 5, 10), ("b", 1, 10), ("c", 3, 10), ("d", 0, 0)].into_iter();
+        assert_eq!(lru_victims(items(), &"a", 30), Vec::<&str>::new());
+        assert_eq!(lru_victims(items(), &"a", 29), vec!["b"]);
+        assert_eq!(lru_victims(items(), &"a", 10), vec!["b", "c"]);
+        // Never the one asked for, even when it alone is over the bound.
+        assert_eq!(lru_victims(items(), &"b", 0), vec!["c", "a"]);
     }
 }
