@@ -26,6 +26,10 @@
 //! each round. Then warm: (d) again against (e) warm, alternating.
 //!
 //!     cargo bench --bench filegrain [-- --rounds N --json FILE]
+//!         [--only eager,by_file_profile,...] [--daemon-log info]
+//!
+//! `--daemon-log LEVEL` keeps each run's daemon log under
+//! `target/filegrain-logs/` (where a cold start's time goes).
 //!
 //! Needs root, containerd, runc, nix-bin, patchelf, python3,
 //! docker-registry and Debian's Go sources (scripts/bench).
@@ -204,16 +208,19 @@ fn main() {
     layouts.push(layouts::uncompressed(&indexed, &ranges));
 
     // --- (f): SOCI over the same link, when its package can be had.
-    let soci = soci::Soci::prepare(&dir.join("soci"), &setup.plain_tar, &rt, rtt)
-        .map_err(|e| eprintln!("SOCI left out: {e}"))
-        .ok();
-    let mut modes = vec![
-        Mode::Eager,
-        Mode::WholePath,
-        Mode::ByFile,
-        Mode::Profiled,
-        Mode::Overlay,
-    ];
+    let only = arg("--only");
+    let wanted = |m: Mode| only.as_deref().is_none_or(|o| o.split(',').any(|k| k == m.key()));
+    let soci = wanted(Mode::Soci)
+        .then(|| {
+            soci::Soci::prepare(&dir.join("soci"), &setup.plain_tar, &rt, rtt)
+                .map_err(|e| eprintln!("SOCI left out: {e}"))
+                .ok()
+        })
+        .flatten();
+    let mut modes: Vec<Mode> = [Mode::Eager, Mode::WholePath, Mode::ByFile, Mode::Profiled, Mode::Overlay]
+        .into_iter()
+        .filter(|m| wanted(*m))
+        .collect();
     if soci.is_some() {
         modes.push(Mode::Soci);
     }
@@ -252,7 +259,10 @@ fn main() {
         indexed_bytes as f64 / plain_bytes as f64,
         read_bytes as f64 / 1048576.0
     );
-    let eager = median(samples[0].iter().map(|s| s.seconds).collect());
+    let eager = match modes.iter().position(|m| *m == Mode::Eager) {
+        Some(e) => median(samples[e].iter().map(|s| s.seconds).collect()),
+        None => f64::NAN,
+    };
     for (m, mode) in modes.iter().enumerate() {
         let times: Vec<f64> = samples[m].iter().map(|s| s.seconds).collect();
         let t = median(times.clone());
@@ -382,7 +392,7 @@ fn cold_run(dir: &Path, setup: &Setup, mode: Mode, keep_profile: Option<&Path>) 
             &sock,
             &["--config", cfg.to_str().unwrap()],
             &[],
-            "warn",
+            &arg("--daemon-log").unwrap_or_else(|| "warn".into()),
         )
     });
     let ctrd = Containerd::start(&dir.join("ctrd"), &sock);
@@ -429,6 +439,12 @@ fn cold_run(dir: &Path, setup: &Setup, mode: Mode, keep_profile: Option<&Path>) 
     let fetched = link.downloaded() - before;
     drop(ctrd);
     drop(daemon);
+    if arg("--daemon-log").is_some() {
+        let logs = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/filegrain-logs");
+        let _ = std::fs::create_dir_all(&logs);
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let _ = std::fs::copy(dir.join("root.log"), logs.join(format!("{name}.log")));
+    }
     tc::unmount_below(dir);
     let _ = nix_snapshotter::store::gc::remove_tree(dir);
     Sample {

@@ -239,7 +239,16 @@ pub async fn run(cfg: Config, found: Found, take_over: bool, lifeline: Option<Li
         let (cfg, slot, sn) = (cfg.clone(), slot.clone(), sn.clone());
         tokio::spawn(async move {
             match crate::store::open_from_config(&cfg, db).await {
-                Ok(store) => sn.store_opened(&slot, store),
+                Ok(store) => {
+                    sn.store_opened(&slot, store.clone());
+                    // Each cache's nix-cache-info read now, not on the
+                    // first pull's critical path (its connection stays
+                    // pooled for that pull too). Unreachable caches are
+                    // only logged here, and tried again when needed.
+                    if let Err(e) = store.caches().await {
+                        tracing::warn!(error = %e, "checking the substituters");
+                    }
+                }
                 Err(e) => tracing::error!(error = %e, "cannot open the local store; Nix layers will fail"),
             }
         });

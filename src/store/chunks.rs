@@ -47,6 +47,9 @@ pub struct Indexed {
     completing: std::sync::atomic::AtomicBool,
 }
 
+/// How long after a path was read far enough its completion starts.
+const COMPLETE_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// How far past what a read asks for a fetch goes, within the file: the
 /// kernel reads ahead 128 KiB at a time, each a round trip otherwise.
 const READ_AHEAD: u64 = 1 << 20;
@@ -530,6 +533,9 @@ impl Store {
         {
             let (me, path) = (self.clone(), ix.path.clone());
             tokio::spawn(async move {
+                // Out of the way of the cold start that read it: its
+                // reads and prefetch come first on the link.
+                tokio::time::sleep(COMPLETE_DELAY).await;
                 tracing::info!(%path, "read enough of it by the chunk: completing it in the background");
                 if let Err(e) = me.ensure(&path).await {
                     tracing::warn!(%path, error = %e, "cannot complete a store path read by the chunk");
