@@ -161,6 +161,12 @@ impl NixSupport {
         // A profile says what the containers read: it replaces fetching
         // the command's closures whole.
         if let (Some(profile), true) = (&layer.profile, store.prefetches_profiles()) {
+            // The command's own paths are read first and their indexes are
+            // the largest: asked for while the profile itself comes.
+            for p in layer.entrypoint.clone() {
+                let store = store.clone();
+                self.rt.spawn(async move { store.indexed(&p).await });
+            }
             let profile = profile.clone();
             self.rt
                 .spawn(async move { store.prefetch_profile(profile, within).await });
