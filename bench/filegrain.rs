@@ -217,10 +217,16 @@ fn main() {
                 .ok()
         })
         .flatten();
-    let mut modes: Vec<Mode> = [Mode::Eager, Mode::WholePath, Mode::ByFile, Mode::Profiled, Mode::Overlay]
-        .into_iter()
-        .filter(|m| wanted(*m))
-        .collect();
+    let mut modes: Vec<Mode> = [
+        Mode::Eager,
+        Mode::WholePath,
+        Mode::ByFile,
+        Mode::Profiled,
+        Mode::Overlay,
+    ]
+    .into_iter()
+    .filter(|m| wanted(*m))
+    .collect();
     if soci.is_some() {
         modes.push(Mode::Soci);
     }

@@ -12,14 +12,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 results = json.load(open(sys.argv[1]))
-order = ["eager", "whole_path", "by_file", "by_file_profile", "overlayfs_unpacked"]
+order = ["eager", "whole_path", "by_file", "by_file_profile", "overlayfs_unpacked", "soci"]
 modes = [m for m in order if m in results]
 labels = [results[m]["label"] for m in modes]
 total = [results[m]["median"] for m in modes]
 read = results["read_bytes"]
 
 fig, ax = plt.subplots(figsize=(8, 1.2 + 0.7 * len(modes)))
-ax.barh(labels, total, color=["#d08a3c", "#4a7fc1", "#7aa6d8", "#2f5f9e", "#6bb36b"][: len(modes)])
+ax.barh(labels, total, color=[{"eager": "#d08a3c", "whole_path": "#4a7fc1", "by_file": "#7aa6d8", "by_file_profile": "#2f5f9e", "overlayfs_unpacked": "#6bb36b", "soci": "#9a6fb0"}[m] for m in modes])
 for i, m in enumerate(modes):
     r = results[m]
     mib = r["fetched_bytes"] / 1048576
@@ -32,7 +32,7 @@ for i, m in enumerate(modes):
     )
 ax.invert_yaxis()
 ax.set_xlim(0, max(total) * 1.9)
-ax.set_xlabel("seconds from ctr run to the first output line (median)")
+ax.set_xlabel("seconds from the pull (image load, nix copy, soci rpull) to the first output line (median)")
 ax.set_title(
     f"Cold start of python3 ({results['closure_bytes'] >> 20} MiB closure), 50 ms / 100 Mbit link"
 )
