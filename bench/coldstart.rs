@@ -31,7 +31,7 @@ mod http;
 mod link;
 mod python;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -123,27 +123,10 @@ impl Env {
 
     /// `ctr run` until the first line of output: seconds.
     fn first_line(&self, ns: &str, snapshotter: &str, image: &str, id: &str) -> f64 {
-        let start = Instant::now();
-        let mut child = self
-            .ctr(ns)
-            .args(["run", "--rm", "--snapshotter", snapshotter, image, id])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let t = start.elapsed().as_secs_f64();
-        let status = child.wait().unwrap();
-        let mut err = String::new();
-        let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-        assert!(
-            status.success() && line.trim() == "ready",
-            "container failed ({line:?}): {err}"
-        );
-        t
+        common::first_line(
+            self.ctr(ns)
+                .args(["run", "--rm", "--snapshotter", snapshotter, image, id]),
+        )
     }
 }
 

@@ -140,3 +140,31 @@ pub fn store_name(s: &str) -> String {
         })
         .collect()
 }
+
+/// Runs `ctr_run` (a `ctr run` of a container that prints `ready`) until
+/// its first line of output: seconds; panics unless it printed `ready` and
+/// succeeded.
+pub fn first_line(ctr_run: &mut Command) -> f64 {
+    use std::io::{BufRead, Read};
+    use std::process::Stdio;
+    let start = std::time::Instant::now();
+    let mut child = ctr_run
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let t = start.elapsed().as_secs_f64();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    assert!(
+        status.success() && line.trim() == "ready",
+        "{ctr_run:?} failed ({line:?}): {err}"
+    );
+    t
+}

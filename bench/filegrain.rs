@@ -43,9 +43,8 @@ mod link;
 mod python;
 mod soci;
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{arg, arg_or, drop_caches, median, nix_copy_from, publish, run, signing_key, NIXFLAGS};
@@ -461,30 +460,13 @@ fn cold_run(dir: &Path, setup: &Setup, mode: Mode, keep_profile: Option<&Path>) 
 
 /// `ctr run` of `image` until the first line of output: seconds.
 pub fn first_line(ctrd: &Containerd, snapshotter: &str, image: &str, id: &str) -> f64 {
-    let start = Instant::now();
-    let mut child = Command::new("ctr")
-        .arg("--address")
-        .arg(&ctrd.address)
-        .args(["--namespace", &ctrd.namespace])
-        .args(["run", "--rm", "--snapshotter", snapshotter, image, id])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let t = start.elapsed().as_secs_f64();
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-    assert!(
-        status.success() && line.trim() == "ready",
-        "container {id} failed ({line:?}): {err}"
-    );
-    t
+    common::first_line(
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&ctrd.address)
+            .args(["--namespace", &ctrd.namespace])
+            .args(["run", "--rm", "--snapshotter", snapshotter, image, id]),
+    )
 }
 
 /// Medians of 9 alternating warm runs of (d) and of (e), after a warm-up.
