@@ -250,7 +250,7 @@ fn main() {
 
     // --- Warm: (d) again against (e), alternating, after a warm-up of each.
     eprintln!("warm runs ...");
-    let (warm, overlay) = warm_runs(&dir.join("warm"), &setup);
+    let (warm, overlay, warm_requests) = warm_runs(&dir.join("warm"), &setup);
 
     let mut report = serde_json::Map::new();
     println!();
@@ -295,6 +295,14 @@ fn main() {
     println!(
         "warm, 9 alternating runs each: (d) {warm:.3} s, overlayfs {overlay:.3} s, ratio {:.2}x",
         warm / overlay
+    );
+    println!(
+        "FUSE requests per warm start of (d): {}",
+        warm_requests
+            .iter()
+            .map(|(op, n)| format!("{op} {n:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!("layouts, for this profile (cache size against plain zstd NARs; bytes and requests of a cold start):");
     let mut layout_report = Vec::new();
@@ -470,10 +478,23 @@ pub fn first_line(ctrd: &Containerd, snapshotter: &str, image: &str, id: &str) -
 }
 
 /// Medians of 9 alternating warm runs of (d) and of (e), after a warm-up.
-fn warm_runs(dir: &Path, setup: &Setup) -> (f64, f64) {
+fn warm_runs(dir: &Path, setup: &Setup) -> (f64, f64, Vec<(String, f64)>) {
     std::fs::create_dir_all(dir).unwrap();
     let sock = dir.join("nix.sock");
     let cfg = daemon_config(dir, setup, Mode::Profiled, "");
+    // Its metrics: which FUSE requests a warm start costs.
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut text = format!(
+        "metrics_address = \"{metrics}\"\n{}",
+        std::fs::read_to_string(&cfg).unwrap()
+    );
+    if let Some(p) = arg("--warm-passthrough") {
+        text.push_str(&format!("[fuse]\npassthrough = {p}\n"));
+    }
+    std::fs::write(&cfg, text).unwrap();
     let daemon = Daemon::start_logging(
         &dir.join("root"),
         &sock,
@@ -499,12 +520,38 @@ fn warm_runs(dir: &Path, setup: &Setup) -> (f64, f64) {
         first_line(&ctrd, "overlayfs", PLAIN_IMAGE, &format!("{ns}-wo{w}"));
     }
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let before = fuse_requests(metrics);
     for i in 0..9 {
         ours.push(first_line(&ctrd, "nix", IMAGE, &format!("{ns}-n{i}")));
         theirs.push(first_line(&ctrd, "overlayfs", PLAIN_IMAGE, &format!("{ns}-o{i}")));
     }
+    let mut per_run: Vec<(String, f64)> = fuse_requests(metrics)
+        .into_iter()
+        .map(|(op, n)| {
+            let was = before.iter().find(|(o, _)| *o == op).map_or(0.0, |(_, b)| *b);
+            (op, (n - was) / 9.0)
+        })
+        .filter(|(_, n)| *n > 0.0)
+        .collect();
+    per_run.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
     drop(ctrd);
     drop(daemon);
     tc::unmount_below(dir);
-    (median(ours), median(theirs))
+    (median(ours), median(theirs), per_run)
+}
+
+/// The daemon's FUSE request counters, by opcode (its metrics endpoint).
+fn fuse_requests(addr: std::net::SocketAddr) -> Vec<(String, f64)> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).unwrap();
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("nix_snapshotter_fuse_requests_total{op=\"")?;
+            let (op, n) = rest.split_once("\"} ")?;
+            Some((op.to_string(), n.trim().parse().ok()?))
+        })
+        .collect()
 }
