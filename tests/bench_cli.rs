@@ -396,3 +396,55 @@ fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
     node.bench_ok(&["--runs", "1", "--link", "1ms,1gbit", &node.image]);
     node.assert_nothing_left("after bad input");
 }
+
+#[test]
+fn an_interrupted_bench_removes_its_container_and_its_routing() {
+    let f = fixture();
+    let node = Node::start("bench-int");
+    let bb = format!("{}/bin/busybox", f.tool);
+    let child = Command::new(DAEMON)
+        .arg("bench")
+        .arg("--address")
+        .arg(&node.ctrd.address)
+        .args(["--namespace", &node.ctrd.namespace])
+        .arg("--daemon-address")
+        .arg(&node.daemon.address)
+        .args([
+            "--runs",
+            "1",
+            "--link",
+            "5ms,1gbit",
+            "--ready-line",
+            "never",
+            &node.image,
+            "--",
+            &bb,
+            "sleep",
+            "60",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupted while its container runs.
+    common::wait_until(
+        std::time::Duration::from_secs(30),
+        || {
+            !String::from_utf8_lossy(&node.ctrd.ctr(&["tasks", "ls", "--quiet"]).stdout)
+                .trim()
+                .is_empty()
+        },
+        || "the bench's container never ran".into(),
+    );
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::INT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("interrupted"), "{err}");
+    node.assert_nothing_left(&err);
+    assert!(node.daemon.log_text().contains("caches back on their own addresses"));
+    node.bench_ok(&["--runs", "1", "--link", "1ms,1gbit", &node.image]);
+}

@@ -53,6 +53,8 @@ pub enum BenchError {
     Output { path: PathBuf, msg: String },
     #[error("the shaping proxy for {cache}: {msg}")]
     Link { cache: String, msg: String },
+    #[error("interrupted: the run under way was stopped and removed, the caches routed back")]
+    Interrupted,
 }
 
 /// What `bench` was asked to do.
@@ -254,12 +256,25 @@ pub async fn bench(o: Options) -> Result<Report, BenchError> {
         std::process::id(),
         rand::random::<u32>() & 0xffffff
     );
-    for i in 0..o.runs {
-        for mode in modes {
-            let id = format!("{tag}-{mode}-{i}");
-            let r = b.one(mode, i, &id, o.runs).await?;
-            report.runs.push(r);
+    // Ctrl-C or SIGTERM ends the runs early: the run under way is dropped,
+    // so its cleanup (task, container, snapshot) runs, and so does the
+    // routing's (the daemon's caches back on their own addresses).
+    let runs = async {
+        for i in 0..o.runs {
+            for mode in modes {
+                let id = format!("{tag}-{mode}-{i}");
+                let r = b.one(mode, i, &id, o.runs).await?;
+                report.runs.push(r);
+            }
         }
+        Ok::<(), BenchError>(())
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| BenchError::Usage(format!("cannot watch for SIGTERM: {e}")))?;
+    tokio::select! {
+        r = runs => r?,
+        _ = tokio::signal::ctrl_c() => return Err(BenchError::Interrupted),
+        _ = term.recv() => return Err(BenchError::Interrupted),
     }
     report.summarize();
     drop(_routed);
