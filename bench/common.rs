@@ -168,3 +168,19 @@ pub fn first_line(ctr_run: &mut Command) -> f64 {
     );
     t
 }
+
+/// `nix-snapshotter cache push` of `paths` (and their closures) from the
+/// store under `store_root` into the cache directory `to`, signed with
+/// `key`, with `flags` (e.g. `--frame-size 1MiB`).
+pub fn cache_push(to: &Path, key: &Path, store_root: &Path, flags: &[&str], paths: &[&str]) {
+    run(Command::new(env!("CARGO_BIN_EXE_nix-snapshotter"))
+        .args(["cache", "push"])
+        .args(flags)
+        .arg("--to")
+        .arg(to)
+        .arg("--secret-key")
+        .arg(key)
+        .arg("--store-root")
+        .arg(store_root)
+        .args(paths));
+}

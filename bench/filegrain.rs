@@ -122,14 +122,7 @@ fn main() {
     // The same closure as `cache push` publishes it: file indexes and
     // seekable NARs only, so that the two caches' sizes compare.
     let indexed = dir.join("cache-indexed");
-    run(Command::new(tc::DAEMON)
-        .args(["cache", "push", "--to"])
-        .arg(&indexed)
-        .arg("--secret-key")
-        .arg(&key)
-        .arg("--store-root")
-        .arg(&closure.chroot)
-        .arg(&closure.top));
+    common::cache_push(&indexed, &key, &closure.chroot, &[], &[&closure.top]);
     let size = |d: &Path| common::du(&d.join("nar"));
     let (plain_bytes, indexed_bytes) = (size(&cache), size(&indexed));
 
@@ -171,14 +164,7 @@ fn main() {
     setup
         .closure
         .nix_image(&dir, IMAGE, &setup.profiled_tar, Some(&profile));
-    run(Command::new(tc::DAEMON)
-        .args(["cache", "push", "--to"])
-        .arg(&indexed)
-        .arg("--secret-key")
-        .arg(&key)
-        .arg("--store-root")
-        .arg(&setup.closure.chroot)
-        .arg(&profile));
+    common::cache_push(&indexed, &key, &setup.closure.chroot, &[], &[&profile]);
 
     // --- The layout, measured on that profile: frame sizes, and no
     // compression at all.
@@ -189,14 +175,13 @@ fn main() {
         ("1MiB", "seekable zstd, 1 MiB frames"),
     ] {
         let other = dir.join(format!("cache-{frame}"));
-        run(Command::new(tc::DAEMON)
-            .args(["cache", "push", "--frame-size", frame, "--to"])
-            .arg(&other)
-            .arg("--secret-key")
-            .arg(&key)
-            .arg("--store-root")
-            .arg(&setup.closure.chroot)
-            .arg(&setup.closure.top));
+        common::cache_push(
+            &other,
+            &key,
+            &setup.closure.chroot,
+            &["--frame-size", frame],
+            &[&setup.closure.top],
+        );
         layouts.push(layouts::seekable(name, &other, &ranges));
         let _ = nix_snapshotter::store::gc::remove_tree(&other);
     }

@@ -200,14 +200,7 @@ fn main() {
         .arg(&profiled))
     .trim()
     .to_string();
-    run(Command::new(tc::DAEMON)
-        .args(["cache", "push", "--to"])
-        .arg(&indexed)
-        .arg("--secret-key")
-        .arg(&key)
-        .arg("--store-root")
-        .arg(&closure.chroot)
-        .args([&profile, &stored_profiled]));
+    common::cache_push(&indexed, &key, &closure.chroot, &[], &[&profile, &stored_profiled]);
     setup.nix_ref_profiled = format!("nix:0{stored_profiled}:latest");
     push(&profiled, &setup.pushed_profiled);
 

@@ -85,10 +85,7 @@ impl Node {
         let f = fixture();
         let tmp = TempRoot::new(name);
         let server = Server::start(f.cache.clone());
-        let cfg = common::cache_config(&tmp.path, &server.url(), &f.nix.public_key, "");
-        let sock = tmp.join("nix.sock");
-        let daemon = Daemon::start_with(&tmp.join("root"), &sock, &["--config", cfg.to_str().unwrap()], &[]);
-        let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
+        let (_, daemon, ctrd) = common::cache_stack(&tmp, &server.url(), &f.nix.public_key, "");
         let image = format!("docker.io/library/{name}:latest");
         let config = tmp.join("config.json");
         let cmd = serde_json::json!({ "Cmd": [format!("{}/bin/busybox", f.tool), "sh", "-c",

@@ -81,15 +81,12 @@ impl Node {
         let tmp = TempRoot::new(name);
         let server = Server::start(f.cache.clone());
         let metrics = format!("127.0.0.1:{}", free_port());
-        let cfg = common::cache_config(
-            &tmp.path,
+        let (cfg, daemon, ctrd) = common::cache_stack(
+            &tmp,
             &server.url(),
             &f.nix.public_key,
             &format!("metrics_address = \"{metrics}\"\n"),
         );
-        let sock = tmp.join("nix.sock");
-        let daemon = Daemon::start_with(&tmp.join("root"), &sock, &["--config", cfg.to_str().unwrap()], &[]);
-        let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
         let image = format!("docker.io/library/{name}:latest");
         let archive = tmp.join("image.tar");
         let bb = format!("{}/bin/busybox", f.tool);

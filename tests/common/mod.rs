@@ -643,6 +643,17 @@ pub fn cache_config(dir: &Path, url: &str, key: &str, extra: &str) -> PathBuf {
     cfg
 }
 
+/// In `tmp`: our daemon (root `<tmp>/root`, socket `<tmp>/nix.sock`) taking
+/// store paths from the cache at `url` signed by `key` (plus `extra` TOML),
+/// and a private containerd using it as `nix`; and the daemon's config.
+pub fn cache_stack(tmp: &TempRoot, url: &str, key: &str, extra: &str) -> (PathBuf, Daemon, Containerd) {
+    let cfg = cache_config(&tmp.path, url, key, extra);
+    let sock = tmp.join("nix.sock");
+    let daemon = Daemon::start_with(&tmp.join("root"), &sock, &["--config", cfg.to_str().unwrap()], &[]);
+    let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
+    (cfg, daemon, ctrd)
+}
+
 /// A fresh directory `name`, our daemon on defaults (root `<dir>/root`) and
 /// a private containerd using it as `nix`.
 pub fn plain_stack(name: &str) -> (TempRoot, Daemon, Containerd) {
