@@ -552,8 +552,10 @@ fn tampered_nar_is_never_served() {
     layers.push(nix_layer(&f.closure, &[]));
     let name = "docker.io/library/nix-tamper:latest";
     let archive = tmp.join("tamper.tar");
+    // One line at the end: ctr can lose the last lines of a short-lived
+    // container's output under load (and retries only when all is lost).
     let cmd = format!(
-        "cat {d}/greeting || echo READ-FAILED; ls {d} || echo LIST-FAILED",
+        "r=read; g=$(cat {d}/greeting 2>&1) || r=READ-FAILED; l=list; ls {d} >/dev/null 2>&1 || l=LIST-FAILED; echo \"$r $l [$g]\"",
         d = f.data
     );
     write_oci_archive(&archive, name, &layers, &["/bin/sh", "-c", &cmd]);
