@@ -152,8 +152,9 @@ fn main() {
     eprintln!("recording an access profile ...");
     let recorded = dir.join("access-profile");
     cold_run(&dir.join("record"), &setup, Mode::ByFile, Some(&recorded));
-    let read_bytes = profile_bytes(&recorded);
     let ranges = nix_snapshotter::nixfmt::profile::parse(&std::fs::read_to_string(&recorded).unwrap()).unwrap();
+    // What the program read: the profile's ranges.
+    let read_bytes: u64 = ranges.iter().map(|r| r.len).sum();
     let profile = run(Command::new("nix")
         .args(NIXFLAGS)
         .args(["store", "add-file", "--store"])
@@ -323,16 +324,6 @@ fn main() {
     drop(server);
     drop(indexed_server);
     drop(rt);
-}
-
-/// The bytes an access profile says the program read.
-fn profile_bytes(profile: &Path) -> u64 {
-    std::fs::read_to_string(profile)
-        .unwrap()
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
 }
 
 /// The daemon's config for `mode`, under `dir`.

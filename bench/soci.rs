@@ -93,12 +93,8 @@ impl Ns {
     }
 
     /// Starts a daemon inside, its output to `log`.
-    fn spawn(&self, mut c: Command, log: &Path) {
-        let child = c
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap();
+    fn spawn(&self, c: Command, log: &Path) {
+        let child = spawn_logged(c, log);
         self.children.lock().unwrap().push(child);
     }
 

@@ -130,10 +130,7 @@ pub async fn bench(o: Options) -> Result<Report, BenchError> {
         msg: e.to_string(),
     })?;
     let mut admin = AdminClient::new(channel);
-    let daemon_err = |s: tonic::Status| BenchError::Daemon {
-        address: o.daemon.clone(),
-        msg: s.message().to_string(),
-    };
+    let daemon_err = daemon_err(&o.daemon);
     let status = admin
         .status(StatusRequest {})
         .await
@@ -300,12 +297,17 @@ pub async fn bench(o: Options) -> Result<Report, BenchError> {
     Ok(report)
 }
 
+/// The daemon's answer `s` as an error naming the daemon at `address`.
+fn daemon_err(address: &Path) -> impl Fn(tonic::Status) -> BenchError + Copy + '_ {
+    move |s| BenchError::Daemon {
+        address: address.to_path_buf(),
+        msg: s.message().to_string(),
+    }
+}
+
 impl Bench {
     fn err(&self, s: tonic::Status) -> BenchError {
-        BenchError::Daemon {
-            address: self.daemon.clone(),
-            msg: s.message().to_string(),
-        }
+        daemon_err(&self.daemon)(s)
     }
 
     /// Waits until the daemon has no fetch under way (a prefetch that a

@@ -6,16 +6,10 @@ use bytes::Bytes;
 use futures::StreamExt;
 use reqwest::StatusCode;
 
-use super::netrc::Netrc;
 use super::{BinaryCache, ByteStream, CacheError, CacheOptions};
 
 pub fn client(opts: &CacheOptions) -> Result<reqwest::Client, CacheError> {
-    // ring is our one TLS crypto provider; installing it twice is harmless.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .connect_timeout(opts.connect_timeout)
-        .pool_max_idle_per_host(opts.max_connections)
-        .user_agent(concat!("nix-snapshotter/", env!("CARGO_PKG_VERSION")))
+    builder(opts.connect_timeout, opts.max_connections)
         .build()
         .map_err(|e| CacheError::Transport {
             url: String::new(),
@@ -24,10 +18,24 @@ pub fn client(opts: &CacheOptions) -> Result<reqwest::Client, CacheError> {
         })
 }
 
+/// What every HTTP client of ours is: its connection timeout, pool and
+/// user agent.
+fn builder(connect_timeout: std::time::Duration, max_connections: usize) -> reqwest::ClientBuilder {
+    // ring is our one TLS crypto provider; installing it twice is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .pool_max_idle_per_host(max_connections)
+        .user_agent(concat!("nix-snapshotter/", env!("CARGO_PKG_VERSION")))
+}
+
 pub struct HttpCache {
     url: String,
     client: reqwest::Client,
     auth: Option<(String, String)>,
+    /// The client's settings, for a detour's own client.
+    connect_timeout: std::time::Duration,
+    max_connections: usize,
     /// Set by `bench --link`: where requests go instead.
     detour: std::sync::RwLock<Option<Detour>>,
 }
@@ -42,7 +50,8 @@ struct Detour {
 }
 
 impl HttpCache {
-    pub fn new(url: &str, client: reqwest::Client, netrc: Option<&Netrc>) -> HttpCache {
+    /// `client` is shared by all caches and made by [`client`] from `opts`.
+    pub fn new(url: &str, client: reqwest::Client, opts: &CacheOptions) -> HttpCache {
         let host = reqwest::Url::parse(url)
             .ok()
             .and_then(|u| u.host_str().map(str::to_string))
@@ -50,7 +59,9 @@ impl HttpCache {
         HttpCache {
             url: url.to_string(),
             client,
-            auth: netrc.and_then(|n| n.credentials(&host).cloned()),
+            auth: opts.netrc.as_ref().and_then(|n| n.credentials(&host).cloned()),
+            connect_timeout: opts.connect_timeout,
+            max_connections: opts.max_connections,
             detour: std::sync::RwLock::new(None),
         }
     }
@@ -151,9 +162,8 @@ impl BinaryCache for HttpCache {
                             "an https cache named by IP address cannot be routed elsewhere".into()
                         ));
                     }
-                    let client = reqwest::Client::builder()
+                    let client = builder(self.connect_timeout, self.max_connections)
                         .resolve(&domain, via)
-                        .user_agent(concat!("nix-snapshotter/", env!("CARGO_PKG_VERSION")))
                         .build()
                         .map_err(|e| bad(format!("cannot build HTTP client: {e}")))?;
                     Some(Detour {

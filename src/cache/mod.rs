@@ -372,7 +372,7 @@ pub fn open_all(urls: &[String], opts: &CacheOptions) -> Result<Vec<Cache>, Cach
         let inner: Arc<dyn BinaryCache> = if let Some(path) = p.base.strip_prefix("file://") {
             Arc::new(file::FileCache::new(path))
         } else if p.base.starts_with("http://") || p.base.starts_with("https://") {
-            Arc::new(http::HttpCache::new(&p.base, http.clone(), opts.netrc.as_ref()))
+            Arc::new(http::HttpCache::new(&p.base, http.clone(), opts))
         } else {
             return Err(CacheError::UnsupportedUrl(url.clone()));
         };
