@@ -152,7 +152,9 @@ fn main() {
     eprintln!("recording an access profile ...");
     let recorded = dir.join("access-profile");
     cold_run(&dir.join("record"), &setup, Mode::ByFile, Some(&recorded));
-    let ranges = nix_snapshotter::nixfmt::profile::parse(&std::fs::read_to_string(&recorded).unwrap()).unwrap();
+    let ranges = nix_snapshotter::nixfmt::profile::parse(&std::fs::read_to_string(&recorded).unwrap())
+        .unwrap()
+        .ranges;
     // What the program read: the profile's ranges.
     let read_bytes: u64 = ranges.iter().map(|r| r.len).sum();
     let profile = run(Command::new("nix")

@@ -293,6 +293,7 @@ pub async fn profile(cfg: &Config, reset: bool, output: Option<&std::path::Path>
             })?;
             let ranges = crate::nixfmt::profile::parse(&text)
                 .map_err(|e| bad(format!("{}: {e}", file.display())))?
+                .ranges
                 .len() as u64;
             (text, ranges)
         }

@@ -203,8 +203,10 @@ struct LayoutArgs {
     /// Uncompressed bytes per zstd frame (the least a ranged read inflates).
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64KiB")]
     frame_size: u64,
-    /// zstd level.
-    #[arg(long, default_value_t = 9)]
+    /// zstd level: 15 makes the frames a cold start reads ~8 % smaller
+    /// than 9 (measured on python's binary), at a third of the speed (on
+    /// every core).
+    #[arg(long, default_value_t = 15)]
     level: i32,
 }
 

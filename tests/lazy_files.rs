@@ -227,21 +227,25 @@ fn an_access_profile_recorded_on_one_node_prefetches_a_cold_start_on_another() {
     drop(ctrd);
     drop(daemon);
 
-    // Published with the image: a store path of its closure, named by a label.
-    let profile = s.nix.add_file(&profile_file);
-    push(&s.nix, &s.cache, &profile);
-    let paths = s.tmp.join("store-paths");
-    let mut closure = s.nix.closure(&s.top);
-    closure.push(profile.clone());
-    std::fs::write(&paths, closure.join("\n")).unwrap();
+    // With the frames of each path's NAR file that the reads needed: hints.
+    let data_base = StorePath::parse(&s.data).unwrap().base_name().to_string();
+    let hint = format!("\nframes {data_base} {} ", s.data_nar);
+    assert!(text.contains(&hint), "{text}");
+
+    // Published with the image: a store path of its closure, named by a
+    // label, the image built by `image build --profile`.
     let config = s.tmp.join("config.json");
     std::fs::write(
         &config,
         serde_json::to_vec(&serde_json::json!({ "Cmd": [&bb, "sh", "-c", s.script()] })).unwrap(),
     )
     .unwrap();
-    let archive = s.tmp.join("profiled.tar");
-    let build = |profile: &str, out: &std::path::Path| {
+    // `listed`: the store path added to the closure.
+    let build = |profile: &str, listed: &str, out: &std::path::Path| {
+        let paths = s.tmp.join("store-paths");
+        let mut closure = s.nix.closure(&s.top);
+        closure.push(listed.to_string());
+        std::fs::write(&paths, closure.join("\n")).unwrap();
         Command::new(common::DAEMON)
             .args(["image", "build", "--config"])
             .arg(&config)
@@ -254,41 +258,88 @@ fn an_access_profile_recorded_on_one_node_prefetches_a_cold_start_on_another() {
             .output()
             .unwrap()
     };
-    let out = build(&profile, &archive);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-
-    // Node B: loading the image (labels passed) prefetches what the profile
-    // lists, before any container runs; the run then fetches nothing more.
-    let before = traffic(&s.server, &s.data_nar).0;
-    // (Completion off: what a run reads must all have been prefetched, and
-    // completing busybox's path would fetch its other half meanwhile.)
-    let (daemon, ctrd, _) = s.node("b", "[store]\ncomplete_after = 2.0\n");
-    let load = ctrd.image_load(&ctrd.namespace, &archive);
-    assert!(load.status.success(), "{}", String::from_utf8_lossy(&load.stderr));
-    common::wait_until(
-        std::time::Duration::from_secs(30),
-        || {
-            daemon
-                .log_text()
-                .contains("prefetched what the image's access profile lists")
-        },
-        || format!("no prefetch: {}", common::tail(&daemon.log_text(), 20)),
+    // A fresh node loads the image with `text` as its profile: loading it
+    // (labels passed) prefetches what the profile lists, before any
+    // container runs; the run then fetches nothing more. The node's log.
+    let cold_node = |tag: &str, text: &str| {
+        let file = s.tmp.join(&format!("profile-{tag}"));
+        std::fs::write(&file, text).unwrap();
+        let profile = s.nix.add_file(&file);
+        push(&s.nix, &s.cache, &profile);
+        let archive = s.tmp.join(&format!("{tag}.tar"));
+        let out = build(&profile, &profile, &archive);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let before = traffic(&s.server, &s.data_nar).0;
+        // (Completion off: what a run reads must all have been prefetched,
+        // and completing busybox's path would fetch its other half.)
+        let (daemon, ctrd, _) = s.node(tag, "[store]\ncomplete_after = 2.0\n");
+        let load = ctrd.image_load(&ctrd.namespace, &archive);
+        assert!(load.status.success(), "{}", String::from_utf8_lossy(&load.stderr));
+        common::wait_until(
+            std::time::Duration::from_secs(30),
+            || {
+                daemon
+                    .log_text()
+                    .contains("prefetched what the image's access profile lists")
+            },
+            || format!("no prefetch: {}", common::tail(&daemon.log_text(), 20)),
+        );
+        let prefetched = traffic(&s.server, &s.data_nar).0 - before;
+        assert!(prefetched > 0, "{tag}: nothing of the data path prefetched");
+        let requests = s.server.log().len();
+        s.run(&ctrd, &daemon, image);
+        let after: Vec<String> = s.server.log()[requests..]
+            .iter()
+            .filter(|l| l.contains("/nar/"))
+            .cloned()
+            .collect();
+        assert!(after.is_empty(), "{tag}: the run still fetched: {after:#?}");
+        no_problems(&daemon);
+        daemon.log_text()
+    };
+    // The prefetch's runs of frames, and those of them its hints brought.
+    let runs = |log: &str| {
+        let line = log.lines().find(|l| l.contains("access profile lists")).unwrap();
+        let field = |k: &str| -> usize {
+            let v = line.split(&format!(" {k}=")).nth(1).unwrap();
+            v.split(' ').next().unwrap().parse().unwrap()
+        };
+        (field("runs"), field("hinted"))
+    };
+    // As recorded: every hint fits its index and is used as fetched.
+    let log = cold_node("b", &text);
+    assert!(
+        !log.contains("does not fit") && !log.contains("fetched again"),
+        "{}",
+        common::tail(&log, 30)
     );
-    let prefetched = traffic(&s.server, &s.data_nar).0 - before;
-    assert!(prefetched > 0, "nothing of the data path prefetched");
-    let requests = s.server.log().len();
-    s.run(&ctrd, &daemon, image);
-    let after: Vec<String> = s.server.log()[requests..]
-        .iter()
-        .filter(|l| l.contains("/nar/"))
-        .cloned()
-        .collect();
-    assert!(after.is_empty(), "the run still fetched: {after:#?}");
-    no_problems(&daemon);
+    let (all, hinted) = runs(&log);
+    assert!(hinted > 0 && hinted == all, "{all} runs, {hinted} hinted");
+    // Hostile hints (misaligned, another path's NAR, too long) decide
+    // nothing: the ranges are fetched as without them, and served right.
+    let mut hostile = String::new();
+    for line in text.lines() {
+        match line.strip_prefix("frames ") {
+            Some(h) => {
+                let f: Vec<&str> = h.split(' ').collect();
+                let at: u64 = f[2].parse().unwrap();
+                hostile.push_str(&format!("frames {} {} {} {}\n", f[0], f[1], at + 1, f[3]));
+                let other = if f[1] == s.data_nar { &s.tool_nar } else { &s.data_nar };
+                hostile.push_str(&format!("frames {} {other} {at} {}\n", f[0], f[3]));
+                hostile.push_str(&format!("frames {} {} 0 {}\n", f[0], f[1], u64::MAX / 2));
+            }
+            None => hostile.push_str(&format!("{line}\n")),
+        }
+    }
+    let log = cold_node("c", &hostile);
+    assert!(log.contains("does not fit"), "{}", common::tail(&log, 30));
+    let (all, hinted) = runs(&log);
+    assert!(all > 0 && hinted == 0, "{all} runs, {hinted} hinted");
 
     // A profile outside the closure is refused by name.
     let out = build(
         "/nix/store/00000000000000000000000000000000-elsewhere",
+        &s.nix.closure(&s.top)[0],
         &s.tmp.join("bad.tar"),
     );
     let err = String::from_utf8_lossy(&out.stderr);

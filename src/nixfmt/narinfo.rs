@@ -123,7 +123,7 @@ impl NarInfo {
         }
         let missing = |f: &str| err(format!("missing field {f}"));
         let url: String = url.ok_or_else(|| missing("URL"))?;
-        if url.is_empty() || url.starts_with('/') || url.split('/').any(|s| s == "..") || url.contains(['?', '#']) {
+        if !is_relative_url(&url) {
             return Err(err(format!("URL {url:?} is not a relative path inside the cache")));
         }
         Ok(NarInfo {
@@ -198,6 +198,11 @@ impl NarInfo {
             refs.join(",")
         )
     }
+}
+
+/// Whether `url` names a file inside a cache: relative, no `..`, no query.
+pub fn is_relative_url(url: &str) -> bool {
+    !(url.is_empty() || url.starts_with('/') || url.split('/').any(|s| s == "..") || url.contains(['?', '#']))
 }
 
 #[cfg(test)]

@@ -8,17 +8,30 @@
 //! ```text
 //! nix-snapshotter-profile 1
 //! <hash>-<name> <path in it, %-escaped> <offset> <length>
+//! frames <hash>-<name> <NAR URL> <offset> <length>
 //! ```
+//!
+//! `frames` lines are hints: byte ranges of a path's seekable NAR file
+//! (runs of whole zstd frames) holding what the ranges above need, so that
+//! a cold start can ask for them while the path's index is still on its way
+//! (one round trip fewer). Nothing of them is kept unless it matches the
+//! index's frames and URL and every chunk its hash.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::nar::valid_entry_name;
+use super::narinfo::is_relative_url;
 use super::StorePath;
 
 /// A profile longer than this is refused.
 pub const MAX_PROFILE: usize = 8 << 20;
 /// Ranges kept at most (recording stops there).
 pub const MAX_RANGES: usize = 200_000;
+/// The most compressed bytes one prefetch request takes (a frame of zeros
+/// counts as a quarter of its size).
+pub const MAX_RUN: u64 = 4 << 20;
+/// A NAR URL longer than this is refused.
+const MAX_URL: usize = 1024;
 const HEADER: &str = "nix-snapshotter-profile 1";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +41,23 @@ pub struct Range {
     pub rel: Vec<u8>,
     pub offset: u64,
     pub len: u64,
+}
+
+/// Bytes `offset..offset + len` of `path`'s NAR file at `url`: whole
+/// frames, a hint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hint {
+    pub path: StorePath,
+    pub url: String,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// A parsed profile.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Profile {
+    pub ranges: Vec<Range>,
+    pub hints: Vec<Hint>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -63,9 +93,9 @@ fn unescape(s: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-pub fn to_text(ranges: &[Range]) -> String {
+pub fn to_text(profile: &Profile) -> String {
     let mut t = format!("{HEADER}\n");
-    for r in ranges {
+    for r in &profile.ranges {
         t.push_str(&format!(
             "{} {} {} {}\n",
             r.path.base_name(),
@@ -74,12 +104,41 @@ pub fn to_text(ranges: &[Range]) -> String {
             r.len
         ));
     }
+    for h in &profile.hints {
+        t.push_str(&format!(
+            "frames {} {} {} {}\n",
+            h.path.base_name(),
+            h.url,
+            h.offset,
+            h.len
+        ));
+    }
     t
+}
+
+/// Runs of adjacent `(start, end, cost)` items (one's end the next's start,
+/// in order), each costing at most `max` (a longer item is a run alone):
+/// `(first item's start, last item's end)`.
+pub fn coalesce(items: impl IntoIterator<Item = (u64, u64, u64)>, max: u64) -> Vec<(u64, u64)> {
+    let mut runs = Vec::new();
+    let mut run: Option<(u64, u64, u64)> = None;
+    for (start, end, cost) in items {
+        run = match run {
+            Some((a, b, n)) if b == start && n + cost <= max => Some((a, end, n + cost)),
+            Some((a, b, _)) => {
+                runs.push((a, b));
+                Some((start, end, cost))
+            }
+            None => Some((start, end, cost)),
+        };
+    }
+    runs.extend(run.map(|(a, b, _)| (a, b)));
+    runs
 }
 
 /// Parses a profile; every line is checked (a store path name, a relative
 /// path of valid names, numbers).
-pub fn parse(text: &str) -> Result<Vec<Range>, ProfileError> {
+pub fn parse(text: &str) -> Result<Profile, ProfileError> {
     let err = |m: String| ProfileError(m);
     if text.len() > MAX_PROFILE {
         return Err(err(format!("{} bytes is more than {MAX_PROFILE}", text.len())));
@@ -88,26 +147,39 @@ pub fn parse(text: &str) -> Result<Vec<Range>, ProfileError> {
     if lines.next() != Some(HEADER) {
         return Err(err(format!("the first line must be {HEADER:?}")));
     }
-    let mut out = Vec::new();
+    let mut out = Profile::default();
     for (n, line) in lines.enumerate() {
         if line.is_empty() {
             continue;
         }
         let bad = |m: &str| err(format!("line {}: {m}", n + 2));
-        if out.len() >= MAX_RANGES {
+        if out.ranges.len() + out.hints.len() >= MAX_RANGES {
             return Err(bad(&format!("more than {MAX_RANGES} ranges")));
         }
+        let num = |s: &str| s.parse::<u64>().map_err(|_| bad("offset and length are numbers"));
+        let path = |base: &str| StorePath::from_base_name(base).map_err(|e| bad(&e.to_string()));
         let f: Vec<&str> = line.split(' ').collect();
+        if let ["frames", base, url, offset, len] = f[..] {
+            if url.len() > MAX_URL || !is_relative_url(url) || !url.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(bad("the NAR URL is not a relative path inside the cache"));
+            }
+            out.hints.push(Hint {
+                path: path(base)?,
+                url: url.to_string(),
+                offset: num(offset)?,
+                len: num(len)?,
+            });
+            continue;
+        }
         let [base, rel, offset, len] = f[..] else {
             return Err(bad("expected: store path name, path, offset, length"));
         };
-        let path = StorePath::from_base_name(base).map_err(|e| bad(&e.to_string()))?;
+        let path = path(base)?;
         let rel = unescape(rel).ok_or_else(|| bad("bad %-escape"))?;
         if rel.split(|&b| b == b'/').any(|c| !valid_entry_name(c)) {
             return Err(bad("not a path inside a store path"));
         }
-        let num = |s: &str| s.parse::<u64>().map_err(|_| bad("offset and length are numbers"));
-        out.push(Range {
+        out.ranges.push(Range {
             path,
             rel,
             offset: num(offset)?,
@@ -118,15 +190,45 @@ pub fn parse(text: &str) -> Result<Vec<Range>, ProfileError> {
 }
 
 /// What the store read by the chunk, first reads first: one range per
-/// (file, chunk) first seen, merged with the one before when it continues it.
+/// (file, chunk) first seen, merged with the one before when it continues it;
+/// and the frames of each path's NAR file those chunks lie in.
 #[derive(Default)]
 pub struct Recorder {
     seen: HashSet<(StorePath, Vec<u8>, u64)>,
     pub ranges: Vec<Range>,
+    /// Per path, in order of first read.
+    frames: Vec<PathFrames>,
+    frames_of: HashMap<StorePath, usize>,
+    frames_seen: usize,
     /// Changed since last written.
     pub dirty: bool,
     /// About the length of the profile's text so far.
     text_len: usize,
+}
+
+/// The frames read of one path's NAR file.
+struct PathFrames {
+    path: StorePath,
+    url: String,
+    /// By compressed offset: (compressed length, cost).
+    read: BTreeMap<u64, (u64, u64)>,
+}
+
+/// One frame of a seekable NAR file: compressed offset and length, and
+/// decompressed length.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameSpan {
+    pub offset: u64,
+    pub compressed: u64,
+    pub decompressed: u64,
+}
+
+impl FrameSpan {
+    /// What it costs a prefetch run (a frame of zeros is tiny, yet
+    /// decompressing it is not free).
+    pub fn cost(&self) -> u64 {
+        self.compressed.max(self.decompressed / 4)
+    }
 }
 
 /// Chunks remembered as seen at most: recording stops there (a profile is
@@ -134,6 +236,56 @@ pub struct Recorder {
 const MAX_SEEN: usize = 1 << 20;
 
 impl Recorder {
+    /// The profile recorded so far: its ranges, and the frames they need
+    /// as runs of at most [`MAX_RUN`].
+    pub fn profile(&self) -> Profile {
+        let mut hints = Vec::new();
+        for p in &self.frames {
+            let items = p.read.iter().map(|(&at, &(len, cost))| (at, at + len, cost));
+            hints.extend(coalesce(items, MAX_RUN).into_iter().map(|(a, b)| Hint {
+                path: p.path.clone(),
+                url: p.url.clone(),
+                offset: a,
+                len: b - a,
+            }));
+        }
+        Profile {
+            ranges: self.ranges.clone(),
+            hints,
+        }
+    }
+
+    /// Notes that a read of `path` needed `frames` of its NAR file at `url`.
+    pub fn note_frames(&mut self, path: &StorePath, url: &str, frames: impl IntoIterator<Item = FrameSpan>) {
+        let i = match self.frames_of.get(path) {
+            Some(&i) => i,
+            None => {
+                self.frames.push(PathFrames {
+                    path: path.clone(),
+                    url: url.to_string(),
+                    read: BTreeMap::new(),
+                });
+                self.frames_of.insert(path.clone(), self.frames.len() - 1);
+                self.frames.len() - 1
+            }
+        };
+        // At worst a line a frame; bounded as the ranges are.
+        let line = path.base_name().len() + url.len() + 50;
+        for f in frames {
+            if self.frames_seen >= MAX_SEEN
+                || self.ranges.len() + self.frames_seen >= MAX_RANGES
+                || self.text_len + line > MAX_PROFILE - HEADER.len() - 1
+            {
+                return;
+            }
+            if self.frames[i].read.insert(f.offset, (f.compressed, f.cost())).is_none() {
+                self.frames_seen += 1;
+                self.text_len += line;
+                self.dirty = true;
+            }
+        }
+    }
+
     /// Notes a read of `len` bytes at `offset` of `rel` in `path`, in
     /// chunks of `chunk` bytes.
     pub fn note(&mut self, path: &StorePath, rel: &[u8], offset: u64, len: u64, chunk: u64) {
@@ -145,7 +297,7 @@ impl Recorder {
             // MAX_RANGES), and memory bounded.
             let line = path.base_name().len() + 3 * rel.len() + 44;
             if self.seen.len() >= MAX_SEEN
-                || self.ranges.len() >= MAX_RANGES
+                || self.ranges.len() + self.frames_seen >= MAX_RANGES
                 || self.text_len + line > MAX_PROFILE - HEADER.len() - 1
             {
                 return;
@@ -186,9 +338,9 @@ mod tests {
         r.note(&p, b"lib/os.py", 0, 1, 4096); // seen
         assert_eq!(r.ranges.len(), 2);
         assert_eq!((r.ranges[0].offset, r.ranges[0].len), (0, 8192));
-        let text = to_text(&r.ranges);
+        let text = to_text(&r.profile());
         assert!(text.contains("lib/odd%20name%20%25 8192 4096"), "{text}");
-        assert_eq!(parse(&text).unwrap(), r.ranges);
+        assert_eq!(parse(&text).unwrap().ranges, r.ranges);
     }
 
     #[test]
@@ -200,13 +352,70 @@ mod tests {
         for i in 0..10_000u64 {
             r.note(&p, &rel, i * 8192, 1, 4096);
         }
-        let text = to_text(&r.ranges);
+        // Frames too, each a line at worst.
+        let url = format!("nar/{}.nar.zst", "u".repeat(900));
+        for i in 0..10_000u64 {
+            let span = FrameSpan {
+                offset: i * 2,
+                compressed: 1,
+                decompressed: 1,
+            };
+            r.note_frames(&p, &url, [span]);
+        }
+        let text = to_text(&r.profile());
         assert!(
             text.len() <= MAX_PROFILE && r.ranges.len() < 10_000,
             "{} bytes",
             text.len()
         );
-        assert_eq!(parse(&text).unwrap().len(), r.ranges.len());
+        let parsed = parse(&text).unwrap();
+        assert_eq!(parsed.ranges.len(), r.ranges.len());
+        assert!(!parsed.hints.is_empty());
+    }
+
+    #[test]
+    fn frames_read_become_runs_of_adjacent_frames() {
+        let p = StorePath::from_base_name("syd87l2rxw8cbsxmxl853h0r6pdwhw1a-python3").unwrap();
+        let q = StorePath::from_base_name("0jqd0rlxzra1rs38rdxl43yh6rxchgc6-libc").unwrap();
+        let span = |offset, compressed| FrameSpan {
+            offset,
+            compressed,
+            decompressed: 4 * compressed,
+        };
+        let mut r = Recorder::default();
+        r.note_frames(&q, "nar/q.nar.zst", [span(0, 10)]);
+        // Out of order and again: frames 100.., 110.., 300...
+        r.note_frames(&p, "nar/p.nar.zst", [span(110, 50), span(100, 10)]);
+        r.note_frames(&p, "nar/p.nar.zst", [span(300, 5), span(100, 10)]);
+        // A run stops at MAX_RUN.
+        r.note_frames(
+            &p,
+            "nar/p.nar.zst",
+            [span(1000, MAX_RUN - 1), span(1000 + MAX_RUN - 1, 2)],
+        );
+        let hints: Vec<_> = r
+            .profile()
+            .hints
+            .iter()
+            .map(|h| (h.path.name().to_string(), h.url.clone(), h.offset, h.len))
+            .collect();
+        let h = |n: &str, u: &str, a, l| (n.to_string(), u.to_string(), a, l);
+        assert_eq!(
+            hints,
+            [
+                h("libc", "nar/q.nar.zst", 0, 10),
+                h("python3", "nar/p.nar.zst", 100, 60),
+                h("python3", "nar/p.nar.zst", 300, 5),
+                h("python3", "nar/p.nar.zst", 1000, MAX_RUN - 1),
+                h("python3", "nar/p.nar.zst", 1000 + MAX_RUN - 1, 2),
+            ]
+        );
+        let text = to_text(&r.profile());
+        assert!(
+            text.contains("\nframes syd87l2rxw8cbsxmxl853h0r6pdwhw1a-python3 nar/p.nar.zst 100 60\n"),
+            "{text}"
+        );
+        assert_eq!(parse(&text).unwrap(), r.profile());
     }
 
     #[test]
@@ -220,6 +429,13 @@ mod tests {
             (format!("{HEADER}\n{p} a x 1\n"), "numbers"),
             (format!("{HEADER}\n{p} a%zz 0 1\n"), "escape"),
             (format!("{HEADER}\n{p} a 0\n"), "expected"),
+            (format!("{HEADER}\nframes {p} ../x 0 1\n"), "NAR URL"),
+            (format!("{HEADER}\nframes {p} /nar/x 0 1\n"), "NAR URL"),
+            (format!("{HEADER}\nframes {p} nar/x?a 0 1\n"), "NAR URL"),
+            (format!("{HEADER}\nframes {p} nar/\u{1}x 0 1\n"), "NAR URL"),
+            (format!("{HEADER}\nframes {p} {} 0 1\n", "n".repeat(2000)), "NAR URL"),
+            (format!("{HEADER}\nframes /etc nar/x 0 1\n"), "line 2"),
+            (format!("{HEADER}\nframes {p} nar/x 0 -1\n"), "numbers"),
         ] {
             let e = parse(&text).unwrap_err().to_string();
             assert!(e.contains(says), "{text:?}: {e}");

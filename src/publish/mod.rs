@@ -79,7 +79,8 @@ impl Default for Layout {
             // Measured (bench/filegrain.rs): a third fewer bytes per cold
             // start than 256 KiB frames, for a cache 9 % larger.
             frame_size: 64 << 10,
-            level: 9,
+            // See `cache push --level`.
+            level: 15,
         }
     }
 }

@@ -13,10 +13,17 @@ use crate::nixfmt::NixHash;
 const SKIPPABLE_MAGIC: u32 = 0x184D_2A5E;
 const SEEKABLE_MAGIC: u32 = 0x8F92_EAB1;
 
-/// Compresses what is written to it in frames of `frame_size` bytes.
+/// Compresses what is written to it in frames of `frame_size` bytes, a
+/// batch of frames at a time on every core (frames are independent, and a
+/// strong level is slow).
 pub struct FrameWriter<W: Write> {
     out: W,
     buf: Vec<u8>,
+    /// Full frames not yet compressed.
+    batch: Vec<Vec<u8>>,
+    /// Frames a batch holds: about 4 MiB a core.
+    batch_len: usize,
+    threads: usize,
     frame_size: usize,
     level: i32,
     frames: Vec<Frame>,
@@ -35,9 +42,13 @@ pub struct Written<W> {
 
 impl<W: Write> FrameWriter<W> {
     pub fn new(out: W, frame_size: u32, level: i32) -> FrameWriter<W> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         FrameWriter {
             out,
             buf: Vec::with_capacity(frame_size as usize),
+            batch: Vec::new(),
+            batch_len: ((4 << 20) / frame_size.max(1) as usize + 1) * threads,
+            threads,
             frame_size: frame_size as usize,
             level,
             frames: Vec::new(),
@@ -53,23 +64,58 @@ impl<W: Write> FrameWriter<W> {
         Ok(())
     }
 
-    fn flush_frame(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
+    /// Ends the frame being filled; compresses the batch once it holds
+    /// enough frames for every core (or `all`).
+    fn flush_frame(&mut self, all: bool) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let full = std::mem::replace(&mut self.buf, Vec::with_capacity(self.frame_size));
+            self.batch.push(full);
+        }
+        if self.batch.is_empty() || (!all && self.batch.len() < self.batch_len) {
             return Ok(());
         }
-        let frame = zstd::bulk::compress(&self.buf, self.level)?;
-        self.frames.push(Frame {
-            compressed: frame.len() as u32,
-            decompressed: self.buf.len() as u32,
+        let level = self.level;
+        let share = self.batch.len().div_ceil(self.threads);
+        let compressed: Vec<io::Result<Vec<Vec<u8>>>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = self
+                .batch
+                .chunks(share)
+                .map(|frames| {
+                    scope.spawn(move || {
+                        frames
+                            .iter()
+                            .map(|f| zstd::bulk::compress(f, level))
+                            .collect::<io::Result<Vec<_>>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| {
+                    w.join()
+                        .unwrap_or_else(|_| Err(io::Error::other("a compressing thread panicked")))
+                })
+                .collect()
         });
-        self.emit(&frame)?;
-        self.buf.clear();
+        let batch = std::mem::take(&mut self.batch);
+        let frames = compressed
+            .into_iter()
+            .collect::<io::Result<Vec<_>>>()?
+            .into_iter()
+            .flatten();
+        for (plain, frame) in batch.iter().zip(frames) {
+            self.frames.push(Frame {
+                compressed: frame.len() as u32,
+                decompressed: plain.len() as u32,
+            });
+            self.emit(&frame)?;
+        }
         Ok(())
     }
 
-    /// Writes the last frame and the seek table.
+    /// Writes the last frames and the seek table.
     pub fn finish(mut self) -> io::Result<Written<W>> {
-        self.flush_frame()?;
+        self.flush_frame(true)?;
         let mut table = Vec::with_capacity(self.frames.len() * 8 + 17);
         table.extend(SKIPPABLE_MAGIC.to_le_bytes());
         table.extend(((self.frames.len() * 8 + 9) as u32).to_le_bytes());
@@ -101,7 +147,7 @@ impl<W: Write> Write for FrameWriter<W> {
             self.buf.extend_from_slice(&data[..take]);
             data = &data[take..];
             if self.buf.len() == self.frame_size {
-                self.flush_frame()?;
+                self.flush_frame(false)?;
             }
         }
         Ok(n)
@@ -120,9 +166,14 @@ mod tests {
     fn any_zstd_decoder_reads_the_whole_and_each_frame_decodes_alone() {
         let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8 ^ (i / 4096) as u8).collect();
         let mut w = FrameWriter::new(Vec::new(), 64 << 10, 3);
-        w.write_all(&data).unwrap();
+        // Several batches, each on several threads.
+        (w.threads, w.batch_len) = (3, 5);
+        for piece in data.chunks(1000) {
+            w.write_all(piece).unwrap();
+        }
         let out = w.finish().unwrap();
         assert_eq!(out.frames.len(), 16);
+        assert!(out.frames[..15].iter().all(|f| f.decompressed == 64 << 10));
         // A stock decoder skips the seek table.
         assert_eq!(zstd::stream::decode_all(&out.out[..]).unwrap(), data);
         // Frame 5 alone gives bytes 5 × 64 KiB onwards.

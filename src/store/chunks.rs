@@ -186,6 +186,25 @@ impl Indexed {
         let find = |at: u64| self.starts.partition_point(|(u, _)| *u <= at).saturating_sub(1);
         (find(from), find(to.saturating_sub(1)))
     }
+
+    /// Frame `f`'s place in the NAR file.
+    fn span(&self, f: usize) -> profile::FrameSpan {
+        let fr = self.index.frames[f];
+        profile::FrameSpan {
+            offset: self.starts[f].1,
+            compressed: fr.compressed as u64,
+            decompressed: fr.decompressed as u64,
+        }
+    }
+
+    /// The frames `f0..=f1` that are exactly NAR file bytes
+    /// `offset..offset + len`, if any.
+    fn frames_at(&self, offset: u64, len: u64) -> Option<(usize, usize)> {
+        let f0 = self.starts.binary_search_by_key(&offset, |s| s.1).ok()?;
+        let end = offset.checked_add(len)?;
+        let f1 = (f0..self.starts.len()).find(|&f| self.starts[f].1 + self.index.frames[f].compressed as u64 >= end)?;
+        (self.starts[f1].1 + self.index.frames[f1].compressed as u64 == end && len > 0).then_some((f0, f1))
+    }
 }
 
 /// Where a chunk lives on disk: `<dir>/<first two hex digits>/<hex>`.
@@ -378,7 +397,7 @@ impl Store {
         }
         let cs = ix.index.chunk_size as u64;
         if counted {
-            self.record(&ix.path, rel, offset, len, cs);
+            self.record(ix, rel, offset, len, file_at, size);
         }
         let (c0, c1) = (offset / cs, (offset + len - 1) / cs);
         let chunk_len = |i: u64| cs.min(size - i * cs);
@@ -452,34 +471,32 @@ impl Store {
     /// Frames `f0..=f1` of an indexed path, in one ranged request,
     /// decompressed: where they start in the NAR, and their bytes.
     async fn fetch_frame_run(&self, ix: &Indexed, f0: usize, f1: usize) -> Result<(u64, Vec<u8>)> {
-        let caches = self.caches().await?;
-        let cache = caches
-            .get(ix.cache)
-            .ok_or_else(|| chunk_err(&ix.path, "its cache is gone"))?;
-        let (u0, c0) = ix.starts[f0];
-        let inflated: u64 = ix.index.frames[f0..=f1].iter().map(|f| f.decompressed as u64).sum();
-        if inflated > MAX_RUN {
-            return Err(chunk_err(
-                &ix.path,
-                format!("{inflated} bytes of frames at once is more than the {MAX_RUN} taken"),
-            ));
-        }
-        let last = ix.index.frames[f1];
-        let c_end = ix.starts[f1].1 + last.compressed as u64;
+        check_run(ix, f0, f1)?;
+        let c0 = ix.starts[f0].1;
+        let c_end = ix.starts[f1].1 + ix.index.frames[f1].compressed as u64;
         let url = ix.index.url.as_deref().unwrap_or_default();
+        let bytes = self.download(ix.cache, &ix.path, url, c0, c_end - c0).await?;
+        decode_run(ix, f0, f1, &bytes)
+    }
+
+    /// Bytes `offset..offset + len` of `path`'s NAR file at `url` in cache
+    /// number `cache`, journaled and counted.
+    async fn download(&self, cache: usize, path: &StorePath, url: &str, offset: u64, len: u64) -> Result<bytes::Bytes> {
+        let caches = self.caches().await?;
+        let cache = caches.get(cache).ok_or_else(|| chunk_err(path, "its cache is gone"))?;
         let started = std::time::Instant::now();
         let got = cache
-            .read_range(url, c0, c_end - c0)
+            .read_range(url, offset, len)
             .await
             .map_err(|source| StoreError::Cache {
-                path: ix.path.clone(),
+                path: path.clone(),
                 cache: cache.url().to_string(),
                 source,
             })
-            .and_then(|b| b.ok_or_else(|| chunk_err(&ix.path, format!("{url} is missing from {}", cache.url()))));
+            .and_then(|b| b.ok_or_else(|| chunk_err(path, format!("{url} is missing from {}", cache.url()))));
         self.journal.add(super::journal::Record {
             seq: 0,
-            path: ix.path.to_string(),
+            path: path.to_string(),
             kind: super::journal::Kind::Range,
             cache: cache.url().to_string(),
             bytes: got.as_ref().map_or(0, |b| b.len() as u64),
@@ -490,24 +507,69 @@ impl Store {
         self.counters
             .bytes_downloaded
             .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        let mut nar = Vec::new();
-        let mut at = 0usize;
-        for f in &ix.index.frames[f0..=f1] {
-            let frame = &bytes[at..at + f.compressed as usize];
-            at += f.compressed as usize;
-            let plain = zstd::bulk::decompress(frame, f.decompressed as usize)
-                .ok()
-                .filter(|p| p.len() == f.decompressed as usize)
-                .ok_or_else(|| {
-                    chunk_err(
-                        &ix.path,
-                        format!("a frame of {url} does not decompress as its index says"),
-                    )
-                })?;
-            nar.extend_from_slice(&plain);
-        }
-        Ok((u0, nar))
+        Ok(bytes)
     }
+}
+
+/// Frames `a..=b` of a path to prefetch, maybe already on their way.
+struct Job {
+    ix: Arc<Indexed>,
+    a: usize,
+    b: usize,
+    hinted: Option<tokio::task::JoinHandle<Result<bytes::Bytes>>>,
+}
+
+/// A profile's frame hint being fetched from cache number `cache`.
+struct Hinted {
+    cache: usize,
+    url: String,
+    offset: u64,
+    len: u64,
+    bytes: tokio::task::JoinHandle<Result<bytes::Bytes>>,
+}
+
+/// The most bytes a profile's frame hints fetch (held until their indexes
+/// come).
+const MAX_HINTED: u64 = 64 << 20;
+
+/// Refuses runs of frames that would inflate to more than [`MAX_RUN`].
+fn check_run(ix: &Indexed, f0: usize, f1: usize) -> Result<()> {
+    let inflated: u64 = ix.index.frames[f0..=f1].iter().map(|f| f.decompressed as u64).sum();
+    if inflated > MAX_RUN {
+        return Err(chunk_err(
+            &ix.path,
+            format!("{inflated} bytes of frames at once is more than the {MAX_RUN} taken"),
+        ));
+    }
+    Ok(())
+}
+
+/// Frames `f0..=f1` of `ix`'s NAR file, fetched as `bytes`, decompressed:
+/// (their NAR offset, the NAR bytes). Not yet verified.
+fn decode_run(ix: &Indexed, f0: usize, f1: usize, bytes: &[u8]) -> Result<(u64, Vec<u8>)> {
+    check_run(ix, f0, f1)?;
+    let url = ix.index.url.as_deref().unwrap_or_default();
+    let frames = &ix.index.frames[f0..=f1];
+    if frames.iter().map(|f| f.compressed as u64).sum::<u64>() != bytes.len() as u64 {
+        return Err(chunk_err(&ix.path, format!("frames of {url} fetched short or long")));
+    }
+    let mut nar = Vec::new();
+    let mut at = 0usize;
+    for f in frames {
+        let frame = &bytes[at..at + f.compressed as usize];
+        at += f.compressed as usize;
+        let plain = zstd::bulk::decompress(frame, f.decompressed as usize)
+            .ok()
+            .filter(|p| p.len() == f.decompressed as usize)
+            .ok_or_else(|| {
+                chunk_err(
+                    &ix.path,
+                    format!("a frame of {url} does not decompress as its index says"),
+                )
+            })?;
+        nar.extend_from_slice(&plain);
+    }
+    Ok((ix.starts[f0].0, nar))
 }
 
 impl Store {
@@ -719,11 +781,20 @@ impl Store {
         self.opts.dir.with_file_name("access-profile")
     }
 
-    fn record(&self, path: &StorePath, rel: &[u8], offset: u64, len: u64, chunk: u64) {
+    /// Notes a container's read of `len` bytes at `offset` of file `rel`
+    /// (at `file_at` in the NAR, `size` bytes) in the access profile, with
+    /// the frames its chunks lie in.
+    fn record(&self, ix: &Indexed, rel: &[u8], offset: u64, len: u64, file_at: u64, size: u64) {
         let Ok(mut r) = self.indexes.recorder.lock() else {
             return;
         };
-        r.0.note(path, rel, offset, len, chunk);
+        let cs = ix.index.chunk_size as u64;
+        r.0.note(&ix.path, rel, offset, len, cs);
+        if let Some(url) = ix.index.url.as_deref() {
+            let (from, to) = (offset / cs * cs, (offset + len).div_ceil(cs) * cs);
+            let (f0, f1) = ix.frames_for(file_at + from, file_at + to.min(size));
+            r.0.note_frames(&ix.path, url, (f0..=f1).map(|f| ix.span(f)));
+        }
         if r.1 {
             return;
         }
@@ -737,14 +808,14 @@ impl Store {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                 let Some(rec) = recorder.upgrade() else { return };
                 // Copied under the lock, written out of it: reads record on.
-                let ranges = match rec.lock() {
+                let recorded = match rec.lock() {
                     Ok(mut r) if r.0.dirty => {
                         r.0.dirty = false;
-                        r.0.ranges.clone()
+                        r.0.profile()
                     }
                     _ => continue,
                 };
-                let text = profile::to_text(&ranges);
+                let text = profile::to_text(&recorded);
                 let tmp = dest.with_extension("tmp");
                 if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &dest)) {
                     tracing::debug!(error = %e, "cannot write the access profile");
@@ -757,9 +828,9 @@ impl Store {
     /// ranges; with `reset`, recording starts afresh (the file too).
     pub fn recorded_profile(&self, reset: bool) -> (String, usize) {
         let Ok(mut r) = self.indexes.recorder.lock() else {
-            return (profile::to_text(&[]), 0);
+            return (profile::to_text(&Default::default()), 0);
         };
-        let out = (profile::to_text(&r.0.ranges), r.0.ranges.len());
+        let out = (profile::to_text(&r.0.profile()), r.0.ranges.len());
         if reset {
             r.0 = profile::Recorder::default();
             r.0.dirty = true;
@@ -770,27 +841,29 @@ impl Store {
     /// Fetches, many requests in flight, the chunks an access profile (a
     /// store path, from an image's `nix-profile` label) lists, for the
     /// paths of `within` (the image's closure): by the frame for paths
-    /// with a file index, whole for the others. Failures are left to the
-    /// reads that would have found the chunks.
+    /// with a file index, whole for the others. The profile's frame hints
+    /// are asked for at once, while the indexes come, and kept only where
+    /// they match them. Failures are left to the reads that would have
+    /// found the chunks.
     pub async fn prefetch_profile(self: &Arc<Self>, profile_path: StorePath, within: HashSet<StorePath>) {
         let started = std::time::Instant::now();
-        let ranges = match self.read_profile(&profile_path).await {
+        let recorded = match self.read_profile(&profile_path).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(profile = %profile_path, error = %e, "cannot use the image's access profile");
                 return;
             }
         };
+        let mut hinted = self.fetch_hints(recorded.hints, &within).await;
         let mut order: Vec<StorePath> = Vec::new();
         let mut by_path: HashMap<StorePath, Vec<profile::Range>> = HashMap::new();
-        for r in ranges.into_iter().filter(|r| within.contains(&r.path)) {
+        for r in recorded.ranges.into_iter().filter(|r| within.contains(&r.path)) {
             if !by_path.contains_key(&r.path) {
                 order.push(r.path.clone());
             }
             by_path.entry(r.path.clone()).or_default().push(r);
         }
-        // (path, first frame, last frame) runs, or whole paths.
-        let mut jobs: Vec<(Arc<Indexed>, usize, usize)> = Vec::new();
+        let mut jobs: Vec<Job> = Vec::new();
         let mut whole = Vec::new();
         // The paths' indexes, all asked for at once (each is a round trip).
         let asks = order.iter().cloned().map(|p| {
@@ -802,7 +875,9 @@ impl Store {
             .collect()
             .await;
         for (p, ix) in order.iter().zip(indexes) {
+            let hints = hinted.remove(p).unwrap_or_default();
             let Some(ix) = ix else {
+                hints.iter().for_each(|h| h.bytes.abort());
                 whole.push(p.clone());
                 continue;
             };
@@ -817,32 +892,63 @@ impl Store {
                     }
                 }
             }
-            // Runs of consecutive frames, at most PREFETCH_RUN bytes each,
-            // compressed and decompressed (a frame of zeros is tiny).
-            let mut run: Option<(usize, usize, u64)> = None;
-            for f in frames {
-                let fr = ix.index.frames[f];
-                let cost = (fr.compressed as u64).max(fr.decompressed as u64 / 4);
-                run = match run {
-                    Some((a, b, n)) if b + 1 == f && n + cost <= PREFETCH_RUN => Some((a, f, n + cost)),
-                    Some((a, b, _)) => {
-                        jobs.push((ix.clone(), a, b));
-                        Some((f, f, cost))
+            for h in hints {
+                let fits = ix.cache == h.cache && ix.index.url.as_deref() == Some(&h.url);
+                match ix.frames_at(h.offset, h.len).filter(|_| fits) {
+                    Some((a, b)) => {
+                        frames.retain(|&f| f < a || f > b);
+                        jobs.push(Job {
+                            ix: ix.clone(),
+                            a,
+                            b,
+                            hinted: Some(h.bytes),
+                        });
                     }
-                    None => Some((f, f, cost)),
-                };
+                    None => {
+                        h.bytes.abort();
+                        tracing::debug!(path = %p, "a frame hint of the access profile does not fit the index; ignored");
+                    }
+                }
             }
-            if let Some((a, b, _)) = run {
-                jobs.push((ix.clone(), a, b));
+            // Runs of consecutive frames, at most MAX_RUN bytes each.
+            let items = frames.into_iter().map(|f| (f as u64, f as u64 + 1, ix.span(f).cost()));
+            for (a, b) in profile::coalesce(items, profile::MAX_RUN) {
+                jobs.push(Job {
+                    ix: ix.clone(),
+                    a: a as usize,
+                    b: b as usize - 1,
+                    hinted: None,
+                });
             }
         }
+        // Hints of paths without ranges are not fetched for nothing.
+        hinted.values().flatten().for_each(|h| h.bytes.abort());
         let (runs, paths) = (jobs.len(), whole.len());
         let dir = self.chunk_dir();
         let parallel = self.opts.max_parallel.max(1);
-        let frames = futures::stream::iter(jobs).for_each_concurrent(parallel, |(ix, a, b)| {
-            let (dir, me) = (dir.clone(), self.clone());
+        let hinted_runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let frames = futures::stream::iter(jobs).for_each_concurrent(parallel, |job| {
+            let (dir, me, hinted_runs) = (dir.clone(), self.clone(), hinted_runs.clone());
             async move {
-                match me.fetch_frame_run(&ix, a, b).await {
+                let Job { ix, a, b, hinted } = job;
+                let from_hint = match hinted {
+                    Some(bytes) => match bytes.await {
+                        Ok(got) => got.and_then(|got| decode_run(&ix, a, b, &got)),
+                        Err(e) => Err(chunk_err(&ix.path, e)),
+                    }
+                    .inspect_err(|e| tracing::debug!(error = %e, "hinted frames; fetched again"))
+                    .ok(),
+                    None => None,
+                };
+                // A hint that failed: the frames fetched as without it.
+                let fetched = match from_hint {
+                    Some(got) => {
+                        hinted_runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        Ok(got)
+                    }
+                    None => me.fetch_frame_run(&ix, a, b).await,
+                };
+                match fetched {
                     Ok((u0, bytes)) => {
                         let (_, added) = keep_verified(&ix, &dir, u0, &bytes, &(0..0));
                         me.chunks_added(added);
@@ -862,13 +968,56 @@ impl Store {
         futures::join!(frames, paths_done);
         tracing::info!(
             runs,
+            hinted = hinted_runs.load(std::sync::atomic::Ordering::Relaxed),
             paths,
             ms = started.elapsed().as_millis() as u64,
             "prefetched what the image's access profile lists"
         );
     }
 
-    async fn read_profile(self: &Arc<Self>, path: &StorePath) -> Result<Vec<profile::Range>> {
+    /// Starts fetching the frame `hints` of paths of `within`, from the
+    /// first cache that publishes file indexes (the one indexes are first
+    /// asked of), at most [`MAX_HINTED`] bytes in all: by path.
+    async fn fetch_hints(
+        self: &Arc<Self>,
+        hints: Vec<profile::Hint>,
+        within: &HashSet<StorePath>,
+    ) -> HashMap<StorePath, Vec<Hinted>> {
+        let mut out: HashMap<StorePath, Vec<Hinted>> = HashMap::new();
+        let Some(cache) = self
+            .caches()
+            .await
+            .ok()
+            .and_then(|c| c.iter().position(|c| c.file_indexes))
+        else {
+            return out;
+        };
+        let permits = Arc::new(tokio::sync::Semaphore::new(self.opts.max_parallel.max(1)));
+        let mut total = 0u64;
+        for h in hints.into_iter().filter(|h| within.contains(&h.path)) {
+            if h.len == 0 || h.len > MAX_RUN || total + h.len > MAX_HINTED {
+                tracing::debug!(path = %h.path, len = h.len, "a frame hint past the bounds; ignored");
+                continue;
+            }
+            total += h.len;
+            let (me, permits) = (self.clone(), permits.clone());
+            let (path, url, offset, len) = (h.path.clone(), h.url.clone(), h.offset, h.len);
+            let bytes = tokio::spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                me.download(cache, &path, &url, offset, len).await
+            });
+            out.entry(h.path).or_default().push(Hinted {
+                cache,
+                url: h.url,
+                offset,
+                len,
+                bytes,
+            });
+        }
+        out
+    }
+
+    async fn read_profile(self: &Arc<Self>, path: &StorePath) -> Result<profile::Profile> {
         let loc = self.ensure(path).await.map_err(|e| chunk_err(path, e))?;
         let holder = self.holder(&loc);
         let bytes = nix_snapshotter_fuse::beneath::read_file(
@@ -918,9 +1067,6 @@ impl NarWriter<'_> {
 
 /// The most one fetch of frames inflates to.
 const MAX_RUN: u64 = 128 << 20;
-
-/// The most compressed bytes one prefetch request takes.
-const PREFETCH_RUN: u64 = 4 << 20;
 
 /// Verifies and keeps every whole chunk of every file inside NAR bytes
 /// `u0..` (`bytes`): neighbours of what was asked for come with the same
