@@ -293,7 +293,16 @@ fn an_access_profile_recorded_on_one_node_prefetches_a_cold_start_on_another() {
             .filter(|l| l.contains("/nar/"))
             .cloned()
             .collect();
-        assert!(after.is_empty(), "{tag}: the run still fetched: {after:#?}");
+        assert!(
+            after.is_empty(),
+            "{tag}: the run still fetched: {after:#?}\n{}",
+            daemon
+                .log_text()
+                .lines()
+                .filter(|l| !l.contains(" FUSE("))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
         no_problems(&daemon);
         daemon.log_text()
     };

@@ -30,6 +30,10 @@ pub const MAX_RANGES: usize = 200_000;
 /// The most compressed bytes one prefetch request takes (a frame of zeros
 /// counts as a quarter of its size).
 pub const MAX_RUN: u64 = 4 << 20;
+/// The most a recorded frame hint asks for (compressed bytes, costed as
+/// for [`MAX_RUN`]): small enough that a run arrives soon after it is asked
+/// for and is served at once, while a few in flight fill a WAN link.
+pub const HINT_RUN: u64 = 256 << 10;
 /// A NAR URL longer than this is refused.
 const MAX_URL: usize = 1024;
 const HEADER: &str = "nix-snapshotter-profile 1";
@@ -116,15 +120,33 @@ pub fn to_text(profile: &Profile) -> String {
     t
 }
 
-/// Runs of adjacent `(start, end, cost)` items (one's end the next's start,
-/// in order), each costing at most `max` (a longer item is a run alone):
+/// One item of [`coalesce`]: bytes `start..end`, what they cost, and
+/// whether they must be in the same run as the item before when adjacent
+/// (frames that one chunk straddles: a chunk is verified whole or not at
+/// all).
+#[derive(Debug, Clone, Copy)]
+pub struct Item {
+    pub start: u64,
+    pub end: u64,
+    pub cost: u64,
+    pub joined: bool,
+}
+
+/// Runs of adjacent items (one's end the next's start, in order), each
+/// costing at most `max` unless joined items make it longer:
 /// `(first item's start, last item's end)`.
-pub fn coalesce(items: impl IntoIterator<Item = (u64, u64, u64)>, max: u64) -> Vec<(u64, u64)> {
+pub fn coalesce(items: impl IntoIterator<Item = Item>, max: u64) -> Vec<(u64, u64)> {
     let mut runs = Vec::new();
     let mut run: Option<(u64, u64, u64)> = None;
-    for (start, end, cost) in items {
+    for Item {
+        start,
+        end,
+        cost,
+        joined,
+    } in items
+    {
         run = match run {
-            Some((a, b, n)) if b == start && n + cost <= max => Some((a, end, n + cost)),
+            Some((a, b, n)) if b == start && (joined || n + cost <= max) => Some((a, end, n + cost)),
             Some((a, b, _)) => {
                 runs.push((a, b));
                 Some((start, end, cost))
@@ -210,8 +232,17 @@ pub struct Recorder {
 struct PathFrames {
     path: StorePath,
     url: String,
-    /// By compressed offset: (compressed length, cost).
-    read: BTreeMap<u64, (u64, u64)>,
+    /// By compressed offset.
+    read: BTreeMap<u64, FrameRead>,
+}
+
+struct FrameRead {
+    compressed: u64,
+    cost: u64,
+    /// Read together with the frame before (one chunk straddles them).
+    joined: bool,
+    /// Frames noted before it, of any path: the order of first reads.
+    seq: usize,
 }
 
 /// One frame of a seekable NAR file: compressed offset and length, and
@@ -237,25 +268,37 @@ const MAX_SEEN: usize = 1 << 20;
 
 impl Recorder {
     /// The profile recorded so far: its ranges, and the frames they need
-    /// as runs of at most [`MAX_RUN`].
+    /// as runs of at most [`HINT_RUN`] of adjacent frames, first read
+    /// first (a cold start asks for them in that order).
     pub fn profile(&self) -> Profile {
         let mut hints = Vec::new();
         for p in &self.frames {
-            let items = p.read.iter().map(|(&at, &(len, cost))| (at, at + len, cost));
-            hints.extend(coalesce(items, MAX_RUN).into_iter().map(|(a, b)| Hint {
-                path: p.path.clone(),
-                url: p.url.clone(),
-                offset: a,
-                len: b - a,
-            }));
+            let items = p.read.iter().map(|(&at, r)| Item {
+                start: at,
+                end: at + r.compressed,
+                cost: r.cost,
+                joined: r.joined,
+            });
+            for (a, b) in coalesce(items, HINT_RUN) {
+                let first = p.read.range(a..b).map(|(_, r)| r.seq).min().unwrap_or(usize::MAX);
+                let hint = Hint {
+                    path: p.path.clone(),
+                    url: p.url.clone(),
+                    offset: a,
+                    len: b - a,
+                };
+                hints.push((first, hint));
+            }
         }
+        hints.sort_by_key(|(first, _)| *first);
         Profile {
             ranges: self.ranges.clone(),
-            hints,
+            hints: hints.into_iter().map(|(_, h)| h).collect(),
         }
     }
 
-    /// Notes that a read of `path` needed `frames` of its NAR file at `url`.
+    /// Notes that a read of `path` needed `frames` of its NAR file at `url`
+    /// (adjacent ones, kept in one run by [`Recorder::profile`]).
     pub fn note_frames(&mut self, path: &StorePath, url: &str, frames: impl IntoIterator<Item = FrameSpan>) {
         let i = match self.frames_of.get(path) {
             Some(&i) => i,
@@ -271,17 +314,32 @@ impl Recorder {
         };
         // At worst a line a frame; bounded as the ranges are.
         let line = path.base_name().len() + url.len() + 50;
-        for f in frames {
-            if self.frames_seen >= MAX_SEEN
-                || self.ranges.len() + self.frames_seen >= MAX_RANGES
-                || self.text_len + line > MAX_PROFILE - HEADER.len() - 1
-            {
-                return;
-            }
-            if self.frames[i].read.insert(f.offset, (f.compressed, f.cost())).is_none() {
-                self.frames_seen += 1;
-                self.text_len += line;
-                self.dirty = true;
+        for (n, f) in frames.into_iter().enumerate() {
+            let joined = n > 0;
+            match self.frames[i].read.entry(f.offset) {
+                std::collections::btree_map::Entry::Occupied(mut o) => {
+                    if joined && !o.get().joined {
+                        o.get_mut().joined = true;
+                        self.dirty = true;
+                    }
+                }
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    if self.frames_seen >= MAX_SEEN
+                        || self.ranges.len() + self.frames_seen >= MAX_RANGES
+                        || self.text_len + line > MAX_PROFILE - HEADER.len() - 1
+                    {
+                        return;
+                    }
+                    v.insert(FrameRead {
+                        compressed: f.compressed,
+                        cost: f.cost(),
+                        joined,
+                        seq: self.frames_seen,
+                    });
+                    self.frames_seen += 1;
+                    self.text_len += line;
+                    self.dirty = true;
+                }
             }
         }
     }
@@ -387,12 +445,18 @@ mod tests {
         // Out of order and again: frames 100.., 110.., 300...
         r.note_frames(&p, "nar/p.nar.zst", [span(110, 50), span(100, 10)]);
         r.note_frames(&p, "nar/p.nar.zst", [span(300, 5), span(100, 10)]);
-        // A run stops at MAX_RUN.
+        // A run stops at HINT_RUN ...
+        r.note_frames(&p, "nar/p.nar.zst", [span(1000, HINT_RUN - 1)]);
+        r.note_frames(&p, "nar/p.nar.zst", [span(1000 + HINT_RUN - 1, 2)]);
+        // ... but not between frames one read needed (a chunk straddles them).
+        let far = 10 * HINT_RUN;
         r.note_frames(
             &p,
             "nar/p.nar.zst",
-            [span(1000, MAX_RUN - 1), span(1000 + MAX_RUN - 1, 2)],
+            [span(far, HINT_RUN - 1), span(far + HINT_RUN - 1, 2)],
         );
+        // Read last: asked for last, though q's first frame was read first.
+        r.note_frames(&q, "nar/q.nar.zst", [span(50, 7)]);
         let hints: Vec<_> = r
             .profile()
             .hints
@@ -406,8 +470,10 @@ mod tests {
                 h("libc", "nar/q.nar.zst", 0, 10),
                 h("python3", "nar/p.nar.zst", 100, 60),
                 h("python3", "nar/p.nar.zst", 300, 5),
-                h("python3", "nar/p.nar.zst", 1000, MAX_RUN - 1),
-                h("python3", "nar/p.nar.zst", 1000 + MAX_RUN - 1, 2),
+                h("python3", "nar/p.nar.zst", 1000, HINT_RUN - 1),
+                h("python3", "nar/p.nar.zst", 1000 + HINT_RUN - 1, 2),
+                h("python3", "nar/p.nar.zst", far, HINT_RUN + 1),
+                h("libc", "nar/q.nar.zst", 50, 7),
             ]
         );
         let text = to_text(&r.profile());

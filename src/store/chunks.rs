@@ -12,7 +12,6 @@
 
 use std::collections::{HashMap, HashSet};
 
-use futures::StreamExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -28,7 +27,7 @@ pub struct Indexed {
     pub path: StorePath,
     pub index: FileIndex,
     /// Which of the store's caches serves it.
-    cache: usize,
+    pub(super) cache: usize,
     /// Uncompressed and compressed offset of every frame.
     starts: Vec<(u64, u64)>,
     /// Entries by path, and each directory's entries (in name order).
@@ -39,6 +38,9 @@ pub struct Indexed {
     /// One fetch at a time: concurrent reads (the kernel's readahead)
     /// find on disk what the first one fetched.
     fetching: tokio::sync::Mutex<()>,
+    /// Frames a profile prefetch is fetching: a read that needs one waits
+    /// for it (its sender dropped) rather than fetching it again.
+    pending: std::sync::Mutex<HashMap<usize, tokio::sync::watch::Receiver<()>>>,
     /// Chunks served so far, their bytes, and the files' bytes in all: past
     /// `[store] complete_after` of it, the path is fetched whole.
     served: std::sync::Mutex<HashSet<usize>>,
@@ -114,7 +116,7 @@ pub struct Indexes {
     /// Orders uses of `known`.
     tick: std::sync::atomic::AtomicU64,
     /// What was read by the chunk; whether its writer runs.
-    recorder: Arc<std::sync::Mutex<(profile::Recorder, bool)>>,
+    pub(super) recorder: Arc<std::sync::Mutex<(profile::Recorder, bool)>>,
     /// Bytes of the chunks kept on disk (counted against `max_size`).
     pub chunk_bytes: std::sync::atomic::AtomicU64,
 }
@@ -155,7 +157,7 @@ pub(crate) fn chunk_files(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTim
     out
 }
 
-fn chunk_err(path: &StorePath, msg: impl std::fmt::Display) -> StoreError {
+pub(super) fn chunk_err(path: &StorePath, msg: impl std::fmt::Display) -> StoreError {
     StoreError::Chunk {
         path: path.to_string(),
         msg: msg.to_string(),
@@ -182,13 +184,13 @@ impl Indexed {
     }
 
     /// The frames holding NAR bytes `from..to`: first and last index.
-    fn frames_for(&self, from: u64, to: u64) -> (usize, usize) {
+    pub(super) fn frames_for(&self, from: u64, to: u64) -> (usize, usize) {
         let find = |at: u64| self.starts.partition_point(|(u, _)| *u <= at).saturating_sub(1);
         (find(from), find(to.saturating_sub(1)))
     }
 
     /// Frame `f`'s place in the NAR file.
-    fn span(&self, f: usize) -> profile::FrameSpan {
+    pub(super) fn span(&self, f: usize) -> profile::FrameSpan {
         let fr = self.index.frames[f];
         profile::FrameSpan {
             offset: self.starts[f].1,
@@ -199,11 +201,66 @@ impl Indexed {
 
     /// The frames `f0..=f1` that are exactly NAR file bytes
     /// `offset..offset + len`, if any.
-    fn frames_at(&self, offset: u64, len: u64) -> Option<(usize, usize)> {
+    pub(super) fn frames_at(&self, offset: u64, len: u64) -> Option<(usize, usize)> {
         let f0 = self.starts.binary_search_by_key(&offset, |s| s.1).ok()?;
         let end = offset.checked_add(len)?;
         let f1 = (f0..self.starts.len()).find(|&f| self.starts[f].1 + self.index.frames[f].compressed as u64 >= end)?;
         (self.starts[f1].1 + self.index.frames[f1].compressed as u64 == end && len > 0).then_some((f0, f1))
+    }
+
+    /// Marks frames `a..=b` as on their way until the guard is dropped.
+    pub(super) fn fetching_frames(self: &Arc<Self>, a: usize, b: usize) -> PendingFrames {
+        let (tx, rx) = tokio::sync::watch::channel(());
+        if let Ok(mut p) = self.pending.lock() {
+            for f in a..=b {
+                p.insert(f, rx.clone());
+            }
+        }
+        PendingFrames {
+            ix: self.clone(),
+            frames: (a, b),
+            rx,
+            _tx: tx,
+        }
+    }
+
+    /// Waits until none of frames `f0..=f1` is on its way.
+    async fn pending_done(&self, f0: usize, f1: usize) {
+        let waits: Vec<_> = match self.pending.lock() {
+            Ok(p) if !p.is_empty() => (f0..=f1).filter_map(|f| p.get(&f).cloned()).collect(),
+            _ => return,
+        };
+        for mut rx in waits {
+            // Err once the sender is gone: the only way it ends.
+            let _ = rx.changed().await;
+        }
+    }
+}
+
+/// Frames of an indexed path on their way (see [`Indexed::fetching_frames`]).
+pub(super) struct PendingFrames {
+    ix: Arc<Indexed>,
+    frames: (usize, usize),
+    rx: tokio::sync::watch::Receiver<()>,
+    /// Dropped last: waiters wake when the frames are no longer listed.
+    _tx: tokio::sync::watch::Sender<()>,
+}
+
+impl PendingFrames {
+    pub(super) fn frames(&self) -> (usize, usize) {
+        self.frames
+    }
+}
+
+impl Drop for PendingFrames {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.ix.pending.lock() {
+            for f in self.frames.0..=self.frames.1 {
+                if p.get(&f).is_some_and(|r| r.same_channel(&self.rx)) {
+                    p.remove(&f);
+                }
+            }
+        }
     }
 }
 
@@ -349,6 +406,7 @@ impl Store {
             total_bytes: files.iter().map(|(_, size, _)| size).sum(),
             files,
             fetching: tokio::sync::Mutex::new(()),
+            pending: Default::default(),
             served: Default::default(),
             served_bytes: Default::default(),
             completing: Default::default(),
@@ -414,6 +472,16 @@ impl Store {
         };
         let mut pieces: Vec<Option<Vec<u8>>> = vec![None; (c1 - c0 + 1) as usize];
         on_disk(&mut pieces);
+        if let (Some(a), Some(b)) = (
+            pieces.iter().position(Option::is_none),
+            pieces.iter().rposition(Option::is_none),
+        ) {
+            // A prefetch bringing them: waited for, not fetched twice.
+            let (a, b) = (c0 + a as u64, c0 + b as u64);
+            let (f0, f1) = ix.frames_for(file_at + a * cs, file_at + b * cs + chunk_len(b));
+            ix.pending_done(f0, f1).await;
+            on_disk(&mut pieces);
+        }
         if pieces.iter().any(Option::is_none) {
             let _turn = ix.fetching.lock().await;
             on_disk(&mut pieces);
@@ -470,7 +538,7 @@ impl Store {
 
     /// Frames `f0..=f1` of an indexed path, in one ranged request,
     /// decompressed: where they start in the NAR, and their bytes.
-    async fn fetch_frame_run(&self, ix: &Indexed, f0: usize, f1: usize) -> Result<(u64, Vec<u8>)> {
+    pub(super) async fn fetch_frame_run(&self, ix: &Indexed, f0: usize, f1: usize) -> Result<(u64, Vec<u8>)> {
         check_run(ix, f0, f1)?;
         let c0 = ix.starts[f0].1;
         let c_end = ix.starts[f1].1 + ix.index.frames[f1].compressed as u64;
@@ -481,7 +549,14 @@ impl Store {
 
     /// Bytes `offset..offset + len` of `path`'s NAR file at `url` in cache
     /// number `cache`, journaled and counted.
-    async fn download(&self, cache: usize, path: &StorePath, url: &str, offset: u64, len: u64) -> Result<bytes::Bytes> {
+    pub(super) async fn download(
+        &self,
+        cache: usize,
+        path: &StorePath,
+        url: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<bytes::Bytes> {
         let caches = self.caches().await?;
         let cache = caches.get(cache).ok_or_else(|| chunk_err(path, "its cache is gone"))?;
         let started = std::time::Instant::now();
@@ -511,27 +586,6 @@ impl Store {
     }
 }
 
-/// Frames `a..=b` of a path to prefetch, maybe already on their way.
-struct Job {
-    ix: Arc<Indexed>,
-    a: usize,
-    b: usize,
-    hinted: Option<tokio::task::JoinHandle<Result<bytes::Bytes>>>,
-}
-
-/// A profile's frame hint being fetched from cache number `cache`.
-struct Hinted {
-    cache: usize,
-    url: String,
-    offset: u64,
-    len: u64,
-    bytes: tokio::task::JoinHandle<Result<bytes::Bytes>>,
-}
-
-/// The most bytes a profile's frame hints fetch (held until their indexes
-/// come).
-const MAX_HINTED: u64 = 64 << 20;
-
 /// Refuses runs of frames that would inflate to more than [`MAX_RUN`].
 fn check_run(ix: &Indexed, f0: usize, f1: usize) -> Result<()> {
     let inflated: u64 = ix.index.frames[f0..=f1].iter().map(|f| f.decompressed as u64).sum();
@@ -546,7 +600,7 @@ fn check_run(ix: &Indexed, f0: usize, f1: usize) -> Result<()> {
 
 /// Frames `f0..=f1` of `ix`'s NAR file, fetched as `bytes`, decompressed:
 /// (their NAR offset, the NAR bytes). Not yet verified.
-fn decode_run(ix: &Indexed, f0: usize, f1: usize, bytes: &[u8]) -> Result<(u64, Vec<u8>)> {
+pub(super) fn decode_run(ix: &Indexed, f0: usize, f1: usize, bytes: &[u8]) -> Result<(u64, Vec<u8>)> {
     check_run(ix, f0, f1)?;
     let url = ix.index.url.as_deref().unwrap_or_default();
     let frames = &ix.index.frames[f0..=f1];
@@ -699,7 +753,7 @@ impl Store {
     }
 
     /// Counts chunks newly kept; over the store's bound, collects.
-    fn chunks_added(self: &Arc<Self>, bytes: u64) {
+    pub(super) fn chunks_added(self: &Arc<Self>, bytes: u64) {
         let before = self
             .indexes
             .chunk_bytes
@@ -713,9 +767,6 @@ impl Store {
         }
     }
 
-    /// Removes the chunks of a path that became whole: its files are on
-    /// disk now. (A chunk another indexed path shares is fetched again if
-    /// that one needs it.)
     /// Forgets what this run learned of `path` (its narinfo, `.ls`
     /// listing and index) and removes the chunks kept of it: the bytes freed.
     pub(crate) fn forget(&self, path: &StorePath) -> u64 {
@@ -730,6 +781,9 @@ impl Store {
         before.saturating_sub(self.indexes.chunk_bytes.load(std::sync::atomic::Ordering::Relaxed))
     }
 
+    /// Removes the chunks of a path that became whole: its files are on
+    /// disk now. (A chunk another indexed path shares is fetched again if
+    /// that one needs it.)
     pub(crate) fn drop_chunks_of(&self, ix: &Indexed) {
         let dir = self.chunk_dir();
         let mut freed = 0;
@@ -769,266 +823,6 @@ impl Store {
             .store(total, std::sync::atomic::Ordering::Relaxed);
         freed
     }
-
-    /// Whether pulled images' access profiles are acted on.
-    pub fn prefetches_profiles(&self) -> bool {
-        self.opts.prefetch_profile
-    }
-
-    /// `<root>/access-profile`: what this daemon's containers read by the
-    /// chunk, first reads first (see [`crate::nixfmt::profile`]).
-    pub fn profile_file(&self) -> PathBuf {
-        self.opts.dir.with_file_name("access-profile")
-    }
-
-    /// Notes a container's read of `len` bytes at `offset` of file `rel`
-    /// (at `file_at` in the NAR, `size` bytes) in the access profile, with
-    /// the frames its chunks lie in.
-    fn record(&self, ix: &Indexed, rel: &[u8], offset: u64, len: u64, file_at: u64, size: u64) {
-        let Ok(mut r) = self.indexes.recorder.lock() else {
-            return;
-        };
-        let cs = ix.index.chunk_size as u64;
-        r.0.note(&ix.path, rel, offset, len, cs);
-        if let Some(url) = ix.index.url.as_deref() {
-            let (from, to) = (offset / cs * cs, (offset + len).div_ceil(cs) * cs);
-            let (f0, f1) = ix.frames_for(file_at + from, file_at + to.min(size));
-            r.0.note_frames(&ix.path, url, (f0..=f1).map(|f| ix.span(f)));
-        }
-        if r.1 {
-            return;
-        }
-        // A writer, twice a second while anything is new, by rename; it
-        // ends with the store.
-        r.1 = true;
-        let recorder = Arc::downgrade(&self.indexes.recorder);
-        let dest = self.profile_file();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                let Some(rec) = recorder.upgrade() else { return };
-                // Copied under the lock, written out of it: reads record on.
-                let recorded = match rec.lock() {
-                    Ok(mut r) if r.0.dirty => {
-                        r.0.dirty = false;
-                        r.0.profile()
-                    }
-                    _ => continue,
-                };
-                let text = profile::to_text(&recorded);
-                let tmp = dest.with_extension("tmp");
-                if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &dest)) {
-                    tracing::debug!(error = %e, "cannot write the access profile");
-                }
-            }
-        });
-    }
-
-    /// The access profile recorded so far, as text, and its number of
-    /// ranges; with `reset`, recording starts afresh (the file too).
-    pub fn recorded_profile(&self, reset: bool) -> (String, usize) {
-        let Ok(mut r) = self.indexes.recorder.lock() else {
-            return (profile::to_text(&Default::default()), 0);
-        };
-        let out = (profile::to_text(&r.0.profile()), r.0.ranges.len());
-        if reset {
-            r.0 = profile::Recorder::default();
-            r.0.dirty = true;
-        }
-        out
-    }
-
-    /// Fetches, many requests in flight, the chunks an access profile (a
-    /// store path, from an image's `nix-profile` label) lists, for the
-    /// paths of `within` (the image's closure): by the frame for paths
-    /// with a file index, whole for the others. The profile's frame hints
-    /// are asked for at once, while the indexes come, and kept only where
-    /// they match them. Failures are left to the reads that would have
-    /// found the chunks.
-    pub async fn prefetch_profile(self: &Arc<Self>, profile_path: StorePath, within: HashSet<StorePath>) {
-        let started = std::time::Instant::now();
-        let recorded = match self.read_profile(&profile_path).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(profile = %profile_path, error = %e, "cannot use the image's access profile");
-                return;
-            }
-        };
-        let mut hinted = self.fetch_hints(recorded.hints, &within).await;
-        let mut order: Vec<StorePath> = Vec::new();
-        let mut by_path: HashMap<StorePath, Vec<profile::Range>> = HashMap::new();
-        for r in recorded.ranges.into_iter().filter(|r| within.contains(&r.path)) {
-            if !by_path.contains_key(&r.path) {
-                order.push(r.path.clone());
-            }
-            by_path.entry(r.path.clone()).or_default().push(r);
-        }
-        let mut jobs: Vec<Job> = Vec::new();
-        let mut whole = Vec::new();
-        // The paths' indexes, all asked for at once (each is a round trip).
-        let asks = order.iter().cloned().map(|p| {
-            let me = self.clone();
-            async move { me.indexed(&p).await }
-        });
-        let indexes: Vec<_> = futures::stream::iter(asks)
-            .buffered(self.opts.max_parallel.max(1))
-            .collect()
-            .await;
-        for (p, ix) in order.iter().zip(indexes) {
-            let hints = hinted.remove(p).unwrap_or_default();
-            let Some(ix) = ix else {
-                hints.iter().for_each(|h| h.bytes.abort());
-                whole.push(p.clone());
-                continue;
-            };
-            let mut frames = std::collections::BTreeSet::new();
-            for r in &by_path[p] {
-                if let Some(EntryKind::Regular { size, offset, .. }) = ix.entry(&r.rel).map(|e| &e.kind) {
-                    let from = r.offset.min(*size);
-                    let to = r.offset.saturating_add(r.len).min(*size);
-                    if to > from {
-                        let (f0, f1) = ix.frames_for(offset + from, offset + to);
-                        frames.extend(f0..=f1);
-                    }
-                }
-            }
-            for h in hints {
-                let fits = ix.cache == h.cache && ix.index.url.as_deref() == Some(&h.url);
-                match ix.frames_at(h.offset, h.len).filter(|_| fits) {
-                    Some((a, b)) => {
-                        frames.retain(|&f| f < a || f > b);
-                        jobs.push(Job {
-                            ix: ix.clone(),
-                            a,
-                            b,
-                            hinted: Some(h.bytes),
-                        });
-                    }
-                    None => {
-                        h.bytes.abort();
-                        tracing::debug!(path = %p, "a frame hint of the access profile does not fit the index; ignored");
-                    }
-                }
-            }
-            // Runs of consecutive frames, at most MAX_RUN bytes each.
-            let items = frames.into_iter().map(|f| (f as u64, f as u64 + 1, ix.span(f).cost()));
-            for (a, b) in profile::coalesce(items, profile::MAX_RUN) {
-                jobs.push(Job {
-                    ix: ix.clone(),
-                    a: a as usize,
-                    b: b as usize - 1,
-                    hinted: None,
-                });
-            }
-        }
-        // Hints of paths without ranges are not fetched for nothing.
-        hinted.values().flatten().for_each(|h| h.bytes.abort());
-        let (runs, paths) = (jobs.len(), whole.len());
-        let dir = self.chunk_dir();
-        let parallel = self.opts.max_parallel.max(1);
-        let hinted_runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let frames = futures::stream::iter(jobs).for_each_concurrent(parallel, |job| {
-            let (dir, me, hinted_runs) = (dir.clone(), self.clone(), hinted_runs.clone());
-            async move {
-                let Job { ix, a, b, hinted } = job;
-                let from_hint = match hinted {
-                    Some(bytes) => match bytes.await {
-                        Ok(got) => got.and_then(|got| decode_run(&ix, a, b, &got)),
-                        Err(e) => Err(chunk_err(&ix.path, e)),
-                    }
-                    .inspect_err(|e| tracing::debug!(error = %e, "hinted frames; fetched again"))
-                    .ok(),
-                    None => None,
-                };
-                // A hint that failed: the frames fetched as without it.
-                let fetched = match from_hint {
-                    Some(got) => {
-                        hinted_runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        Ok(got)
-                    }
-                    None => me.fetch_frame_run(&ix, a, b).await,
-                };
-                match fetched {
-                    Ok((u0, bytes)) => {
-                        let (_, added) = keep_verified(&ix, &dir, u0, &bytes, &(0..0));
-                        me.chunks_added(added);
-                    }
-                    Err(e) => tracing::debug!(error = %e, "profile prefetch"),
-                }
-            }
-        });
-        let paths_done = futures::stream::iter(whole).for_each_concurrent(parallel, |p| {
-            let me = self.clone();
-            async move {
-                if let Err(e) = me.ensure(&p).await {
-                    tracing::debug!(path = %p, error = %e, "profile prefetch");
-                }
-            }
-        });
-        futures::join!(frames, paths_done);
-        tracing::info!(
-            runs,
-            hinted = hinted_runs.load(std::sync::atomic::Ordering::Relaxed),
-            paths,
-            ms = started.elapsed().as_millis() as u64,
-            "prefetched what the image's access profile lists"
-        );
-    }
-
-    /// Starts fetching the frame `hints` of paths of `within`, from the
-    /// first cache that publishes file indexes (the one indexes are first
-    /// asked of), at most [`MAX_HINTED`] bytes in all: by path.
-    async fn fetch_hints(
-        self: &Arc<Self>,
-        hints: Vec<profile::Hint>,
-        within: &HashSet<StorePath>,
-    ) -> HashMap<StorePath, Vec<Hinted>> {
-        let mut out: HashMap<StorePath, Vec<Hinted>> = HashMap::new();
-        let Some(cache) = self
-            .caches()
-            .await
-            .ok()
-            .and_then(|c| c.iter().position(|c| c.file_indexes))
-        else {
-            return out;
-        };
-        let permits = Arc::new(tokio::sync::Semaphore::new(self.opts.max_parallel.max(1)));
-        let mut total = 0u64;
-        for h in hints.into_iter().filter(|h| within.contains(&h.path)) {
-            if h.len == 0 || h.len > MAX_RUN || total + h.len > MAX_HINTED {
-                tracing::debug!(path = %h.path, len = h.len, "a frame hint past the bounds; ignored");
-                continue;
-            }
-            total += h.len;
-            let (me, permits) = (self.clone(), permits.clone());
-            let (path, url, offset, len) = (h.path.clone(), h.url.clone(), h.offset, h.len);
-            let bytes = tokio::spawn(async move {
-                let _permit = permits.acquire_owned().await;
-                me.download(cache, &path, &url, offset, len).await
-            });
-            out.entry(h.path).or_default().push(Hinted {
-                cache,
-                url: h.url,
-                offset,
-                len,
-                bytes,
-            });
-        }
-        out
-    }
-
-    async fn read_profile(self: &Arc<Self>, path: &StorePath) -> Result<profile::Profile> {
-        let loc = self.ensure(path).await.map_err(|e| chunk_err(path, e))?;
-        let holder = self.holder(&loc);
-        let bytes = nix_snapshotter_fuse::beneath::read_file(
-            std::os::fd::AsFd::as_fd(&*holder),
-            Path::new(path.base_name()),
-            profile::MAX_PROFILE as u64,
-        )
-        .map_err(|e| chunk_err(path, e))?;
-        let text = String::from_utf8(bytes).map_err(|_| chunk_err(path, "not UTF-8"))?;
-        profile::parse(&text).map_err(|e| chunk_err(path, e))
-    }
 }
 
 /// NAR bytes on their way to the unpacker, a MiB at a time.
@@ -1066,14 +860,14 @@ impl NarWriter<'_> {
 }
 
 /// The most one fetch of frames inflates to.
-const MAX_RUN: u64 = 128 << 20;
+pub(super) const MAX_RUN: u64 = 128 << 20;
 
 /// Verifies and keeps every whole chunk of every file inside NAR bytes
 /// `u0..` (`bytes`): neighbours of what was asked for come with the same
 /// frames and are free now. Returns the chunks of `wanted` (global chunk
 /// numbers) that verified (one that does not is neither kept nor
 /// returned), and the bytes newly kept.
-fn keep_verified(
+pub(super) fn keep_verified(
     ix: &Indexed,
     dir: &Path,
     u0: u64,

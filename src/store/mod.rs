@@ -13,6 +13,7 @@ mod db;
 mod fetch;
 pub mod gc;
 pub mod journal;
+mod profiles;
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
