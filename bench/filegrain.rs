@@ -430,12 +430,7 @@ fn cold_run(dir: &Path, setup: &Setup, mode: Mode, keep_profile: Option<&Path>) 
     let fetched = link.downloaded() - before;
     drop(ctrd);
     drop(daemon);
-    if arg("--daemon-log").is_some() {
-        let logs = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/filegrain-logs");
-        let _ = std::fs::create_dir_all(&logs);
-        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-        let _ = std::fs::copy(dir.join("root.log"), logs.join(format!("{name}.log")));
-    }
+    keep_daemon_log(dir);
     tc::unmount_below(dir);
     let _ = nix_snapshotter::store::gc::remove_tree(dir);
     Sample {
@@ -453,6 +448,17 @@ pub fn first_line(ctrd: &Containerd, snapshotter: &str, image: &str, id: &str) -
             .args(["--namespace", &ctrd.namespace])
             .args(["run", "--rm", "--snapshotter", snapshotter, image, id]),
     )
+}
+
+/// With `--daemon-log`: the log of the daemon rooted at `dir/root`, kept
+/// as `target/filegrain-logs/<dir's name>.log`.
+fn keep_daemon_log(dir: &Path) {
+    if arg("--daemon-log").is_some() {
+        let logs = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/filegrain-logs");
+        let _ = std::fs::create_dir_all(&logs);
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let _ = std::fs::copy(dir.join("root.log"), logs.join(format!("{name}.log")));
+    }
 }
 
 /// Medians of 9 alternating warm runs of (d) and of (e), after a warm-up.
@@ -478,7 +484,7 @@ fn warm_runs(dir: &Path, setup: &Setup) -> (f64, f64, Vec<(String, f64)>) {
         &sock,
         &["--config", cfg.to_str().unwrap()],
         &[],
-        "warn",
+        &arg("--daemon-log").unwrap_or_else(|| "warn".into()),
     );
     let ctrd = Containerd::start(&dir.join("ctrd"), &sock);
     let ns = ctrd.namespace.clone();
@@ -514,6 +520,7 @@ fn warm_runs(dir: &Path, setup: &Setup) -> (f64, f64, Vec<(String, f64)>) {
     per_run.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
     drop(ctrd);
     drop(daemon);
+    keep_daemon_log(dir);
     tc::unmount_below(dir);
     (median(ours), median(theirs), per_run)
 }

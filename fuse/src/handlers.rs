@@ -121,16 +121,22 @@ fn read_at(file: &std::fs::File, offset: u64, size: u32, reply: ReplyData) {
 impl Filesystem for FsImpl {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let state = &self.state;
-        // Without it the kernel serialises lookups in one directory: a
-        // lookup waiting for a fetch would hold up every other name in
-        // `nix/store`.
         // Kept for a successor, which resumes without an INIT of its own.
         state.has_resend.store(
             config.capabilities().contains(InitFlags::FUSE_HAS_RESEND),
             Ordering::Relaxed,
         );
+        // Without it the kernel serialises lookups in one directory: a
+        // lookup waiting for a fetch would hold up every other name in
+        // `nix/store`.
         if let Err(e) = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS) {
             tracing::warn!(flags = ?e, "the kernel does not take parallel directory operations");
+        }
+        // Symlinks never change (store paths are immutable; a node made
+        // from a wrong hint is replaced by another): the kernel keeps their
+        // targets, and a container's start asks for each once.
+        if let Err(e) = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS) {
+            tracing::debug!(flags = ?e, "the kernel does not cache symlinks");
         }
         if state.passthrough.load(Ordering::Relaxed) {
             let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
