@@ -39,6 +39,8 @@ const HINTS_IN_FLIGHT: usize = 4;
 /// The most bytes a profile's frame hints fetch (held until their indexes
 /// come).
 const MAX_HINTED: u64 = 64 << 20;
+/// The most frame hints a profile's prefetch asks for (each a request).
+const MAX_HINTS: usize = 4096;
 
 impl Store {
     /// Whether pulled images' access profiles are acted on.
@@ -265,7 +267,8 @@ impl Store {
 
     /// Starts fetching the frame `hints` of paths of `within`, from the
     /// first cache that publishes file indexes (the one indexes are first
-    /// asked of), at most [`MAX_HINTED`] bytes in all: by path.
+    /// asked of), at most [`MAX_HINTS`] of them and [`MAX_HINTED`] bytes in
+    /// all: by path.
     async fn fetch_hints(
         self: &Arc<Self>,
         hints: Vec<profile::Hint>,
@@ -283,7 +286,7 @@ impl Store {
         let mut total = 0u64;
         let mut asks = Vec::new();
         for h in hints.into_iter().filter(|h| within.contains(&h.path)) {
-            if h.len == 0 || h.len > MAX_RUN || total + h.len > MAX_HINTED {
+            if h.len == 0 || h.len > MAX_RUN || total + h.len > MAX_HINTED || asks.len() >= MAX_HINTS {
                 tracing::debug!(path = %h.path, len = h.len, "a frame hint past the bounds; ignored");
                 continue;
             }
