@@ -25,7 +25,7 @@
 //! caches are dropped before the clock starts; the modes take turns within
 //! each round. Then warm: (d) again against (e) warm, alternating.
 //!
-//!     cargo bench --bench filegrain [-- --rounds N --json FILE]
+//!     cargo bench --bench filegrain [-- --rounds N --warm-runs N --json FILE]
 //!         [--only eager,by_file_profile,...] [--daemon-log info]
 //!
 //! `--daemon-log LEVEL` keeps each run's daemon log under
@@ -281,7 +281,8 @@ fn main() {
         );
     }
     println!(
-        "warm, 9 alternating runs each: (d) {warm:.3} s, overlayfs {overlay:.3} s, ratio {:.2}x",
+        "warm, {} alternating runs each: (d) {warm:.3} s, overlayfs {overlay:.3} s, ratio {:.2}x",
+        warm_count(),
         warm / overlay
     );
     println!(
@@ -461,7 +462,12 @@ fn keep_daemon_log(dir: &Path) {
     }
 }
 
-/// Medians of 9 alternating warm runs of (d) and of (e), after a warm-up.
+/// `--warm-runs N`: warm runs of each (default 9).
+fn warm_count() -> usize {
+    arg_or("--warm-runs", 9)
+}
+
+/// Medians of alternating warm runs of (d) and of (e), after a warm-up.
 fn warm_runs(dir: &Path, setup: &Setup) -> (f64, f64, Vec<(String, f64)>) {
     std::fs::create_dir_all(dir).unwrap();
     let sock = dir.join("nix.sock");
@@ -505,7 +511,7 @@ fn warm_runs(dir: &Path, setup: &Setup) -> (f64, f64, Vec<(String, f64)>) {
     }
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     let before = fuse_requests(metrics);
-    for i in 0..9 {
+    for i in 0..warm_count() {
         ours.push(first_line(&ctrd, "nix", IMAGE, &format!("{ns}-n{i}")));
         theirs.push(first_line(&ctrd, "overlayfs", PLAIN_IMAGE, &format!("{ns}-o{i}")));
     }
@@ -513,7 +519,7 @@ fn warm_runs(dir: &Path, setup: &Setup) -> (f64, f64, Vec<(String, f64)>) {
         .into_iter()
         .map(|(op, n)| {
             let was = before.iter().find(|(o, _)| *o == op).map_or(0.0, |(_, b)| *b);
-            (op, (n - was) / 9.0)
+            (op, (n - was) / warm_count() as f64)
         })
         .filter(|(_, n)| *n > 0.0)
         .collect();

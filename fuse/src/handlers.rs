@@ -129,6 +129,10 @@ impl Filesystem for FsImpl {
         // Without it the kernel serialises lookups in one directory: a
         // lookup waiting for a fetch would hold up every other name in
         // `nix/store`.
+        state.no_opendir.store(
+            config.capabilities().contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT),
+            Ordering::Relaxed,
+        );
         if let Err(e) = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS) {
             tracing::warn!(flags = ?e, "the kernel does not take parallel directory operations");
         }
@@ -361,6 +365,18 @@ impl Filesystem for FsImpl {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.state.count(Op::Opendir);
+        // Where the kernel takes it, ENOSYS makes it open directories by
+        // itself from now on, keeping their listings (every one is fixed
+        // but the root's, which it is told to drop when views change): a
+        // container's start then costs no OPENDIR and RELEASEDIR pair per
+        // directory it lists. Readdir resolves a store path as this does.
+        let opened = |state: &State, reply: ReplyOpen, flags| {
+            if state.no_opendir.load(Ordering::Relaxed) {
+                reply.error(Errno::ENOSYS)
+            } else {
+                reply.opened(FileHandle(state.open_listing()), flags)
+            }
+        };
         match self.state.node(ino) {
             // Resolving here makes an `ls` of a store path fetch it once, up
             // front (and checks a hinted one).
@@ -369,14 +385,11 @@ impl Filesystem for FsImpl {
                 let wait = self.state.may_wait(&node, Some(OsStr::new("")));
                 self.state
                     .answer(wait, self.max_waiting, move |state| match state.open_dir(&sn) {
-                        Ok(()) => reply.opened(
-                            FileHandle(state.open_listing()),
-                            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-                        ),
+                        Ok(()) => opened(state, reply, FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR),
                         Err(e) => reply.error(e),
                     });
             }
-            Some(_) => reply.opened(FileHandle(self.state.open_listing()), FopenFlags::empty()),
+            Some(_) => opened(&self.state, reply, FopenFlags::empty()),
             None => reply.error(Errno::ENOENT),
         }
     }

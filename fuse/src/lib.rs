@@ -181,7 +181,9 @@ impl StoreFs {
             return Err(FuseError::BadViewName(name.to_string()));
         }
         let mut inodes = self.state.inodes.write().unwrap_or_else(|e| e.into_inner());
-        inodes.add_view(&self.state.next_ino, name, closure);
+        if inodes.add_view(&self.state.next_ino, name, closure) {
+            self.state.root_changed();
+        }
         Ok(self.state.mountpoint.join(name))
     }
 
@@ -189,6 +191,7 @@ impl StoreFs {
     pub fn remove_view(&self, name: &str) {
         let mut inodes = self.state.inodes.write().unwrap_or_else(|e| e.into_inner());
         inodes.remove_view(name);
+        self.state.root_changed();
     }
 
     pub fn view_names(&self) -> Vec<String> {

@@ -89,6 +89,7 @@ fn new_state(
         files: Files::new(cfg.open_files, epoch),
         passthrough: AtomicBool::new(cfg.passthrough),
         has_resend: AtomicBool::new(false),
+        no_opendir: AtomicBool::new(false),
         mountpoint: mountpoint.to_path_buf(),
         notifier: OnceLock::new(),
         dev: OnceLock::new(),

@@ -27,6 +27,9 @@ pub(crate) struct State {
     pub passthrough: AtomicBool,
     /// The kernel takes `FUSE_NOTIFY_RESEND` (said at INIT).
     pub has_resend: AtomicBool,
+    /// The kernel opens directories by itself once told ENOSYS (said at
+    /// INIT): no OPENDIR or RELEASEDIR, and listings cached.
+    pub no_opendir: AtomicBool,
     pub mountpoint: PathBuf,
     /// Set once mounted: tells the kernel to forget entries it cached.
     pub notifier: OnceLock<fuser::Notifier>,
@@ -315,6 +318,19 @@ impl State {
     /// Tells the kernel to drop `<view>/nix/store/<base>` in every view.
     /// From another thread: a notification sent while the kernel waits for
     /// our answer to a request in the same directory could deadlock.
+    /// Tells the kernel to drop its cached listing of the root (views come
+    /// and go). From another thread, as [`State::forget_entries`].
+    pub fn root_changed(&self) {
+        let Some(notifier) = self.notifier.get().cloned() else {
+            return;
+        };
+        let _ = std::thread::Builder::new().name("fuse-inval".into()).spawn(move || {
+            if let Err(e) = notifier.inval_inode(INodeNo::ROOT, 0, 0) {
+                tracing::debug!(error = %e, "invalidating the root's listing");
+            }
+        });
+    }
+
     fn forget_entries(&self, base: &Arc<str>) {
         let dirs = self
             .inodes

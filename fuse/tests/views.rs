@@ -109,6 +109,59 @@ fn a_view_dropped_and_added_again_is_whole() {
     assert!(std::fs::metadata(store.join("00000000000000000000000000000000-b")).is_err());
 }
 
+#[test]
+fn directories_are_listed_without_opendir_and_the_root_follows_its_views() {
+    let tmp = tempfile::Builder::new().prefix("nst-fuse-").tempdir_in("/tmp").unwrap();
+    let (m, resolver) = setup(tmp.path());
+    let fs = m.0.as_ref().unwrap();
+    let mnt = tmp.path().join("mnt");
+    let names = |dir: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let count = |op: &str| {
+        fs.request_counts()
+            .iter()
+            .find(|(o, _)| *o == op)
+            .map_or(0, |(_, n)| *n)
+    };
+    assert!(names(&mnt).is_empty());
+    let store = fs.add_view("v", &closure()).unwrap().join("nix/store");
+    let path = store.join(A);
+    // Listing a store path fetches it, as opening it did.
+    assert_eq!(names(&path), ["file"]);
+    assert!(resolver.calls.load(Ordering::SeqCst) > 0);
+    assert_eq!(names(&store), [A]);
+    // Listed again: neither opened nor read by us (the kernel keeps the
+    // listings of what never changes).
+    let (opens, reads) = (count("opendir"), count("readdir"));
+    for _ in 0..3 {
+        assert_eq!(names(&path), ["file"]);
+        assert_eq!(names(&store), [A]);
+    }
+    // Only the first OPENDIR ever, answered ENOSYS.
+    assert_eq!((opens, count("opendir")), (1, 1));
+    assert_eq!(count("readdir"), reads);
+    assert_eq!(count("releasedir"), 0);
+    // The root is the one listing that changes: views come and go.
+    let wait_for = |want: &[&str]| {
+        let start = std::time::Instant::now();
+        while names(&mnt) != want && start.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(names(&mnt), want);
+    };
+    wait_for(&["v"]);
+    fs.add_view("w", &closure()).unwrap();
+    wait_for(&["v", "w"]);
+    fs.remove_view("v");
+    wait_for(&["w"]);
+}
+
 /// Store path names for the tests below (32 hash characters, then a name).
 fn base(name: &str, i: usize) -> String {
     format!("{:0>32}-{name}", i)

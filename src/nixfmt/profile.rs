@@ -121,9 +121,9 @@ pub fn to_text(profile: &Profile) -> String {
 }
 
 /// One item of [`coalesce`]: bytes `start..end`, what they cost, and
-/// whether a chunk straddles it and the item before (a chunk is verified
-/// whole or not at all, so a run that holds only one of them cannot give
-/// that chunk).
+/// whether they must be in the same run as the item before when adjacent
+/// (frames that one chunk straddles: a chunk is verified whole or not at
+/// all).
 #[derive(Debug, Clone, Copy)]
 pub struct Item {
     pub start: u64,
@@ -133,15 +133,11 @@ pub struct Item {
 }
 
 /// Runs of adjacent items (one's end the next's start, in order), each
-/// costing at most `max` where it can: `(first item's start, last item's
-/// end)`. A run cut where a chunk straddles two items starts again at the
-/// first of them (the runs overlap by that item), so that every chunk is
-/// whole in some run.
+/// costing at most `max` unless joined items make it longer:
+/// `(first item's start, last item's end)`.
 pub fn coalesce(items: impl IntoIterator<Item = Item>, max: u64) -> Vec<(u64, u64)> {
     let mut runs = Vec::new();
-    // (start, end, cost) of the run; (start, cost) of its last item.
     let mut run: Option<(u64, u64, u64)> = None;
-    let mut last = (0, 0);
     for Item {
         start,
         end,
@@ -149,22 +145,14 @@ pub fn coalesce(items: impl IntoIterator<Item = Item>, max: u64) -> Vec<(u64, u6
         joined,
     } in items
     {
-        let straddled = joined && run.is_some_and(|(_, b, _)| b == start);
         run = match run {
-            Some((a, b, n)) if b == start && n + cost <= max => Some((a, end, n + cost)),
-            // The run is that one item: nothing to cut off.
-            Some((a, _, n)) if straddled && a == last.0 => Some((a, end, n + cost)),
+            Some((a, b, n)) if b == start && (joined || n + cost <= max) => Some((a, end, n + cost)),
             Some((a, b, _)) => {
                 runs.push((a, b));
-                if straddled {
-                    Some((last.0, end, last.1 + cost))
-                } else {
-                    Some((start, end, cost))
-                }
+                Some((start, end, cost))
             }
             None => Some((start, end, cost)),
         };
-        last = (start, cost);
     }
     runs.extend(run.map(|(a, b, _)| (a, b)));
     runs
@@ -467,19 +455,6 @@ mod tests {
             "nar/p.nar.zst",
             [span(far, HINT_RUN - 1), span(far + HINT_RUN - 1, 2)],
         );
-        // A longer read: where the run is cut, the next starts again at the
-        // frame before, so the chunk between them is whole in one.
-        let farther = 20 * HINT_RUN;
-        let half = HINT_RUN / 2;
-        r.note_frames(
-            &p,
-            "nar/p.nar.zst",
-            [
-                span(farther, half),
-                span(farther + half, half),
-                span(farther + 2 * half, half),
-            ],
-        );
         // Read last: asked for last, though q's first frame was read first.
         r.note_frames(&q, "nar/q.nar.zst", [span(50, 7)]);
         let hints: Vec<_> = r
@@ -498,8 +473,6 @@ mod tests {
                 h("python3", "nar/p.nar.zst", 1000, HINT_RUN - 1),
                 h("python3", "nar/p.nar.zst", 1000 + HINT_RUN - 1, 2),
                 h("python3", "nar/p.nar.zst", far, HINT_RUN + 1),
-                h("python3", "nar/p.nar.zst", farther, HINT_RUN),
-                h("python3", "nar/p.nar.zst", farther + half, HINT_RUN),
                 h("libc", "nar/q.nar.zst", 50, 7),
             ]
         );
