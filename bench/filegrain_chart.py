@@ -32,7 +32,7 @@ for i, m in enumerate(modes):
     )
 ax.invert_yaxis()
 ax.set_xlim(0, max(total) * 1.9)
-ax.set_xlabel("seconds from the pull (image load, nix copy, soci rpull) to the first output line (median)")
+ax.set_xlabel("seconds from the pull to the first output line (median)")
 ax.set_title(
     f"Cold start of python3 ({results['closure_bytes'] >> 20} MiB closure), 50 ms / 100 Mbit link"
 )
