@@ -238,7 +238,12 @@ fn main() {
 
     // --- Warm: (d) again against (e), alternating, after a warm-up of each.
     eprintln!("warm runs ...");
-    let (warm, overlay, warm_requests) = warm_runs(&dir.join("warm"), &setup);
+    let Warm {
+        ours: warm,
+        overlay,
+        plain_ours,
+        requests: warm_requests,
+    } = warm_runs(&dir.join("warm"), &setup);
 
     let mut report = serde_json::Map::new();
     println!();
@@ -281,9 +286,11 @@ fn main() {
         );
     }
     println!(
-        "warm, {} alternating runs each: (d) {warm:.3} s, overlayfs {overlay:.3} s, ratio {:.2}x",
+        "warm, {} alternating runs each: (d) {warm:.3} s, overlayfs {overlay:.3} s, ratio {:.2}x; \
+         (e)'s image through our snapshotter (no Nix layer, no FUSE) {plain_ours:.3} s, {:.2}x overlayfs",
         warm_count(),
-        warm / overlay
+        warm / overlay,
+        plain_ours / overlay
     );
     println!(
         "FUSE requests per warm start of (d): {}",
@@ -312,7 +319,7 @@ fn main() {
     report.insert("layouts".into(), serde_json::json!(layout_report));
     report.insert(
         "warm".into(),
-        serde_json::json!({ "by_file_profile": warm, "overlayfs": overlay }),
+        serde_json::json!({ "by_file_profile": warm, "overlayfs": overlay, "plain_through_ours": plain_ours }),
     );
     report.insert("read_bytes".into(), serde_json::json!(read_bytes));
     report.insert("closure_bytes".into(), serde_json::json!(setup.closure.bytes));
@@ -467,8 +474,22 @@ fn warm_count() -> usize {
     arg_or("--warm-runs", 9)
 }
 
-/// Medians of alternating warm runs of (d) and of (e), after a warm-up.
-fn warm_runs(dir: &Path, setup: &Setup) -> (f64, f64, Vec<(String, f64)>) {
+/// Medians of warm starts, in seconds.
+struct Warm {
+    /// (d).
+    ours: f64,
+    /// (e).
+    overlay: f64,
+    /// (e)'s plain image unpacked by our snapshotter: what being a proxy
+    /// snapshotter costs, without a Nix layer or FUSE.
+    plain_ours: f64,
+    /// FUSE requests per warm start of (d), by operation.
+    requests: Vec<(String, f64)>,
+}
+
+/// Alternating warm runs of (d), of (e), and of (e)'s image through our
+/// snapshotter, after a warm-up.
+fn warm_runs(dir: &Path, setup: &Setup) -> Warm {
     std::fs::create_dir_all(dir).unwrap();
     let sock = dir.join("nix.sock");
     let cfg = daemon_config(dir, setup, Mode::Profiled, "");
@@ -505,17 +526,25 @@ fn warm_runs(dir: &Path, setup: &Setup) -> (f64, f64, Vec<(String, f64)>) {
         .arg(&ctrd.address)
         .args(["--namespace", &ns, "images", "import", "--snapshotter", "overlayfs"])
         .arg(&setup.plain_tar));
+    run(Command::new("ctr")
+        .arg("--address")
+        .arg(&ctrd.address)
+        .args(["--namespace", &ns, "images", "import", "--snapshotter", "nix"])
+        .arg(&setup.plain_tar));
     for w in 0..2 {
         first_line(&ctrd, "nix", IMAGE, &format!("{ns}-wn{w}"));
         first_line(&ctrd, "overlayfs", PLAIN_IMAGE, &format!("{ns}-wo{w}"));
+        first_line(&ctrd, "nix", PLAIN_IMAGE, &format!("{ns}-wp{w}"));
     }
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let (mut ours, mut theirs, mut plain) = (Vec::new(), Vec::new(), Vec::new());
+    // (The plain image's runs make no FUSE requests: no Nix layer.)
     let before = fuse_requests(metrics);
     for i in 0..warm_count() {
         ours.push(first_line(&ctrd, "nix", IMAGE, &format!("{ns}-n{i}")));
         theirs.push(first_line(&ctrd, "overlayfs", PLAIN_IMAGE, &format!("{ns}-o{i}")));
+        plain.push(first_line(&ctrd, "nix", PLAIN_IMAGE, &format!("{ns}-p{i}")));
     }
-    let mut per_run: Vec<(String, f64)> = fuse_requests(metrics)
+    let mut requests: Vec<(String, f64)> = fuse_requests(metrics)
         .into_iter()
         .map(|(op, n)| {
             let was = before.iter().find(|(o, _)| *o == op).map_or(0.0, |(_, b)| *b);
@@ -523,12 +552,17 @@ fn warm_runs(dir: &Path, setup: &Setup) -> (f64, f64, Vec<(String, f64)>) {
         })
         .filter(|(_, n)| *n > 0.0)
         .collect();
-    per_run.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
+    requests.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
     drop(ctrd);
     drop(daemon);
     keep_daemon_log(dir);
     tc::unmount_below(dir);
-    (median(ours), median(theirs), per_run)
+    Warm {
+        ours: median(ours),
+        overlay: median(theirs),
+        plain_ours: median(plain),
+        requests,
+    }
 }
 
 /// The daemon's FUSE request counters, by opcode (its metrics endpoint).

@@ -126,13 +126,14 @@ impl Filesystem for FsImpl {
             config.capabilities().contains(InitFlags::FUSE_HAS_RESEND),
             Ordering::Relaxed,
         );
-        // Without it the kernel serialises lookups in one directory: a
-        // lookup waiting for a fetch would hold up every other name in
-        // `nix/store`.
+        // Whether an OPENDIR answered ENOSYS means "open it yourself".
         state.no_opendir.store(
             config.capabilities().contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT),
             Ordering::Relaxed,
         );
+        // Without it the kernel serialises lookups in one directory: a
+        // lookup waiting for a fetch would hold up every other name in
+        // `nix/store`.
         if let Err(e) = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS) {
             tracing::warn!(flags = ?e, "the kernel does not take parallel directory operations");
         }
@@ -366,10 +367,11 @@ impl Filesystem for FsImpl {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.state.count(Op::Opendir);
         // Where the kernel takes it, ENOSYS makes it open directories by
-        // itself from now on, keeping their listings (every one is fixed
-        // but the root's, which it is told to drop when views change): a
-        // container's start then costs no OPENDIR and RELEASEDIR pair per
-        // directory it lists. Readdir resolves a store path as this does.
+        // itself from now on, keeping their listings (the kernel is told to
+        // drop the root's when views change, and a view's `nix/store` when
+        // a hinted type is corrected): a container's start then costs no
+        // OPENDIR and RELEASEDIR pair per directory it lists. Readdir
+        // resolves a store path as this does.
         let opened = |state: &State, reply: ReplyOpen, flags| {
             if state.no_opendir.load(Ordering::Relaxed) {
                 reply.error(Errno::ENOSYS)

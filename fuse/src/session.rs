@@ -96,6 +96,7 @@ fn new_state(
         journal: OnceLock::new(),
         waiting: AtomicUsize::new(0),
         listings: Default::default(),
+        unhandled: Default::default(),
         next_dir_fh: AtomicU64::new(first_handle(epoch)),
         requests: Default::default(),
         leaving: AtomicBool::new(false),

@@ -42,6 +42,10 @@ pub(crate) struct State {
     /// Directory listings by handle: taken on the handle's first readdir
     /// (the kernel serves repeats from its cache), dropped at releasedir.
     pub listings: std::sync::Mutex<std::collections::HashMap<u64, Option<Arc<Vec<Listed>>>>>,
+    /// Listings read without a handle (the kernel opens directories by
+    /// itself), the last few by inode: a large directory is read in many
+    /// READDIRs, each served from one listing.
+    pub unhandled: std::sync::Mutex<std::collections::VecDeque<(u64, Arc<Vec<Listed>>)>>,
     pub next_dir_fh: AtomicU64,
     /// Requests served, by operation.
     pub requests: [AtomicU64; OPS.len()],
@@ -84,6 +88,9 @@ pub(crate) enum Op {
 
 /// One entry of a listing: name, node id, type.
 pub(crate) type Listed = (OsString, u64, FileType);
+
+/// Listings kept without a handle (see [`State::unhandled`]).
+const UNHANDLED_LISTINGS: usize = 16;
 
 /// `FUSE_UNKNOWN_INO`: what a directory listing may say for an entry.
 const UNKNOWN_INO: u64 = 0xffff_ffff;
@@ -315,9 +322,6 @@ impl State {
         Err(Errno::ENOENT)
     }
 
-    /// Tells the kernel to drop `<view>/nix/store/<base>` in every view.
-    /// From another thread: a notification sent while the kernel waits for
-    /// our answer to a request in the same directory could deadlock.
     /// Tells the kernel to drop its cached listing of the root (views come
     /// and go). From another thread, as [`State::forget_entries`].
     pub fn root_changed(&self) {
@@ -331,12 +335,19 @@ impl State {
         });
     }
 
+    /// Tells the kernel to drop `<view>/nix/store/<base>` in every view,
+    /// and those directories' cached listings (which give its type).
+    /// From another thread: a notification sent while the kernel waits for
+    /// our answer to a request in the same directory could deadlock.
     fn forget_entries(&self, base: &Arc<str>) {
         let dirs = self
             .inodes
             .read()
             .map(|i| i.store_dirs_listing(base))
             .unwrap_or_default();
+        if let Ok(mut u) = self.unhandled.lock() {
+            u.retain(|(ino, _)| !dirs.contains(ino));
+        }
         let Some(notifier) = self.notifier.get().cloned() else {
             return;
         };
@@ -345,6 +356,9 @@ impl State {
             for d in dirs {
                 if let Err(e) = notifier.inval_entry(INodeNo(d), &name) {
                     tracing::debug!(error = %e, "invalidating a cached entry");
+                }
+                if let Err(e) = notifier.inval_inode(INodeNo(d), 0, 0) {
+                    tracing::debug!(error = %e, "invalidating a cached listing");
                 }
             }
         });
@@ -447,7 +461,15 @@ impl State {
     /// taken on first use: readdir then serves every offset from it
     /// (reading the directory again for each chunk would be quadratic).
     pub fn listing(&self, fh: u64, ino: INodeNo) -> Result<Arc<Vec<Listed>>, Errno> {
-        if let Some(Some(l)) = self.listings.lock().map_err(|_| Errno::EIO)?.get(&fh) {
+        // Without a handle (no OPENDIR): the last few by inode, but never
+        // the root's, which changes.
+        let by_ino = fh == 0 && ino != INodeNo::ROOT;
+        if by_ino {
+            let u = self.unhandled.lock().map_err(|_| Errno::EIO)?;
+            if let Some((_, l)) = u.iter().find(|(i, _)| *i == ino.0) {
+                return Ok(l.clone());
+            }
+        } else if let Some(Some(l)) = self.listings.lock().map_err(|_| Errno::EIO)?.get(&fh) {
             return Ok(l.clone());
         }
         let mut all = vec![
@@ -456,7 +478,14 @@ impl State {
         ];
         all.extend(self.entries(ino)?);
         let all = Arc::new(all);
-        if let Ok(mut l) = self.listings.lock() {
+        if by_ino {
+            if let Ok(mut u) = self.unhandled.lock() {
+                if u.len() >= UNHANDLED_LISTINGS {
+                    u.pop_front();
+                }
+                u.push_back((ino.0, all.clone()));
+            }
+        } else if let Ok(mut l) = self.listings.lock() {
             if let Some(slot) = l.get_mut(&fh) {
                 *slot = Some(all.clone());
             }

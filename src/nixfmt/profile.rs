@@ -120,6 +120,12 @@ pub fn to_text(profile: &Profile) -> String {
     t
 }
 
+/// Whether a frame hint may name `url`: relative to the cache, printable
+/// ASCII without spaces (fields are space-separated), at most 1 KiB.
+pub fn valid_hint_url(url: &str) -> bool {
+    url.len() <= MAX_URL && is_relative_url(url) && url.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// One item of [`coalesce`]: bytes `start..end`, what they cost, and
 /// whether they must be in the same run as the item before when adjacent
 /// (frames that one chunk straddles: a chunk is verified whole or not at
@@ -133,11 +139,16 @@ pub struct Item {
 }
 
 /// Runs of adjacent items (one's end the next's start, in order), each
-/// costing at most `max` unless joined items make it longer:
-/// `(first item's start, last item's end)`.
+/// costing at most `max`, or up to 4 × `max` to keep items a chunk
+/// straddles together: `(first item's start, last item's end)`. Past that a
+/// run is cut anyway, and the next starts again at the item before the cut
+/// (they overlap by it), so that the chunk is whole in one of them.
 pub fn coalesce(items: impl IntoIterator<Item = Item>, max: u64) -> Vec<(u64, u64)> {
+    let hard = max.saturating_mul(4);
     let mut runs = Vec::new();
+    // The run: (start, end, cost); its last item: (start, cost).
     let mut run: Option<(u64, u64, u64)> = None;
+    let mut last: (u64, u64) = (0, 0);
     for Item {
         start,
         end,
@@ -145,14 +156,23 @@ pub fn coalesce(items: impl IntoIterator<Item = Item>, max: u64) -> Vec<(u64, u6
         joined,
     } in items
     {
+        let straddled = joined && run.is_some_and(|(_, b, _)| b == start);
         run = match run {
-            Some((a, b, n)) if b == start && (joined || n + cost <= max) => Some((a, end, n + cost)),
+            Some((a, b, n)) if b == start && n.saturating_add(cost) <= max => Some((a, end, n + cost)),
+            Some((a, _, n)) if straddled && (n.saturating_add(cost) <= hard || a == last.0) => {
+                Some((a, end, n.saturating_add(cost)))
+            }
             Some((a, b, _)) => {
                 runs.push((a, b));
-                Some((start, end, cost))
+                if straddled {
+                    Some((last.0, end, last.1.saturating_add(cost)))
+                } else {
+                    Some((start, end, cost))
+                }
             }
             None => Some((start, end, cost)),
         };
+        last = (start, cost);
     }
     runs.extend(run.map(|(a, b, _)| (a, b)));
     runs
@@ -182,7 +202,7 @@ pub fn parse(text: &str) -> Result<Profile, ProfileError> {
         let path = |base: &str| StorePath::from_base_name(base).map_err(|e| bad(&e.to_string()));
         let f: Vec<&str> = line.split(' ').collect();
         if let ["frames", base, url, offset, len] = f[..] {
-            if url.len() > MAX_URL || !is_relative_url(url) || !url.bytes().all(|b| b.is_ascii_graphic()) {
+            if !valid_hint_url(url) {
                 return Err(bad("the NAR URL is not a relative path inside the cache"));
             }
             out.hints.push(Hint {
@@ -252,6 +272,8 @@ pub struct FrameSpan {
     pub offset: u64,
     pub compressed: u64,
     pub decompressed: u64,
+    /// A chunk the read needed straddles it and the frame before.
+    pub straddled: bool,
 }
 
 impl FrameSpan {
@@ -300,8 +322,21 @@ impl Recorder {
     /// Notes that a read of `path` needed `frames` of its NAR file at `url`
     /// (adjacent ones, kept in one run by [`Recorder::profile`]).
     pub fn note_frames(&mut self, path: &StorePath, url: &str, frames: impl IntoIterator<Item = FrameSpan>) {
+        // At worst a line a frame; bounded as the ranges are.
+        let line = path.base_name().len() + url.len() + 50;
+        let full = |r: &Recorder| {
+            r.frames_seen >= MAX_SEEN
+                || r.ranges.len() + r.frames_seen >= MAX_RANGES
+                || r.text_len + line > MAX_PROFILE - HEADER.len() - 1
+        };
+        // A URL the profile could not carry (the index's own checks are
+        // looser) is not recorded: the profile must stay parseable.
+        if !valid_hint_url(url) {
+            return;
+        }
         let i = match self.frames_of.get(path) {
             Some(&i) => i,
+            None if full(self) => return,
             None => {
                 self.frames.push(PathFrames {
                     path: path.clone(),
@@ -312,10 +347,9 @@ impl Recorder {
                 self.frames.len() - 1
             }
         };
-        // At worst a line a frame; bounded as the ranges are.
-        let line = path.base_name().len() + url.len() + 50;
-        for (n, f) in frames.into_iter().enumerate() {
-            let joined = n > 0;
+        for f in frames {
+            let joined = f.straddled;
+            let full = full(self);
             match self.frames[i].read.entry(f.offset) {
                 std::collections::btree_map::Entry::Occupied(mut o) => {
                     if joined && !o.get().joined {
@@ -324,10 +358,7 @@ impl Recorder {
                     }
                 }
                 std::collections::btree_map::Entry::Vacant(v) => {
-                    if self.frames_seen >= MAX_SEEN
-                        || self.ranges.len() + self.frames_seen >= MAX_RANGES
-                        || self.text_len + line > MAX_PROFILE - HEADER.len() - 1
-                    {
+                    if full {
                         return;
                     }
                     v.insert(FrameRead {
@@ -414,6 +445,7 @@ mod tests {
         let url = format!("nar/{}.nar.zst", "u".repeat(900));
         for i in 0..10_000u64 {
             let span = FrameSpan {
+                straddled: false,
                 offset: i * 2,
                 compressed: 1,
                 decompressed: 1,
@@ -439,6 +471,11 @@ mod tests {
             offset,
             compressed,
             decompressed: 4 * compressed,
+            straddled: false,
+        };
+        let straddled = |offset, compressed| FrameSpan {
+            straddled: true,
+            ..span(offset, compressed)
         };
         let mut r = Recorder::default();
         r.note_frames(&q, "nar/q.nar.zst", [span(0, 10)]);
@@ -448,13 +485,26 @@ mod tests {
         // A run stops at HINT_RUN ...
         r.note_frames(&p, "nar/p.nar.zst", [span(1000, HINT_RUN - 1)]);
         r.note_frames(&p, "nar/p.nar.zst", [span(1000 + HINT_RUN - 1, 2)]);
-        // ... but not between frames one read needed (a chunk straddles them).
+        // ... but not between frames a chunk straddles ...
         let far = 10 * HINT_RUN;
         r.note_frames(
             &p,
             "nar/p.nar.zst",
-            [span(far, HINT_RUN - 1), span(far + HINT_RUN - 1, 2)],
+            [span(far, HINT_RUN - 1), straddled(far + HINT_RUN - 1, 2)],
         );
+        // ... up to 4 × HINT_RUN: then the next run starts again at the
+        // frame before the cut.
+        let farther = 20 * HINT_RUN;
+        let half = HINT_RUN / 2;
+        let chain: Vec<_> = (0..10)
+            .map(|k| {
+                let s = straddled(farther + k * half, half);
+                FrameSpan { straddled: k > 0, ..s }
+            })
+            .collect();
+        r.note_frames(&p, "nar/p.nar.zst", chain);
+        // A URL a profile cannot carry is not recorded.
+        r.note_frames(&p, "nar/with space", [span(0, 1)]);
         // Read last: asked for last, though q's first frame was read first.
         r.note_frames(&q, "nar/q.nar.zst", [span(50, 7)]);
         let hints: Vec<_> = r
@@ -473,6 +523,8 @@ mod tests {
                 h("python3", "nar/p.nar.zst", 1000, HINT_RUN - 1),
                 h("python3", "nar/p.nar.zst", 1000 + HINT_RUN - 1, 2),
                 h("python3", "nar/p.nar.zst", far, HINT_RUN + 1),
+                h("python3", "nar/p.nar.zst", farther, 4 * HINT_RUN),
+                h("python3", "nar/p.nar.zst", farther + 7 * half, 3 * half),
                 h("libc", "nar/q.nar.zst", 50, 7),
             ]
         );

@@ -76,33 +76,44 @@ impl<W: Write> FrameWriter<W> {
         }
         let level = self.level;
         let share = self.batch.len().div_ceil(self.threads);
+        let compress = |frames: &[Vec<u8>]| {
+            frames
+                .iter()
+                .map(|f| zstd::bulk::compress(f, level))
+                .collect::<io::Result<Vec<_>>>()
+        };
         let compressed: Vec<io::Result<Vec<Vec<u8>>>> = std::thread::scope(|scope| {
             let workers: Vec<_> = self
                 .batch
                 .chunks(share)
                 .map(|frames| {
-                    scope.spawn(move || {
-                        frames
-                            .iter()
-                            .map(|f| zstd::bulk::compress(f, level))
-                            .collect::<io::Result<Vec<_>>>()
-                    })
+                    // A thread that cannot be made: this share on this one.
+                    std::thread::Builder::new()
+                        .name("zstd-frames".into())
+                        .spawn_scoped(scope, move || compress(frames))
+                        .map_err(|_| frames)
                 })
                 .collect();
             workers
                 .into_iter()
-                .map(|w| {
-                    w.join()
-                        .unwrap_or_else(|_| Err(io::Error::other("a compressing thread panicked")))
+                .map(|w| match w {
+                    Ok(w) => w
+                        .join()
+                        .unwrap_or_else(|_| Err(io::Error::other("a compressing thread panicked"))),
+                    Err(frames) => compress(frames),
                 })
                 .collect()
         });
         let batch = std::mem::take(&mut self.batch);
-        let frames = compressed
+        let frames: Vec<Vec<u8>> = compressed
             .into_iter()
             .collect::<io::Result<Vec<_>>>()?
             .into_iter()
-            .flatten();
+            .flatten()
+            .collect();
+        if frames.len() != batch.len() {
+            return Err(io::Error::other("frames were lost while compressing"));
+        }
         for (plain, frame) in batch.iter().zip(frames) {
             self.frames.push(Frame {
                 compressed: frame.len() as u32,

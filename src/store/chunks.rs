@@ -189,14 +189,24 @@ impl Indexed {
         (find(from), find(to.saturating_sub(1)))
     }
 
-    /// Frame `f`'s place in the NAR file.
-    pub(super) fn span(&self, f: usize) -> profile::FrameSpan {
+    /// Frame `f`'s place in the NAR file; `straddled`: see
+    /// [`Indexed::straddles`].
+    pub(super) fn span(&self, f: usize, straddled: bool) -> profile::FrameSpan {
         let fr = self.index.frames[f];
         profile::FrameSpan {
             offset: self.starts[f].1,
             compressed: fr.compressed as u64,
             decompressed: fr.decompressed as u64,
+            straddled,
         }
+    }
+
+    /// Whether frame `f` starts inside a chunk of the file whose contents
+    /// start at NAR offset `file_at` (so that chunk needs the frame before
+    /// too). `f` must start within the file.
+    pub(super) fn straddles(&self, f: usize, file_at: u64) -> bool {
+        let u = self.starts[f].0;
+        u > file_at && !(u - file_at).is_multiple_of(self.index.chunk_size.max(1) as u64)
     }
 
     /// The frames `f0..=f1` that are exactly NAR file bytes
@@ -224,18 +234,33 @@ impl Indexed {
         }
     }
 
-    /// Waits until none of frames `f0..=f1` is on its way.
+    /// Waits until none of frames `f0..=f1` is on its way, for at most
+    /// [`PENDING_WAIT`]: a prefetch that has not brought them by then (a
+    /// long queue, a profile listing them last) is not waited for again.
     async fn pending_done(&self, f0: usize, f1: usize) {
         let waits: Vec<_> = match self.pending.lock() {
             Ok(p) if !p.is_empty() => (f0..=f1).filter_map(|f| p.get(&f).cloned()).collect(),
             _ => return,
         };
-        for mut rx in waits {
-            // Err once the sender is gone: the only way it ends.
-            let _ = rx.changed().await;
+        let all = async {
+            for mut rx in waits {
+                // Err once the sender is gone: the only way it ends.
+                let _ = rx.changed().await;
+            }
+        };
+        if tokio::time::timeout(PENDING_WAIT, all).await.is_err() {
+            tracing::debug!(path = %self.path, "frames on their way too long; fetched now");
+            if let Ok(mut p) = self.pending.lock() {
+                for f in f0..=f1 {
+                    p.remove(&f);
+                }
+            }
         }
     }
 }
+
+/// How long a read waits for frames a prefetch is bringing.
+const PENDING_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Frames of an indexed path on their way (see [`Indexed::fetching_frames`]).
 pub(super) struct PendingFrames {
@@ -244,12 +269,6 @@ pub(super) struct PendingFrames {
     rx: tokio::sync::watch::Receiver<()>,
     /// Dropped last: waiters wake when the frames are no longer listed.
     _tx: tokio::sync::watch::Sender<()>,
-}
-
-impl PendingFrames {
-    pub(super) fn frames(&self) -> (usize, usize) {
-        self.frames
-    }
 }
 
 impl Drop for PendingFrames {
@@ -587,7 +606,7 @@ impl Store {
 }
 
 /// Refuses runs of frames that would inflate to more than [`MAX_RUN`].
-fn check_run(ix: &Indexed, f0: usize, f1: usize) -> Result<()> {
+pub(super) fn check_run(ix: &Indexed, f0: usize, f1: usize) -> Result<()> {
     let inflated: u64 = ix.index.frames[f0..=f1].iter().map(|f| f.decompressed as u64).sum();
     if inflated > MAX_RUN {
         return Err(chunk_err(

@@ -4,12 +4,12 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use futures::StreamExt;
 
-use super::chunks::{chunk_err, decode_run, keep_verified, Indexed, MAX_RUN};
+use super::chunks::{check_run, chunk_err, decode_run, keep_verified, Indexed, MAX_RUN};
 use super::{Result, Store};
 use crate::nixfmt::index::EntryKind;
 use crate::nixfmt::profile;
@@ -17,9 +17,9 @@ use crate::nixfmt::StorePath;
 
 /// What a profile prefetch did, and its bound on frame fetches in flight.
 struct Tally {
-    runs: std::sync::atomic::AtomicUsize,
-    hinted: std::sync::atomic::AtomicUsize,
-    whole: std::sync::atomic::AtomicUsize,
+    runs: AtomicUsize,
+    hinted: AtomicUsize,
+    whole: AtomicUsize,
     fetches: tokio::sync::Semaphore,
 }
 
@@ -33,7 +33,8 @@ struct Hinted {
     bytes: tokio::sync::oneshot::Receiver<Result<bytes::Bytes>>,
 }
 
-/// Frame hints asked for at a time (each at most [`profile::HINT_RUN`]).
+/// Frame hints asked for at a time (each recorded as at most
+/// [`profile::HINT_RUN`], or 4 × that for frames a chunk straddles).
 const HINTS_IN_FLIGHT: usize = 4;
 
 /// The most bytes a profile's frame hints fetch (held until their indexes
@@ -66,7 +67,8 @@ impl Store {
         if let Some(url) = ix.index.url.as_deref() {
             let (from, to) = (offset / cs * cs, (offset + len).div_ceil(cs) * cs);
             let (f0, f1) = ix.frames_for(file_at + from, file_at + to.min(size));
-            r.0.note_frames(&ix.path, url, (f0..=f1).map(|f| ix.span(f)));
+            let spans = (f0..=f1).map(|f| ix.span(f, f > f0 && ix.straddles(f, file_at)));
+            r.0.note_frames(&ix.path, url, spans);
         }
         if r.1 {
             return;
@@ -159,7 +161,7 @@ impl Store {
                 async move { me.prefetch_path(p, ranges, hints, tally).await }
             })
             .await;
-        let count = |n: &std::sync::atomic::AtomicUsize| n.load(Ordering::Relaxed);
+        let count = |n: &AtomicUsize| n.load(Ordering::Relaxed);
         tracing::info!(
             runs = count(&tally.runs),
             hinted = count(&tally.hinted),
@@ -193,7 +195,7 @@ impl Store {
                 if to > from {
                     let (f0, f1) = ix.frames_for(offset + from, offset + to);
                     for f in f0..=f1 {
-                        *frames.entry(f).or_insert(false) |= f > f0;
+                        *frames.entry(f).or_insert(false) |= f > f0 && ix.straddles(f, *offset);
                     }
                 }
             }
@@ -201,7 +203,10 @@ impl Store {
         let mut jobs = Vec::new();
         for h in hints {
             let fits = ix.cache == h.cache && ix.index.url.as_deref() == Some(&h.url);
-            match ix.frames_at(h.offset, h.len).filter(|_| fits) {
+            let frames_of_hint = ix
+                .frames_at(h.offset, h.len)
+                .filter(|&(a, b)| fits && check_run(&ix, a, b).is_ok());
+            match frames_of_hint {
                 Some((a, b)) => {
                     frames.retain(|&f, _| f < a || f > b);
                     jobs.push((a, b, Some(h.bytes)));
@@ -213,7 +218,7 @@ impl Store {
         let items = frames.into_iter().map(|(f, joined)| profile::Item {
             start: f as u64,
             end: f as u64 + 1,
-            cost: ix.span(f).cost(),
+            cost: ix.span(f, false).cost(),
             joined,
         });
         jobs.extend(
@@ -222,16 +227,20 @@ impl Store {
                 .map(|(a, b)| (a as usize, b as usize - 1, None)),
         );
         tally.runs.fetch_add(jobs.len(), Ordering::Relaxed);
-        // Marked as on their way first: a read of them waits, not fetches.
+        // Hinted frames are on their way (or next in line): a read of them
+        // waits rather than fetches them again (for a while: see
+        // `Indexed::pending_done`). Other runs are marked once started.
         let jobs: Vec<_> = jobs
             .into_iter()
-            .map(|(a, b, bytes)| (ix.fetching_frames(a, b), bytes))
+            .map(|(a, b, bytes)| {
+                let pending = bytes.is_some().then(|| ix.fetching_frames(a, b));
+                (a, b, bytes, pending)
+            })
             .collect();
         futures::stream::iter(jobs)
-            .for_each_concurrent(None, |(pending, bytes)| {
+            .for_each_concurrent(None, |(a, b, bytes, pending)| {
                 let (me, ix, tally) = (self.clone(), ix.clone(), tally.clone());
                 async move {
-                    let (a, b) = pending.frames();
                     let from_hint = match bytes {
                         Some(bytes) => match bytes.await {
                             Ok(got) => got.and_then(|got| decode_run(&ix, a, b, &got)),
@@ -249,6 +258,7 @@ impl Store {
                         // No hint, or one that failed: fetched as without it.
                         None => {
                             let _turn = tally.fetches.acquire().await;
+                            let _started = pending.is_none().then(|| ix.fetching_frames(a, b));
                             me.fetch_frame_run(&ix, a, b).await
                         }
                     };
@@ -285,9 +295,10 @@ impl Store {
         };
         let mut total = 0u64;
         let mut asks = Vec::new();
+        let mut skipped = 0usize;
         for h in hints.into_iter().filter(|h| within.contains(&h.path)) {
             if h.len == 0 || h.len > MAX_RUN || total + h.len > MAX_HINTED || asks.len() >= MAX_HINTS {
-                tracing::debug!(path = %h.path, len = h.len, "a frame hint past the bounds; ignored");
+                skipped += 1;
                 continue;
             }
             total += h.len;
@@ -323,6 +334,9 @@ impl Store {
                 })
                 .await;
         });
+        if skipped > 0 {
+            tracing::debug!(skipped, "frame hints past the bounds; ignored");
+        }
         out
     }
 
