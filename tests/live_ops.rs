@@ -90,7 +90,10 @@ impl Node {
         let image = format!("docker.io/library/{name}:latest");
         let archive = tmp.join("image.tar");
         let bb = format!("{}/bin/busybox", f.tool);
-        let script = format!("cat {}/greeting", f.data);
+        // The sleep: ctr can lose the output of a process that exits right
+        // after writing it (containerd's shim reports the exit before its
+        // copy is done), which under load made this test flaky.
+        let script = format!("cat {}/greeting && sleep 0.2", f.data);
         write_oci_archive(
             &archive,
             &image,

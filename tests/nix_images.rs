@@ -417,7 +417,8 @@ fn concurrent_cold_containers_share_downloads_and_restart_keeps_working() {
     let name = "docker.io/library/nix-conc:latest";
     let archive = tmp.join("conc.tar");
     let bb = format!("{}/bin/busybox", f.tool);
-    let script = format!("cat {}/greeting {}/x", f.data, f.extra);
+    // (The sleep: see tests/live_ops.rs, `Node::start`.)
+    let script = format!("cat {}/greeting {}/x && sleep 0.2", f.data, f.extra);
     write_oci_archive(
         &archive,
         name,
