@@ -115,18 +115,22 @@ impl Node {
         }
     }
 
-    fn bench(&self, args: &[&str]) -> Output {
-        Command::new(DAEMON)
-            .arg("bench")
+    /// `nix-snapshotter bench` against this node, with `args`.
+    fn bench_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(DAEMON);
+        cmd.arg("bench")
             .arg("--address")
             .arg(&self.ctrd.address)
             .args(["--namespace", &self.ctrd.namespace])
             .arg("--daemon-address")
             .arg(&self.daemon.address)
             .args(args)
-            .env_remove("CONTAINERD_ADDRESS")
-            .output()
-            .unwrap()
+            .env_remove("CONTAINERD_ADDRESS");
+        cmd
+    }
+
+    fn bench(&self, args: &[&str]) -> Output {
+        self.bench_command(args).output().unwrap()
     }
 
     fn bench_ok(&self, args: &[&str]) -> String {
@@ -399,14 +403,8 @@ fn an_interrupted_bench_removes_its_container_and_its_routing() {
     let f = fixture();
     let node = Node::start("bench-int");
     let bb = format!("{}/bin/busybox", f.tool);
-    let child = Command::new(DAEMON)
-        .arg("bench")
-        .arg("--address")
-        .arg(&node.ctrd.address)
-        .args(["--namespace", &node.ctrd.namespace])
-        .arg("--daemon-address")
-        .arg(&node.daemon.address)
-        .args([
+    let child = node
+        .bench_command(&[
             "--runs",
             "1",
             "--link",

@@ -189,8 +189,16 @@ impl Indexed {
         (find(from), find(to.saturating_sub(1)))
     }
 
+    /// The frames holding bytes `from..to` of the file whose contents
+    /// start at NAR offset `file_at`, each with whether a chunk straddles it
+    /// and the frame before (so that chunk needs both).
+    pub(super) fn file_frames(&self, file_at: u64, from: u64, to: u64) -> impl Iterator<Item = (usize, bool)> + '_ {
+        let (f0, f1) = self.frames_for(file_at + from, file_at + to);
+        (f0..=f1).map(move |f| (f, f > f0 && self.straddles(f, file_at)))
+    }
+
     /// Frame `f`'s place in the NAR file; `straddled`: see
-    /// [`Indexed::straddles`].
+    /// [`Indexed::file_frames`].
     pub(super) fn span(&self, f: usize, straddled: bool) -> profile::FrameSpan {
         let fr = self.index.frames[f];
         profile::FrameSpan {
@@ -204,7 +212,7 @@ impl Indexed {
     /// Whether frame `f` starts inside a chunk of the file whose contents
     /// start at NAR offset `file_at` (so that chunk needs the frame before
     /// too). `f` must start within the file.
-    pub(super) fn straddles(&self, f: usize, file_at: u64) -> bool {
+    fn straddles(&self, f: usize, file_at: u64) -> bool {
         let u = self.starts[f].0;
         u > file_at && !(u - file_at).is_multiple_of(self.index.chunk_size.max(1) as u64)
     }

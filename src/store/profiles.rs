@@ -66,8 +66,7 @@ impl Store {
         r.0.note(&ix.path, rel, offset, len, cs);
         if let Some(url) = ix.index.url.as_deref() {
             let (from, to) = (offset / cs * cs, (offset + len).div_ceil(cs) * cs);
-            let (f0, f1) = ix.frames_for(file_at + from, file_at + to.min(size));
-            let spans = (f0..=f1).map(|f| ix.span(f, f > f0 && ix.straddles(f, file_at)));
+            let spans = ix.file_frames(file_at, from, to.min(size)).map(|(f, s)| ix.span(f, s));
             r.0.note_frames(&ix.path, url, spans);
         }
         if r.1 {
@@ -193,9 +192,8 @@ impl Store {
                 let from = r.offset.min(*size);
                 let to = r.offset.saturating_add(r.len).min(*size);
                 if to > from {
-                    let (f0, f1) = ix.frames_for(offset + from, offset + to);
-                    for f in f0..=f1 {
-                        *frames.entry(f).or_insert(false) |= f > f0 && ix.straddles(f, *offset);
+                    for (f, straddled) in ix.file_frames(*offset, from, to) {
+                        *frames.entry(f).or_insert(false) |= straddled;
                     }
                 }
             }
