@@ -297,6 +297,10 @@ pub async fn bench(o: Options) -> Result<Report, BenchError> {
     Ok(report)
 }
 
+/// How long a cold run waits for the image's paths to be unpinned: the
+/// last run's snapshot goes when containerd's garbage collector gets to it.
+const EVICT_WAIT: Duration = Duration::from_secs(90);
+
 /// The daemon's answer `s` as an error naming the daemon at `address`.
 fn daemon_err(address: &Path) -> impl Fn(tonic::Status) -> BenchError + Copy + '_ {
     move |s| BenchError::Daemon {
@@ -328,9 +332,12 @@ impl Bench {
     /// (with what it knew of them) and, as root, out of the page cache.
     async fn make_cold(&mut self) -> Result<(), BenchError> {
         self.settle().await?;
-        // The last run's files close as its container is torn down, a
-        // moment after it exited: paths still in use then are asked again.
+        // The last run's snapshot reaches the daemon's Remove only when
+        // containerd's garbage collector runs, which it paces by its own
+        // pause time (`pause_threshold`): seconds on a loaded machine. Until
+        // then the paths are pinned, so they are asked for again.
         let start = Instant::now();
+        let mut told = false;
         loop {
             let r = self
                 .admin
@@ -340,8 +347,15 @@ impl Bench {
                 .await;
             match r {
                 Ok(_) => break,
-                Err(s) if s.code() == tonic::Code::FailedPrecondition && start.elapsed() < Duration::from_secs(10) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(s) if s.code() == tonic::Code::FailedPrecondition && start.elapsed() < EVICT_WAIT => {
+                    if self.progress && !told && start.elapsed() > Duration::from_secs(2) {
+                        eprintln!(
+                            "waiting for containerd to remove the last run's snapshot ({})",
+                            s.message()
+                        );
+                        told = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(s) if s.code() == tonic::Code::FailedPrecondition => {
                     return Err(BenchError::Daemon {
