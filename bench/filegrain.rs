@@ -27,9 +27,13 @@
 //!
 //!     cargo bench --bench filegrain [-- --rounds N --warm-runs N --json FILE]
 //!         [--only eager,by_file_profile,...] [--daemon-log info]
+//!         [--warm-passthrough true] [--warm-hold]
 //!
 //! `--daemon-log LEVEL` keeps each run's daemon log under
-//! `target/filegrain-logs/` (where a cold start's time goes).
+//! `target/filegrain-logs/` (where a cold start's time goes). `--only`
+//! also leaves out the layout comparison (two more `cache push`es).
+//! `--warm-hold` keeps the warm containerd and daemon after the warm runs,
+//! until a file it names is removed, to look at warm starts by hand.
 //!
 //! Needs root, containerd, runc, nix-bin, patchelf, python3,
 //! docker-registry and Debian's Go sources (scripts/bench).
@@ -173,10 +177,16 @@ fn main() {
     // compression at all.
     eprintln!("publishing the closure with other frame sizes ...");
     let mut layouts = Vec::new();
-    for (frame, name) in [
-        ("256KiB", "seekable zstd, 256 KiB frames"),
-        ("1MiB", "seekable zstd, 1 MiB frames"),
-    ] {
+    // `--only` is for looking at a few ways quickly: no layouts then.
+    let frames: &[(&str, &str)] = if arg("--only").is_some() {
+        &[]
+    } else {
+        &[
+            ("256KiB", "seekable zstd, 256 KiB frames"),
+            ("1MiB", "seekable zstd, 1 MiB frames"),
+        ]
+    };
+    for &(frame, name) in frames {
         let other = dir.join(format!("cache-{frame}"));
         common::cache_push(
             &other,
@@ -188,11 +198,13 @@ fn main() {
         layouts.push(layouts::seekable(name, &other, &ranges));
         let _ = nix_snapshotter::store::gc::remove_tree(&other);
     }
-    layouts.insert(
-        0,
-        layouts::seekable("seekable zstd, 64 KiB frames (default)", &indexed, &ranges),
-    );
-    layouts.push(layouts::uncompressed(&indexed, &ranges));
+    if !frames.is_empty() {
+        layouts.insert(
+            0,
+            layouts::seekable("seekable zstd, 64 KiB frames (default)", &indexed, &ranges),
+        );
+        layouts.push(layouts::uncompressed(&indexed, &ranges));
+    }
 
     // --- (f): SOCI over the same link, when its package can be had.
     let only = arg("--only");
@@ -553,6 +565,9 @@ fn warm_runs(dir: &Path, setup: &Setup) -> Warm {
         .filter(|(_, n)| *n > 0.0)
         .collect();
     requests.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
+    if arg("--warm-hold").is_some() {
+        hold(&ctrd);
+    }
     drop(ctrd);
     drop(daemon);
     keep_daemon_log(dir);
@@ -562,6 +577,23 @@ fn warm_runs(dir: &Path, setup: &Setup) -> Warm {
         overlay: median(theirs),
         plain_ours: median(plain),
         requests,
+    }
+}
+
+/// `--warm-hold`: keeps the warm containerd and daemon until a file is
+/// removed, to look at a warm start with perf or strace.
+fn hold(ctrd: &Containerd) {
+    let flag = std::env::temp_dir().join(format!("filegrain-hold-{}", std::process::id()));
+    std::fs::write(&flag, "").unwrap();
+    eprintln!(
+        "holding: ctr --address {} --namespace {} run --rm --snapshotter nix|overlayfs {IMAGE}|{PLAIN_IMAGE} ID; \
+         rm {} to go on",
+        ctrd.address.display(),
+        ctrd.namespace,
+        flag.display()
+    );
+    while flag.exists() {
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 

@@ -39,20 +39,33 @@ impl PythonClosure {
         }
         let expr = format!(
             r#"let
-  sh = name: script: deps: derivation {{
+  shWith = attrs: name: script: deps: derivation ({{
     inherit name deps; system = "x86_64-linux"; builder = "/bin/sh";
     args = [ "-c" "b() {{ /bin/busybox \"$@\"; }}; ${{script}}" ];
-  }};
+  }} // attrs);
+  sh = shWith {{ }};
+  # Bytecode valid in the store, as a Nix-built python has (nixpkgs
+  # compiles it against the store's mtime): sources dated 1, compiled.
+  compile = ''
+    import compileall, os, py_compile, sys
+    for d, _, files in os.walk(sys.argv[1]):
+        for f in files:
+            if f.endswith(".py"):
+                os.utime(os.path.join(d, f), (1, 1), follow_symlinks=False)
+    compileall.compile_dir(sys.argv[1], quiet=2, force=True, workers=0,
+        invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+  '';
   cp = name: src: sh name "b cp -a ${{src}} $out" [ ];
   lib = name: files: sh name ("b mkdir -p $out/lib; " + builtins.concatStringsSep "; " (map (f: "b cp -L /lib/x86_64-linux-gnu/${{f}} $out/lib/") files)) [ ];
   glibc = lib "glibc-debian" [ "libc.so.6" "libm.so.6" "ld-linux-x86-64.so.2" ];
   zlib = lib "zlib-debian" [ "libz.so.1" ];
   expat = lib "expat-debian" [ "libexpat.so.1" ];
-  python = sh "python3-debian" ''
+  python = shWith {{ inherit compile; }} "python3-debian" ''
     b mkdir -p $out/bin $out/lib
     b cp /usr/bin/python3.11 $out/bin/python3.11
     b ln -s python3.11 $out/bin/python3
     b cp -a /usr/lib/python3.11 $out/lib/python3.11
+    /usr/bin/python3.11 -I -c "$compile" $out/lib/python3.11
     b chmod u+w $out/bin/python3.11
     /usr/bin/patchelf --set-interpreter ${{glibc}}/lib/ld-linux-x86-64.so.2 --set-rpath ${{glibc}}/lib:${{zlib}}/lib:${{expat}}/lib $out/bin/python3.11
   '' [ ];

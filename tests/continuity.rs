@@ -29,7 +29,9 @@ fn holder_pids(root: &Path) -> Vec<i32> {
 
 #[test]
 fn a_killed_daemon_is_replaced_without_a_read_failing() {
-    let (s, mut first) = Stack::new("cont-kill", 12);
+    // With passthrough (not the default): the successor must also adopt
+    // the backing ids of the files the kernel still has open.
+    let (s, mut first) = Stack::with_config("cont-kill", 12, "[fuse]\npassthrough = true\n");
     std::thread::scope(|scope| {
         let reader = s.run_reader(scope);
         s.wait_for_first_fetch();

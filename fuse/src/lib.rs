@@ -142,7 +142,8 @@ pub struct StoreFs {
 pub struct MountConfig {
     /// Worker threads reading requests.
     pub threads: usize,
-    /// Try FUSE passthrough (needs root and Linux >= 6.9; falls back if refused).
+    /// Try FUSE passthrough (needs root and Linux >= 6.9; falls back if
+    /// refused). Off by default: each open then costs a round trip.
     pub passthrough: bool,
     /// Backing files kept open for quick re-opens (each is a file descriptor).
     pub open_files: usize,
@@ -155,7 +156,7 @@ impl Default for MountConfig {
     fn default() -> Self {
         MountConfig {
             threads: 16,
-            passthrough: true,
+            passthrough: false,
             open_files: 4096,
             max_waiting: 1024,
         }
@@ -212,7 +213,8 @@ impl StoreFs {
     /// A function the store calls when it evicts a store path: the backing
     /// files kept open for quick re-opens are closed, so eviction frees the
     /// disk space it counts (files the kernel still has open stay readable
-    /// until closed).
+    /// until closed), and the kernel drops the pages it cached of the path,
+    /// so that the next read fetches it again.
     pub fn evictor(&self) -> Arc<dyn Fn(&str) + Send + Sync> {
         let state = Arc::downgrade(&self.state);
         Arc::new(move |base: &str| {

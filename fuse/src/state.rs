@@ -427,7 +427,8 @@ impl State {
         }
     }
 
-    /// Closes the backing files kept open for store path `base`.
+    /// Closes the backing files kept open for store path `base`, and has
+    /// the kernel drop the pages it cached of them.
     pub fn close_files_of(&self, base: &str) {
         let inos: Vec<u64> = self
             .inodes
@@ -440,12 +441,29 @@ impl State {
                     .collect()
             })
             .unwrap_or_default();
-        for ino in inos {
+        for &ino in &inos {
             self.files.forget(ino);
             // An earlier process's backing id would keep the evicted file
             // (and its space) in use for new opens.
             self.files.release_adopted(ino, self.dev.get(), self.journal.get());
         }
+        // Cold means cold: without passthrough the kernel keeps store
+        // files' pages in the mount's own page cache, which would go on
+        // serving an evicted path without a fetch. From another thread, as
+        // [`State::forget_entries`].
+        let Some(notifier) = self.notifier.get().cloned() else {
+            return;
+        };
+        if inos.is_empty() {
+            return;
+        }
+        let _ = std::thread::Builder::new().name("fuse-inval".into()).spawn(move || {
+            for ino in inos {
+                if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
+                    tracing::debug!(error = %e, "invalidating an evicted file's pages");
+                }
+            }
+        });
     }
 
     /// A handle for reading directory `ino`.

@@ -103,12 +103,17 @@ pub struct Stack {
 
 impl Stack {
     pub fn new(name: &str, secs: u32) -> (Stack, Daemon) {
+        Self::with_config(name, secs, "")
+    }
+
+    /// [`new`](Self::new) with `extra` lines in the daemon's config.
+    pub fn with_config(name: &str, secs: u32, extra: &str) -> (Stack, Daemon) {
         let f = fixture();
         let tmp = TempRoot::new(name);
         let server = Server::start(f.cache.clone());
         // A slow link: each blob takes about a quarter second to arrive.
         server.fault(".nar.zst", Fault::Throttle(4 << 20), None);
-        let cfg = super::cache_config(&tmp.path, &server.url(), &f.nix.public_key, "");
+        let cfg = super::cache_config(&tmp.path, &server.url(), &f.nix.public_key, extra);
         let sock = tmp.join("nix.sock");
         let daemon = Daemon::start_with(&tmp.join("root"), &sock, &["--config", cfg.to_str().unwrap()], &[]);
         let ctrd = Containerd::start(&tmp.join("ctrd"), &sock);
