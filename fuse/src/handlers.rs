@@ -12,9 +12,10 @@ use fuser::{
     OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyXattr, Request,
 };
 
+use crate::attrs::dir_attr;
 use crate::files::{Backing, OpenFile};
 use crate::inodes::Node;
-use crate::state::{dir_attr, Lookup, Op, State};
+use crate::state::{Lookup, Op, State};
 use crate::TTL;
 
 pub(crate) struct FsImpl {

@@ -13,8 +13,9 @@
 //! mountpoints, a `.ls` listing) may show a store path as a directory before
 //! it is fetched; what the verified path is always wins. Attributes and
 //! entries are cached by the kernel without expiry (store paths never
-//! change), file contents are kept in the page cache across opens, and
-//! reads go through FUSE passthrough where the kernel allows it.
+//! change), file contents are kept in the page cache across opens (and
+//! dropped when their store path is evicted), and reads go through FUSE
+//! passthrough where it is turned on and the kernel allows it.
 //!
 //! A view is typically the top-most lower directory of a container's overlay.
 //!
@@ -27,10 +28,12 @@
 //! (mounting, resuming, leaving), `state` (what each node is), `files`
 //! (open files), `handlers` (the FUSE requests).
 
+mod attrs;
 pub mod beneath;
 mod files;
 mod handlers;
 mod inodes;
+mod inval;
 mod journal;
 mod session;
 mod state;

@@ -92,6 +92,7 @@ fn new_state(
         no_opendir: AtomicBool::new(false),
         mountpoint: mountpoint.to_path_buf(),
         notifier: OnceLock::new(),
+        inval: OnceLock::new(),
         dev: OnceLock::new(),
         journal: OnceLock::new(),
         waiting: AtomicUsize::new(0),
@@ -185,6 +186,9 @@ impl StoreFs {
             return Ok(());
         };
         let _ = self.state.notifier.set(session.notifier());
+        if let Some(i) = crate::inval::Invalidator::start(session.notifier()) {
+            let _ = self.state.inval.set(i);
+        }
         // Before any worker of ours reads: what is resent is then only
         // what the predecessor left unanswered, never a request of ours.
         if serving.resumed.is_some() {
@@ -275,6 +279,15 @@ fn resume(
     journal.append(Record::Epoch(epoch));
     let state = new_state(mountpoint, resolver, cfg, inodes, next_ino, epoch);
     state.files.adopt(&backing);
+    if cfg.passthrough && !init.passthrough {
+        // What the connection was opened with stays: the kernel was told
+        // at its first mount, and has opened files by itself since.
+        tracing::warn!(
+            "passthrough is set, but the FUSE session resumed was mounted without it; \
+             it takes effect once the session is mounted afresh (stop the daemon while \
+             no container uses the store, then start it)"
+        );
+    }
     state
         .passthrough
         .store(init.passthrough && cfg.passthrough, Ordering::Relaxed);

@@ -9,14 +9,14 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
-use std::time::{Duration, SystemTime};
 
 use fuser::{Errno, FileAttr, FileType, INodeNo};
-use rustix::fs::Stat;
 
+use crate::attrs::{attr_from, attr_of_entry, dir_attr, file_type, tree_kind};
 use crate::beneath::{self, Kind};
 use crate::files::Files;
 use crate::inodes::{Inodes, Node, StoreNode};
+use crate::inval::{Inval, Invalidator};
 use crate::{FileTree, Resolver, StoreDir, TreeEntry};
 
 pub(crate) struct State {
@@ -31,8 +31,10 @@ pub(crate) struct State {
     /// INIT): no OPENDIR or RELEASEDIR, and listings cached.
     pub no_opendir: AtomicBool,
     pub mountpoint: PathBuf,
-    /// Set once mounted: tells the kernel to forget entries it cached.
+    /// Set once mounted: asks the kernel to resend requests.
     pub notifier: OnceLock<fuser::Notifier>,
+    /// Set once mounted: tells the kernel to forget what it cached.
+    pub inval: OnceLock<Invalidator>,
     /// The connection's `/dev/fuse` descriptor (backing ids are made on it).
     pub dev: OnceLock<std::os::fd::OwnedFd>,
     /// The inode journal, when the session is kept for a successor.
@@ -101,90 +103,6 @@ pub(crate) enum Lookup {
     /// Not there, for good (views and store paths never change): the
     /// kernel may remember the miss.
     Absent,
-}
-
-/// What FUSE calls a kind of entry (anything not a directory or symlink
-/// is shown as a file; a store path holds nothing else).
-fn file_type(kind: Kind) -> FileType {
-    match kind {
-        Kind::Dir => FileType::Directory,
-        Kind::Symlink => FileType::Symlink,
-        _ => FileType::RegularFile,
-    }
-}
-
-pub(crate) fn dir_attr(ino: u64) -> FileAttr {
-    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1);
-    FileAttr {
-        ino: INodeNo(ino),
-        size: 0,
-        blocks: 0,
-        atime: t,
-        mtime: t,
-        ctime: t,
-        crtime: t,
-        kind: FileType::Directory,
-        perm: 0o555,
-        nlink: 2,
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-        flags: 0,
-        blksize: 4096,
-    }
-}
-
-fn attr_from(ino: u64, st: &Stat) -> FileAttr {
-    let kind = file_type(Kind::of(st));
-    let t = |s: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(s.max(0) as u64);
-    FileAttr {
-        ino: INodeNo(ino),
-        size: st.st_size.max(0) as u64,
-        blocks: st.st_blocks as u64,
-        atime: t(st.st_atime),
-        mtime: t(st.st_mtime),
-        ctime: t(st.st_ctime),
-        crtime: t(st.st_mtime),
-        kind,
-        // Store paths are read-only for everyone; keep only r/x bits.
-        perm: (st.st_mode & 0o555) as u16,
-        nlink: if kind == FileType::Directory { 2 } else { 1 },
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-        flags: 0,
-        blksize: 4096,
-    }
-}
-
-/// Attributes of an entry of a verified tree (as its unpacked form would
-/// have them: mode 0444 or 0555, mtime 1).
-fn attr_of_entry(ino: u64, e: &TreeEntry) -> FileAttr {
-    let mut a = dir_attr(ino);
-    match e {
-        TreeEntry::Dir => {}
-        TreeEntry::File { size, executable } => {
-            a.kind = FileType::RegularFile;
-            a.size = *size;
-            a.blocks = size.div_ceil(512);
-            a.perm = if *executable { 0o555 } else { 0o444 };
-            a.nlink = 1;
-        }
-        TreeEntry::Symlink(target) => {
-            a.kind = FileType::Symlink;
-            a.size = target.len() as u64;
-            a.nlink = 1;
-        }
-    }
-    a
-}
-
-fn tree_kind(e: &TreeEntry) -> FileType {
-    match e {
-        TreeEntry::Dir => FileType::Directory,
-        TreeEntry::File { .. } => FileType::RegularFile,
-        TreeEntry::Symlink(_) => FileType::Symlink,
-    }
 }
 
 impl State {
@@ -322,23 +240,21 @@ impl State {
         Err(Errno::ENOENT)
     }
 
+    /// Tells the kernel what to forget, when mounted.
+    fn invalidate(&self, invals: impl IntoIterator<Item = Inval>) {
+        if let Some(i) = self.inval.get() {
+            i.send(invals);
+        }
+    }
+
     /// Tells the kernel to drop its cached listing of the root (views come
-    /// and go). From another thread, as [`State::forget_entries`].
+    /// and go).
     pub fn root_changed(&self) {
-        let Some(notifier) = self.notifier.get().cloned() else {
-            return;
-        };
-        let _ = std::thread::Builder::new().name("fuse-inval".into()).spawn(move || {
-            if let Err(e) = notifier.inval_inode(INodeNo::ROOT, 0, 0) {
-                tracing::debug!(error = %e, "invalidating the root's listing");
-            }
-        });
+        self.invalidate([Inval::Inode(INodeNo::ROOT.0)]);
     }
 
     /// Tells the kernel to drop `<view>/nix/store/<base>` in every view,
     /// and those directories' cached listings (which give its type).
-    /// From another thread: a notification sent while the kernel waits for
-    /// our answer to a request in the same directory could deadlock.
     fn forget_entries(&self, base: &Arc<str>) {
         let dirs = self
             .inodes
@@ -348,20 +264,16 @@ impl State {
         if let Ok(mut u) = self.unhandled.lock() {
             u.retain(|(ino, _)| !dirs.contains(ino));
         }
-        let Some(notifier) = self.notifier.get().cloned() else {
-            return;
-        };
         let name = OsString::from(&**base);
-        let _ = std::thread::Builder::new().name("fuse-inval".into()).spawn(move || {
-            for d in dirs {
-                if let Err(e) = notifier.inval_entry(INodeNo(d), &name) {
-                    tracing::debug!(error = %e, "invalidating a cached entry");
-                }
-                if let Err(e) = notifier.inval_inode(INodeNo(d), 0, 0) {
-                    tracing::debug!(error = %e, "invalidating a cached listing");
-                }
-            }
-        });
+        self.invalidate(dirs.into_iter().flat_map(|d| {
+            [
+                Inval::Entry {
+                    parent: d,
+                    name: name.clone(),
+                },
+                Inval::Inode(d),
+            ]
+        }));
     }
 
     pub fn attr(&self, ino: INodeNo) -> Result<FileAttr, Errno> {
@@ -449,21 +361,8 @@ impl State {
         }
         // Cold means cold: without passthrough the kernel keeps store
         // files' pages in the mount's own page cache, which would go on
-        // serving an evicted path without a fetch. From another thread, as
-        // [`State::forget_entries`].
-        let Some(notifier) = self.notifier.get().cloned() else {
-            return;
-        };
-        if inos.is_empty() {
-            return;
-        }
-        let _ = std::thread::Builder::new().name("fuse-inval".into()).spawn(move || {
-            for ino in inos {
-                if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
-                    tracing::debug!(error = %e, "invalidating an evicted file's pages");
-                }
-            }
-        });
+        // serving an evicted path without a fetch.
+        self.invalidate(inos.into_iter().map(Inval::Inode));
     }
 
     /// A handle for reading directory `ino`.

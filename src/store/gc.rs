@@ -113,6 +113,9 @@ impl Store {
                     report.evicted.push(path.to_string());
                 }
                 None if chunks > 0 => {
+                    // Read by the chunk, never whole: the kernel's cached
+                    // pages of it go too.
+                    self.tell_evicted(&base);
                     report.freed += chunks;
                     report.evicted.push(path.to_string());
                 }
