@@ -55,9 +55,9 @@ pub struct FuseConfig {
     pub threads: usize,
     /// Use FUSE passthrough for reads where the kernel allows it (root,
     /// Linux >= 6.9). Off by default: passthrough needs an OPEN and a
-    /// RELEASE round trip per open file, which made a warm container start
-    /// ~7 % slower than overlayfs; without it the kernel opens store files
-    /// by itself and keeps their page cache (docs/benchmarks.md).
+    /// RELEASE round trip per open file (a warm python start made 27 of
+    /// each); without it the kernel opens store files by itself and keeps
+    /// their page cache (docs/benchmarks.md).
     pub passthrough: bool,
     /// Keep the FUSE session across daemon restarts, crashes and upgrades
     /// (systemd's file descriptor store, else a holder process), so that
