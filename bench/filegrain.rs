@@ -21,6 +21,11 @@
 //!     then `ctr run` (see `soci.rs`; left out, saying why, when its
 //!     package is missing).
 //!
+//! The Nix images of (b)–(d) are as buildImage makes them: one
+//! `nix-closure` label naming a closure-info store path, which a cold node
+//! fetches from the cache first; (a)'s has the Go project's labels, a
+//! `nix-store-path.<i>` per path.
+//!
 //! Every cold run has a fresh daemon root and a fresh containerd; page
 //! caches are dropped before the clock starts; the modes take turns within
 //! each round. Then warm: (d) again against (e) warm, alternating.
@@ -98,7 +103,11 @@ struct Setup {
     /// The shaped links to the plain cache and to the indexed one.
     cache: link::Link,
     indexed: link::Link,
+    /// (b)'s and (c)'s image.
     nix_tar: PathBuf,
+    /// (a)'s: the Go project's labels.
+    go_tar: PathBuf,
+    /// (d)'s: its closure holds an access profile.
     profiled_tar: PathBuf,
     plain_tar: PathBuf,
 }
@@ -121,17 +130,23 @@ fn main() {
         closure.paths.len(),
         closure.bytes >> 20
     );
+    // The images as buildImage makes them: one `nix-closure` label naming
+    // a closure-info store path, published with the closure. (a), the Go
+    // way, gets the Go project's labels (a `nix-store-path.<i>` per path).
+    let nix_tar = dir.join("nix.tar");
+    let info = closure.nix_image_info(&dir, IMAGE, &nix_tar, None);
+    let go_tar = dir.join("nix-go.tar");
+    closure.nix_image(&dir, IMAGE, &go_tar, None);
     let cache = dir.join("cache");
     publish(&closure.chroot, &cache, "zstd", &key, &closure.top);
+    publish(&closure.chroot, &cache, "zstd", &key, &info);
     // The same closure as `cache push` publishes it: file indexes and
     // seekable NARs only, so that the two caches' sizes compare.
     let indexed = dir.join("cache-indexed");
-    common::cache_push(&indexed, &key, &closure.chroot, &[], &[&closure.top]);
+    common::cache_push(&indexed, &key, &closure.chroot, &[], &[&closure.top, &info]);
     let size = |d: &Path| common::du(&d.join("nar"));
     let (plain_bytes, indexed_bytes) = (size(&cache), size(&indexed));
 
-    let nix_tar = dir.join("nix.tar");
-    closure.nix_image(&dir, IMAGE, &nix_tar, None);
     let python_part: Vec<&String> = closure.paths.iter().filter(|p| !p.contains("-bulk-")).collect();
     let plain_tar = dir.join("plain.tar");
     closure.plain_image(&[python_part], PLAIN_IMAGE, &plain_tar);
@@ -145,6 +160,7 @@ fn main() {
         cache: link::shaped_proxy(&rt, server.addr, rtt, 100e6 / 8.0),
         indexed: link::shaped_proxy(&rt, indexed_server.addr, rtt, 100e6 / 8.0),
         nix_tar,
+        go_tar,
         profiled_tar: dir.join("nix-profiled.tar"),
         plain_tar,
         closure,
@@ -168,10 +184,10 @@ fn main() {
         .arg(&recorded))
     .trim()
     .to_string();
-    setup
+    let info = setup
         .closure
-        .nix_image(&dir, IMAGE, &setup.profiled_tar, Some(&profile));
-    common::cache_push(&indexed, &key, &setup.closure.chroot, &[], &[&profile]);
+        .nix_image_info(&dir, IMAGE, &setup.profiled_tar, Some(&profile));
+    common::cache_push(&indexed, &key, &setup.closure.chroot, &[], &[&profile, &info]);
 
     // --- The layout, measured on that profile: frame sizes, and no
     // compression at all.
@@ -252,6 +268,7 @@ fn main() {
     eprintln!("warm runs ...");
     let Warm {
         ours: warm,
+        interval,
         overlay,
         plain_ours,
         requests: warm_requests,
@@ -298,10 +315,13 @@ fn main() {
         );
     }
     println!(
-        "warm, {} alternating runs each: (d) {warm:.3} s, overlayfs {overlay:.3} s, ratio {:.2}x; \
+        "warm, {} alternating runs each: (d) {warm:.3} s, overlayfs {overlay:.3} s, ratio {:.2}x \
+         (90 % bootstrap interval {:.2}-{:.2}x); \
          (e)'s image through our snapshotter (no Nix layer, no FUSE) {plain_ours:.3} s, {:.2}x overlayfs",
         warm_count(),
         warm / overlay,
+        interval.0,
+        interval.1,
         plain_ours / overlay
     );
     println!(
@@ -331,7 +351,10 @@ fn main() {
     report.insert("layouts".into(), serde_json::json!(layout_report));
     report.insert(
         "warm".into(),
-        serde_json::json!({ "by_file_profile": warm, "overlayfs": overlay, "plain_through_ours": plain_ours }),
+        serde_json::json!({
+            "by_file_profile": warm, "overlayfs": overlay, "plain_through_ours": plain_ours,
+            "ratio_interval_90": [interval.0, interval.1],
+        }),
     );
     report.insert("read_bytes".into(), serde_json::json!(read_bytes));
     report.insert("closure_bytes".into(), serde_json::json!(setup.closure.bytes));
@@ -427,10 +450,10 @@ fn cold_run(dir: &Path, setup: &Setup, mode: Mode, keep_profile: Option<&Path>) 
     let (snapshotter, image) = if mode == Mode::Overlay {
         ("overlayfs", PLAIN_IMAGE)
     } else {
-        let tar = if mode == Mode::Profiled {
-            &setup.profiled_tar
-        } else {
-            &setup.nix_tar
+        let tar = match mode {
+            Mode::Profiled => &setup.profiled_tar,
+            Mode::Eager => &setup.go_tar,
+            _ => &setup.nix_tar,
         };
         let out = ctrd.image_load(&ns, tar);
         assert!(
@@ -481,15 +504,17 @@ fn keep_daemon_log(dir: &Path) {
     }
 }
 
-/// `--warm-runs N`: warm runs of each (default 9).
+/// `--warm-runs N`: warm runs of each (default 31).
 fn warm_count() -> usize {
-    arg_or("--warm-runs", 9)
+    arg_or("--warm-runs", 31)
 }
 
 /// Medians of warm starts, in seconds.
 struct Warm {
     /// (d).
     ours: f64,
+    /// 90 % bootstrap interval of (d)'s median over (e)'s.
+    interval: (f64, f64),
     /// (e).
     overlay: f64,
     /// (e)'s plain image unpacked by our snapshotter: what being a proxy
@@ -548,6 +573,7 @@ fn warm_runs(dir: &Path, setup: &Setup) -> Warm {
         first_line(&ctrd, "overlayfs", PLAIN_IMAGE, &format!("{ns}-wo{w}"));
         first_line(&ctrd, "nix", PLAIN_IMAGE, &format!("{ns}-wp{w}"));
     }
+    wait_quiet(metrics);
     let (mut ours, mut theirs, mut plain) = (Vec::new(), Vec::new(), Vec::new());
     // (The plain image's runs make no FUSE requests: no Nix layer.)
     let before = fuse_requests(metrics);
@@ -573,11 +599,23 @@ fn warm_runs(dir: &Path, setup: &Setup) -> Warm {
     keep_daemon_log(dir);
     tc::unmount_below(dir);
     Warm {
+        interval: ratio_interval(&ours, &theirs),
         ours: median(ours),
         overlay: median(theirs),
         plain_ours: median(plain),
         requests,
     }
+}
+
+/// The 90 % bootstrap interval of median(a) / median(b): how far noise
+/// alone moves the warm ratio (2,000 resamples of each).
+fn ratio_interval(a: &[f64], b: &[f64]) -> (f64, f64) {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    let mut resample = |v: &[f64]| median((0..v.len()).map(|_| v[rng.random_range(0..v.len())]).collect());
+    let mut ratios: Vec<f64> = (0..2000).map(|_| resample(a) / resample(b)).collect();
+    ratios.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    (ratios[100], ratios[1899])
 }
 
 /// `--warm-hold`: keeps the warm containerd and daemon until a file is
@@ -597,14 +635,52 @@ fn hold(ctrd: &Containerd) {
     }
 }
 
-/// The daemon's FUSE request counters, by opcode (its metrics endpoint).
-fn fuse_requests(addr: std::net::SocketAddr) -> Vec<(String, f64)> {
+/// The daemon's metrics, as text.
+fn metrics(addr: std::net::SocketAddr) -> String {
     use std::io::{Read, Write};
     let mut conn = std::net::TcpStream::connect(addr).unwrap();
     conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut text = String::new();
     conn.read_to_string(&mut text).unwrap();
-    text.lines()
+    text
+}
+
+/// Waits (up to a minute) until the daemon has no fetch under way and
+/// has received no byte for 4 s: the warm-ups' prefetch and background
+/// completion of paths read by the chunk (which starts 2 s after) are then
+/// done, and do not share the CPU with the warm runs.
+fn wait_quiet(addr: std::net::SocketAddr) {
+    let state = || {
+        let text = metrics(addr);
+        let sum = |name: &str| -> f64 {
+            text.lines()
+                .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        (
+            sum("nix_snapshotter_fetches_in_flight"),
+            sum("nix_snapshotter_cache_bytes_total"),
+        )
+    };
+    let start = Instant::now();
+    let mut last = (state(), Instant::now());
+    while start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = state();
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if now.0 == 0.0 && last.1.elapsed() >= Duration::from_secs(4) {
+            return;
+        }
+    }
+    eprintln!("warning: the warm daemon was still fetching after a minute");
+}
+
+/// The daemon's FUSE request counters, by opcode (its metrics endpoint).
+fn fuse_requests(addr: std::net::SocketAddr) -> Vec<(String, f64)> {
+    metrics(addr)
+        .lines()
         .filter_map(|l| {
             let rest = l.strip_prefix("nix_snapshotter_fuse_requests_total{op=\"")?;
             let (op, n) = rest.split_once("\"} ")?;

@@ -99,15 +99,11 @@ in sh "python-closure" "b mkdir $out; for d in $deps; do b echo $d >> $out/refs;
     }
 
     /// `image build` of the Nix image running [`cmd`](Self::cmd) as
-    /// `reference`, written to `out`; with `profile`, a store path of an
-    /// access profile added to its closure and named by its label.
+    /// `reference`, written to `out`, its closure in the Go project's
+    /// labels (`nix-layer`, a `nix-store-path.<i>` per path); with
+    /// `profile`, a store path of an access profile added to its closure
+    /// and named by its label.
     pub fn nix_image(&self, dir: &Path, reference: &str, out: &Path, profile: Option<&str>) {
-        let config = dir.join("config.json");
-        std::fs::write(
-            &config,
-            serde_json::to_vec(&serde_json::json!({ "Cmd": self.cmd() })).unwrap(),
-        )
-        .unwrap();
         let mut closure = dir.join("store-paths");
         if let Some(p) = profile {
             let with = dir.join("store-paths-profiled");
@@ -116,11 +112,49 @@ in sh "python-closure" "b mkdir $out; for d in $deps; do b echo $d >> $out/refs;
             std::fs::write(&with, text).unwrap();
             closure = with;
         }
+        self.build_image(dir, &closure, reference, out, profile);
+    }
+
+    /// The same image as buildImage makes it: the closure listed by a
+    /// closure-info store path (nixpkgs' `closureInfo`: `store-paths`),
+    /// named by the Nix layer's one `nix-closure` label. Returns that store
+    /// path (added to the chroot store), for the caches to publish.
+    pub fn nix_image_info(&self, dir: &Path, reference: &str, out: &Path, profile: Option<&str>) -> String {
+        let info = dir.join(format!(
+            "closure-info{}",
+            if profile.is_some() { "-profiled" } else { "" }
+        ));
+        let _ = std::fs::remove_dir_all(&info);
+        std::fs::create_dir_all(&info).unwrap();
+        let mut text = std::fs::read_to_string(dir.join("store-paths")).unwrap();
+        if let Some(p) = profile {
+            text.push_str(&format!("{p}\n"));
+        }
+        std::fs::write(info.join("store-paths"), text).unwrap();
+        let path = run(Command::new("nix")
+            .args(crate::common::NIXFLAGS)
+            .args(["store", "add-path", "--name", "closure-info", "--store"])
+            .arg(&self.chroot)
+            .arg(&info))
+        .trim()
+        .to_string();
+        let listed = self.chroot.join(path.trim_start_matches('/')).join("store-paths");
+        self.build_image(dir, &listed, reference, out, profile);
+        path
+    }
+
+    fn build_image(&self, dir: &Path, closure: &Path, reference: &str, out: &Path, profile: Option<&str>) {
+        let config = dir.join("config.json");
+        std::fs::write(
+            &config,
+            serde_json::to_vec(&serde_json::json!({ "Cmd": self.cmd() })).unwrap(),
+        )
+        .unwrap();
         run(Command::new(env!("CARGO_BIN_EXE_nix-snapshotter"))
             .args(["image", "build", "--config"])
             .arg(&config)
             .arg("--closure")
-            .arg(&closure)
+            .arg(closure)
             .arg("--store-root")
             .arg(&self.chroot)
             .args(["--ref", reference])

@@ -19,6 +19,7 @@ use nix_snapshotter::image;
 
 const COPY_TO_ROOT: &str = "containerd.io/snapshot/nix-copy-to-root";
 const ENTRYPOINT: &str = "containerd.io/snapshot/nix-entrypoint";
+const PROFILE: &str = "containerd.io/snapshot/nix-profile";
 
 /// A small closure with a copyToRoot environment, and its closure-info.
 struct Fixture {
@@ -438,6 +439,12 @@ fn a_pull_prefetches_the_closure_the_image_command_runs_from() {
     let outside = serde_json::to_string(&["/nix/store/00000000000000000000000000000000-elsewhere"]).unwrap();
     let err = refused_pull_with(&s, &archive, ENTRYPOINT, &outside, "nix/bad-hint");
     assert!(err.contains(ENTRYPOINT) && err.contains("not in the closure"), "{err}");
+    // An access profile is fetched before the closure-info says what the
+    // closure is: one the cache has but outside the closure (the
+    // closure-info path itself) is refused by name all the same.
+    let info = f.store_paths.parent().unwrap().file_name().unwrap().to_string_lossy();
+    let err = refused_pull_with(&s, &archive, PROFILE, &format!("/nix/store/{info}"), "nix/bad-profile");
+    assert!(err.contains(PROFILE) && err.contains("not in the closure"), "{err}");
 
     let served = serve_image(&s.registry, "nix/pre", "latest", &archive);
     s.pull(&s.ctrd.namespace, &served.reference);

@@ -602,6 +602,11 @@ impl Store {
             .await;
     }
 
+    /// Whether an image's command's closure is fetched ahead.
+    pub fn prefetches_entrypoint(&self) -> bool {
+        self.opts.prefetch_entrypoint
+    }
+
     /// Fetches the closures of `roots` that lie within `within` (an image's
     /// closure), many paths in flight: what the image's command will load,
     /// fetched before it asks one file after another. Each path is fetched

@@ -114,6 +114,9 @@ impl NixSupport {
             .iter()
             .map(|r| StorePath::parse(r).map_err(|e| bad(e.to_string())))
             .collect::<Result<_>>()?;
+        if labels.contains_key(LABEL_CLOSURE) {
+            self.start_hint_fetches(labels);
+        }
         let closure = match self.closure_from_labels(labels) {
             Some(Ok(c)) => c,
             None => return Err(bad("no nix-closure or nix-layer label says which closure".into())),
@@ -178,6 +181,49 @@ impl NixSupport {
         let roots = layer.entrypoint.clone();
         self.rt
             .spawn(async move { store.prefetch_closure(roots, within).await });
+    }
+
+    /// With a closure-info label the closure is known only once that path
+    /// is fetched: two round trips on a cold node. What the prefetch then
+    /// asks for first need not wait for it, so it starts now: with a
+    /// profile, the profile and the entrypoint paths' indexes; otherwise
+    /// the narinfos of the entrypoint's closure. Each is signed and from a
+    /// trusted cache, for at most 1 + [`MAX_ENTRYPOINT_PATHS`] named paths,
+    /// what an image could name in its closure anyway; whether they are in
+    /// the closure is checked, as before, before [`Self::prefetch`] uses them.
+    fn start_hint_fetches(&self, labels: &BTreeMap<String, String>) {
+        let Some(store) = self.store.get().cloned() else {
+            return;
+        };
+        let entrypoint: Vec<StorePath> = labels
+            .get(LABEL_ENTRYPOINT)
+            .and_then(|raw| serde_json::from_str::<Vec<String>>(raw).ok())
+            .filter(|l| l.len() <= MAX_ENTRYPOINT_PATHS)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| StorePath::parse(p).ok())
+            .collect();
+        match labels.get(LABEL_PROFILE).map(|p| StorePath::parse(p)) {
+            Some(Ok(profile)) if store.prefetches_profiles() => {
+                for p in entrypoint {
+                    let store = store.clone();
+                    self.rt.spawn(async move { store.indexed(&p).await });
+                }
+                self.rt.spawn(async move {
+                    if let Err(e) = store.ensure(&profile).await {
+                        tracing::debug!(profile = %profile, error = %e, "early fetch of the access profile");
+                    }
+                });
+            }
+            _ if store.prefetches_entrypoint() && !entrypoint.is_empty() => {
+                self.rt.spawn(async move {
+                    if let Err(e) = store.closure(&entrypoint).await {
+                        tracing::debug!(error = %e, "early narinfos of the entrypoint's closure");
+                    }
+                });
+            }
+            _ => {}
+        }
     }
 
     fn resolver(&self) -> StoreResolver {
