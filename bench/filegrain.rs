@@ -19,7 +19,11 @@
 //! (f) SOCI, Debian's `soci-snapshotter`: (e)'s image with a SOCI index in
 //!     Debian's `docker-registry` behind the same link, `soci image rpull`
 //!     then `ctr run` (see `soci.rs`; left out, saying why, when its
-//!     package is missing).
+//!     package is missing);
+//! (g) stargz: (e)'s image converted to eStargz and optimized for the
+//!     command by Debian's `ctr-remote`, the same registry and link, served
+//!     by a main of ours over Debian's stargz-snapshotter sources, `rpull`
+//!     then `ctr run` (see `stargz.rs`; left out likewise).
 //!
 //! The Nix images of (b)–(d) are as buildImage makes them: one
 //! `nix-closure` label naming a closure-info store path, which a cold node
@@ -41,7 +45,7 @@
 //! until a file it names is removed, to look at warm starts by hand.
 //!
 //! Needs root, containerd, runc, nix-bin, patchelf, python3,
-//! docker-registry and Debian's Go sources (scripts/bench).
+//! docker-registry, skopeo, ctr-remote and Debian's Go sources (scripts/bench).
 
 #[path = "../tests/common/mod.rs"]
 mod tc;
@@ -51,6 +55,7 @@ mod layouts;
 mod link;
 mod python;
 mod soci;
+mod stargz;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -71,6 +76,7 @@ enum Mode {
     Profiled,
     Overlay,
     Soci,
+    Stargz,
 }
 
 impl Mode {
@@ -82,6 +88,7 @@ impl Mode {
             Mode::Profiled => "by_file_profile",
             Mode::Overlay => "overlayfs_unpacked",
             Mode::Soci => "soci",
+            Mode::Stargz => "stargz",
         }
     }
 
@@ -93,6 +100,7 @@ impl Mode {
             Mode::Profiled => "(d) lazy, by file + profile",
             Mode::Overlay => "(e) overlayfs, unpacked",
             Mode::Soci => "(f) SOCI (rpull + run)",
+            Mode::Stargz => "(g) stargz, optimized (rpull + run)",
         }
     }
 }
@@ -232,6 +240,14 @@ fn main() {
                 .ok()
         })
         .flatten();
+    // --- (g): stargz likewise.
+    let stargz = wanted(Mode::Stargz)
+        .then(|| {
+            stargz::Stargz::prepare(&dir.join("stargz"), &setup.plain_tar, &rt, rtt)
+                .map_err(|e| eprintln!("stargz left out: {e}"))
+                .ok()
+        })
+        .flatten();
     let mut modes: Vec<Mode> = [
         Mode::Eager,
         Mode::WholePath,
@@ -245,14 +261,18 @@ fn main() {
     if soci.is_some() {
         modes.push(Mode::Soci);
     }
+    if stargz.is_some() {
+        modes.push(Mode::Stargz);
+    }
     let mut samples: Vec<Vec<Sample>> = modes.iter().map(|_| Vec::new()).collect();
     for r in 0..rounds {
         for i in 0..modes.len() {
             let m = (r + i) % modes.len();
             let d = dir.join(format!("r{r}-{}", modes[m].key()));
-            let s = match (modes[m], &soci) {
-                (Mode::Soci, Some(soci)) => soci.cold_run(&d),
-                (mode, _) => cold_run(&d, &setup, mode, None),
+            let s = match (modes[m], &soci, &stargz) {
+                (Mode::Soci, Some(soci), _) => soci.cold_run(&d),
+                (Mode::Stargz, _, Some(stargz)) => stargz.cold_run(&d),
+                (mode, _, _) => cold_run(&d, &setup, mode, None),
             };
             eprintln!(
                 "round {r}: {}: {:.2} s, {:.1} MiB over the link",
@@ -366,6 +386,7 @@ fn main() {
         std::fs::write(out, serde_json::to_vec_pretty(&report).unwrap()).unwrap();
     }
     drop(soci);
+    drop(stargz);
     drop(server);
     drop(indexed_server);
     drop(rt);

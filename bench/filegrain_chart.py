@@ -12,14 +12,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 results = json.load(open(sys.argv[1]))
-order = ["eager", "whole_path", "by_file", "by_file_profile", "overlayfs_unpacked", "soci"]
+order = ["eager", "whole_path", "by_file", "by_file_profile", "overlayfs_unpacked", "soci", "stargz"]
 modes = [m for m in order if m in results]
 labels = [results[m]["label"] for m in modes]
 total = [results[m]["median"] for m in modes]
 read = results["read_bytes"]
 
 fig, ax = plt.subplots(figsize=(8, 1.2 + 0.7 * len(modes)))
-ax.barh(labels, total, color=[{"eager": "#d08a3c", "whole_path": "#4a7fc1", "by_file": "#7aa6d8", "by_file_profile": "#2f5f9e", "overlayfs_unpacked": "#6bb36b", "soci": "#9a6fb0"}[m] for m in modes])
+ax.barh(labels, total, color=[{"eager": "#d08a3c", "whole_path": "#4a7fc1", "by_file": "#7aa6d8", "by_file_profile": "#2f5f9e", "overlayfs_unpacked": "#6bb36b", "soci": "#9a6fb0", "stargz": "#b06f8f"}[m] for m in modes])
 for i, m in enumerate(modes):
     r = results[m]
     mib = r["fetched_bytes"] / 1048576

@@ -170,6 +170,15 @@ in sh "python-closure" "b mkdir $out; for d in $deps; do b echo $d >> $out/refs;
             .map(|paths| {
                 let mut tar = tar::Builder::new(Vec::new());
                 tar.follow_symlinks(false);
+                // The parents first, as any image has them (stargz's
+                // optimizer refuses entries whose parent is not listed).
+                for parent in ["nix", "nix/store"] {
+                    let mut h = tar::Header::new_gnu();
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_mode(0o755);
+                    h.set_size(0);
+                    tar.append_data(&mut h, parent, std::io::empty()).unwrap();
+                }
                 for p in paths {
                     let rel = p.trim_start_matches('/');
                     tar.append_dir_all(rel, self.chroot.join(rel)).unwrap();

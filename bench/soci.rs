@@ -33,16 +33,20 @@ pub struct Soci {
     image: String,
 }
 
-/// A private mount namespace held by a `sleep`, its binds in place.
-struct Ns {
-    holder: Child,
+/// A private mount namespace held by a `sleep`, its binds in place (also
+/// the stargz peer's, see `stargz.rs`).
+pub struct Ns {
+    pub holder: Child,
     env: Vec<(String, String)>,
     /// Daemons started inside, waited for when it goes.
     children: std::sync::Mutex<Vec<Child>>,
 }
 
 impl Ns {
-    fn new(root: &Path, hosts: &Path, ca: &Path) -> Ns {
+    /// Fresh `root/varlib` and `root/runctd` bound over `/var/lib` and
+    /// `/run/containerd`, `hosts` over `/etc/hosts`; `ca` trusted by the
+    /// programs run inside when given.
+    pub fn new(root: &Path, hosts: &Path, ca: Option<&Path>) -> Ns {
         let _ = nix_snapshotter::store::gc::remove_tree(root);
         for d in ["varlib", "runctd/soci"] {
             std::fs::create_dir_all(root.join(d)).unwrap();
@@ -53,11 +57,14 @@ impl Ns {
             .unwrap();
         let ns = Ns {
             holder,
-            env: vec![
-                ("SSL_CERT_FILE".into(), ca.display().to_string()),
-                ("CONTAINERD_ADDRESS".into(), "/run/containerd/containerd.sock".into()),
-                ("CONTAINERD_NAMESPACE".into(), "default".into()),
-            ],
+            env: ca
+                .map(|ca| ("SSL_CERT_FILE".to_string(), ca.display().to_string()))
+                .into_iter()
+                .chain([
+                    ("CONTAINERD_ADDRESS".into(), "/run/containerd/containerd.sock".into()),
+                    ("CONTAINERD_NAMESPACE".into(), "default".into()),
+                ])
+                .collect(),
             children: Default::default(),
         };
         // The holder must be in its namespace before anything joins it.
@@ -82,7 +89,7 @@ impl Ns {
         ns
     }
 
-    fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("nsenter");
         c.arg("-t")
             .arg(self.holder.id().to_string())
@@ -93,12 +100,12 @@ impl Ns {
     }
 
     /// Starts a daemon inside, its output to `log`.
-    fn spawn(&self, c: Command, log: &Path) {
+    pub fn spawn(&self, c: Command, log: &Path) {
         let child = spawn_logged(c, log);
         self.children.lock().unwrap().push(child);
     }
 
-    fn run(&self, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> String {
+    pub fn run(&self, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> String {
         crate::common::run(self.cmd(program).args(args))
     }
 
@@ -139,7 +146,7 @@ impl Drop for Ns {
     }
 }
 
-fn spawn_logged(mut c: Command, log: &Path) -> Child {
+pub fn spawn_logged(mut c: Command, log: &Path) -> Child {
     c.stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
@@ -300,30 +307,17 @@ impl Soci {
     }
 
     fn namespace(&self, root: &Path) -> Ns {
-        Ns::new(root, &self.dir.join("hosts"), &self.dir.join("tls/ca.crt"))
+        Ns::new(root, &self.dir.join("hosts"), Some(&self.dir.join("tls/ca.crt")))
     }
 
-    /// containerd inside `ns` (its config in the namespace's view, the
-    /// soci proxy plugin configured), ready.
+    /// containerd inside `ns`, the soci proxy plugin configured, ready.
     fn containerd(&self, ns: &Ns, log: &Path) {
-        let cfg = self.dir.join("containerd.toml");
-        std::fs::write(
-            &cfg,
-            "version = 2\nroot = \"/var/lib/containerd\"\nstate = \"/run/containerd\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\n[grpc]\n  address = \"/run/containerd/containerd.sock\"\n\n[proxy_plugins.soci]\n  type = \"snapshot\"\n  address = \"/run/containerd/soci/soci-snapshotter-grpc.sock\"\n",
-        )
-        .unwrap();
-        let mut c = ns.cmd("containerd");
-        c.arg("--config").arg(&cfg);
-        ns.spawn(c, log);
-        tc::wait_until(
-            Duration::from_secs(20),
-            || ns.cmd("ctr").arg("version").output().is_ok_and(|o| o.status.success()),
-            || {
-                format!(
-                    "containerd in the SOCI namespace did not start: {}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                )
-            },
+        containerd_in(
+            ns,
+            &self.dir.join("containerd.toml"),
+            "soci",
+            "/run/containerd/soci/soci-snapshotter-grpc.sock",
+            log,
         );
     }
 
@@ -356,26 +350,62 @@ impl Soci {
             !pulled.contains("image.layer") && !pulled.contains("image.rootfs"),
             "SOCI pulled a layer whole (not lazy):\n{pulled}"
         );
-        let mut run = ns
-            .cmd("ctr")
-            .args(["run", "--rm", "--snapshotter", "soci", &self.image, "soci-cold"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(run.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let seconds = start.elapsed().as_secs_f64();
-        assert_eq!(line.trim(), "ready", "the SOCI container printed {line:?}");
-        let status = run.wait().unwrap();
-        assert!(status.success(), "the SOCI container failed: {status:?}");
-        let mounts = std::fs::read_to_string(format!("/proc/{}/mounts", ns.holder.id())).unwrap_or_default();
-        assert!(mounts.contains("fuse.rawBridge"), "no SOCI FUSE mount: not lazy");
+        let seconds = run_ready(&ns, "soci", &self.image, start);
         let fetched = self.link.downloaded() - before;
         drop(ns);
         crate::Sample { seconds, fetched }
     }
+}
+
+/// `ctr run` of `image` inside `ns` through `snapshotter` (a FUSE one)
+/// until its first line, which must be `ready`: seconds since `start`.
+/// Checks the container succeeded and a FUSE layer was mounted (lazy).
+pub fn run_ready(ns: &Ns, snapshotter: &str, image: &str, start: Instant) -> f64 {
+    let mut run = ns
+        .cmd("ctr")
+        .args(["run", "--rm", "--snapshotter", snapshotter, image, "cold"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(run.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let seconds = start.elapsed().as_secs_f64();
+    assert_eq!(line.trim(), "ready", "the {snapshotter} container printed {line:?}");
+    let status = run.wait().unwrap();
+    assert!(status.success(), "the {snapshotter} container failed: {status:?}");
+    let mounts = std::fs::read_to_string(format!("/proc/{}/mounts", ns.holder.id())).unwrap_or_default();
+    assert!(
+        mounts.contains("fuse.rawBridge"),
+        "no {snapshotter} FUSE mount: not lazy"
+    );
+    seconds
+}
+
+/// containerd inside `ns` (its config, written to `cfg`, in the
+/// namespace's view), with the proxy snapshotter `plugin` at `socket`; ready.
+pub fn containerd_in(ns: &Ns, cfg: &Path, plugin: &str, socket: &str, log: &Path) {
+    std::fs::write(
+        cfg,
+        format!(
+            "version = 2\nroot = \"/var/lib/containerd\"\nstate = \"/run/containerd\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\n[grpc]\n  address = \"/run/containerd/containerd.sock\"\n\n[proxy_plugins.{plugin}]\n  type = \"snapshot\"\n  address = \"{socket}\"\n"
+        ),
+    )
+    .unwrap();
+    let mut c = ns.cmd("containerd");
+    c.arg("--config").arg(cfg);
+    ns.spawn(c, log);
+    tc::wait_until(
+        Duration::from_secs(20),
+        || ns.cmd("ctr").arg("version").output().is_ok_and(|o| o.status.success()),
+        || {
+            format!(
+                "containerd in a private namespace did not start: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        },
+    );
 }
 
 impl Drop for Soci {
