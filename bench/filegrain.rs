@@ -292,6 +292,7 @@ fn main() {
         overlay,
         plain_ours,
         requests: warm_requests,
+        operations: warm_operations,
     } = warm_runs(&dir.join("warm"), &setup);
 
     let mut report = serde_json::Map::new();
@@ -349,6 +350,14 @@ fn main() {
         warm_requests
             .iter()
             .map(|(op, n)| format!("{op} {n:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "snapshots API calls per warm start through our snapshotter: {}",
+        warm_operations
+            .iter()
+            .map(|(op, n)| format!("{op} {n:.1}"))
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -543,6 +552,8 @@ struct Warm {
     plain_ours: f64,
     /// FUSE requests per warm start of (d), by operation.
     requests: Vec<(String, f64)>,
+    /// Snapshots API calls per warm start through our snapshotter.
+    operations: Vec<(String, f64)>,
 }
 
 /// Alternating warm runs of (d), of (e), and of (e)'s image through our
@@ -597,21 +608,17 @@ fn warm_runs(dir: &Path, setup: &Setup) -> Warm {
     wait_quiet(metrics);
     let (mut ours, mut theirs, mut plain) = (Vec::new(), Vec::new(), Vec::new());
     // (The plain image's runs make no FUSE requests: no Nix layer.)
-    let before = fuse_requests(metrics);
+    const FUSE: &str = "nix_snapshotter_fuse_requests_total";
+    const SNAPSHOTS: &str = "nix_snapshotter_snapshot_operations_total";
+    let (fuse_before, ops_before) = (counters(metrics, FUSE), counters(metrics, SNAPSHOTS));
     for i in 0..warm_count() {
         ours.push(first_line(&ctrd, "nix", IMAGE, &format!("{ns}-n{i}")));
         theirs.push(first_line(&ctrd, "overlayfs", PLAIN_IMAGE, &format!("{ns}-o{i}")));
         plain.push(first_line(&ctrd, "nix", PLAIN_IMAGE, &format!("{ns}-p{i}")));
     }
-    let mut requests: Vec<(String, f64)> = fuse_requests(metrics)
-        .into_iter()
-        .map(|(op, n)| {
-            let was = before.iter().find(|(o, _)| *o == op).map_or(0.0, |(_, b)| *b);
-            (op, (n - was) / warm_count() as f64)
-        })
-        .filter(|(_, n)| *n > 0.0)
-        .collect();
-    requests.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
+    let requests = per_start(metrics, FUSE, &fuse_before, warm_count());
+    // Both (d) and (e)'s image through ours call it.
+    let operations = per_start(metrics, SNAPSHOTS, &ops_before, 2 * warm_count());
     if arg("--warm-hold").is_some() {
         hold(&ctrd);
     }
@@ -625,6 +632,7 @@ fn warm_runs(dir: &Path, setup: &Setup) -> Warm {
         overlay: median(theirs),
         plain_ours: median(plain),
         requests,
+        operations,
     }
 }
 
@@ -698,14 +706,30 @@ fn wait_quiet(addr: std::net::SocketAddr) {
     eprintln!("warning: the warm daemon was still fetching after a minute");
 }
 
-/// The daemon's FUSE request counters, by opcode (its metrics endpoint).
-fn fuse_requests(addr: std::net::SocketAddr) -> Vec<(String, f64)> {
+/// The daemon's counters named `metric` (its metrics endpoint), by their
+/// labels (`op="lookup"`, `op="prepare",result="ok"`).
+fn counters(addr: std::net::SocketAddr, metric: &str) -> Vec<(String, f64)> {
     metrics(addr)
         .lines()
         .filter_map(|l| {
-            let rest = l.strip_prefix("nix_snapshotter_fuse_requests_total{op=\"")?;
-            let (op, n) = rest.split_once("\"} ")?;
-            Some((op.to_string(), n.trim().parse().ok()?))
+            let rest = l.strip_prefix(metric)?.strip_prefix('{')?;
+            let (labels, n) = rest.split_once("} ")?;
+            Some((labels.replace('"', ""), n.trim().parse().ok()?))
         })
         .collect()
+}
+
+/// What changed in `metric`'s counters since `before`, divided by `per`,
+/// the largest first.
+fn per_start(addr: std::net::SocketAddr, metric: &str, before: &[(String, f64)], per: usize) -> Vec<(String, f64)> {
+    let mut changed: Vec<(String, f64)> = counters(addr, metric)
+        .into_iter()
+        .map(|(k, n)| {
+            let was = before.iter().find(|(o, _)| *o == k).map_or(0.0, |(_, b)| *b);
+            (k, (n - was) / per as f64)
+        })
+        .filter(|(_, n)| *n > 0.0)
+        .collect();
+    changed.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
+    changed
 }
