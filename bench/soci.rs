@@ -109,6 +109,23 @@ impl Ns {
         crate::common::run(self.cmd(program).args(args))
     }
 
+    /// [`Self::run`], its failure an error naming the command.
+    pub fn try_run(&self, program: &str, args: &[&str]) -> Result<String, String> {
+        let out = self
+            .cmd(program)
+            .args(args)
+            .output()
+            .map_err(|e| format!("{program}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{program} {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Processes in this namespace, the holder aside.
     fn members(&self) -> Vec<i32> {
         let Ok(mine) = std::fs::read_link(format!("/proc/{}/ns/mnt", self.holder.id())) else {

@@ -345,6 +345,39 @@ fn an_access_profile_recorded_on_one_node_prefetches_a_cold_start_on_another() {
     let (all, hinted) = runs(&log);
     assert!(all > 0 && hinted == 0, "{all} runs, {hinted} hinted");
 
+    // A profile label naming a path bigger than any profile can be: its
+    // signed narinfo is read, its NAR never fetched, and the node says why.
+    let file = s.tmp.join("big-profile");
+    std::fs::write(&file, vec![b'#'; 9 << 20]).unwrap();
+    let big = s.nix.add_file(&file);
+    push(&s.nix, &s.cache, &big);
+    let hash = StorePath::parse(&big).unwrap().hash_part().to_string();
+    let narinfo = std::fs::read_to_string(s.cache.join(format!("{hash}.narinfo"))).unwrap();
+    let big_nar = narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_string();
+    let archive = s.tmp.join("big.tar");
+    let out = build(&big, &big, &archive);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (daemon, ctrd, _) = s.node("d", "");
+    let load = ctrd.image_load(&ctrd.namespace, &archive);
+    assert!(load.status.success(), "{}", String::from_utf8_lossy(&load.stderr));
+    common::wait_until(
+        std::time::Duration::from_secs(30),
+        || daemon.log_text().contains("more than an access profile's"),
+        || format!("big profile not refused: {}", common::tail(&daemon.log_text(), 20)),
+    );
+    let log = s.server.log();
+    assert!(log.iter().any(|l| l.contains(&format!("{hash}.narinfo"))), "{log:#?}");
+    assert!(
+        !log.iter().any(|l| l.contains(&big_nar)),
+        "the big profile's NAR was fetched"
+    );
+    drop(ctrd);
+    drop(daemon);
+
     // A profile outside the closure is refused by name.
     let out = build(
         "/nix/store/00000000000000000000000000000000-elsewhere",

@@ -15,6 +15,10 @@ use crate::nixfmt::index::EntryKind;
 use crate::nixfmt::profile;
 use crate::nixfmt::StorePath;
 
+/// The largest NAR a profile's store path may have: the largest profile
+/// file plus the NAR's framing of one file.
+const MAX_PROFILE_NAR: u64 = profile::MAX_PROFILE as u64 + 4096;
+
 /// What a profile prefetch did, and its bound on frame fetches in flight.
 struct Tally {
     runs: AtomicUsize,
@@ -338,8 +342,27 @@ impl Store {
         out
     }
 
+    /// Fetches the store path of an image's access profile, once its signed
+    /// narinfo says its NAR can hold no more than a profile: a label naming
+    /// a big path costs a narinfo, not the path.
+    pub async fn fetch_profile(self: &Arc<Self>, path: &StorePath) -> Result<super::Location> {
+        if self.local(path).is_none() {
+            let found = self.narinfo(path).await.map_err(|e| chunk_err(path, e))?;
+            if found.info.nar_size > MAX_PROFILE_NAR {
+                return Err(chunk_err(
+                    path,
+                    format!(
+                        "its NAR is {} bytes, more than an access profile's {MAX_PROFILE_NAR}",
+                        found.info.nar_size
+                    ),
+                ));
+            }
+        }
+        self.ensure(path).await.map_err(|e| chunk_err(path, e))
+    }
+
     async fn read_profile(self: &Arc<Self>, path: &StorePath) -> Result<profile::Profile> {
-        let loc = self.ensure(path).await.map_err(|e| chunk_err(path, e))?;
+        let loc = self.fetch_profile(path).await?;
         let holder = self.holder(&loc);
         let bytes = nix_snapshotter_fuse::beneath::read_file(
             std::os::fd::AsFd::as_fd(&*holder),

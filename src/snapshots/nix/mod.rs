@@ -184,43 +184,51 @@ impl NixSupport {
     }
 
     /// With a closure-info label the closure is known only once that path
-    /// is fetched: two round trips on a cold node. What the prefetch then
-    /// asks for first need not wait for it, so it starts now: with a
-    /// profile, the profile and the entrypoint paths' indexes; otherwise
-    /// the narinfos of the entrypoint's closure. Each is signed and from a
-    /// trusted cache, for at most 1 + [`MAX_ENTRYPOINT_PATHS`] named paths,
-    /// what an image could name in its closure anyway; whether they are in
-    /// the closure is checked, as before, before [`Self::prefetch`] uses them.
+    /// is fetched: two round trips on a cold node. The first round trips
+    /// of the prefetch need not wait for it, so they start now: with a
+    /// profile, the profile (a narinfo, then its NAR only if that is no
+    /// bigger than a profile can be) and the entrypoint paths' indexes;
+    /// otherwise the entrypoint paths' narinfos. That is at most
+    /// 1 + [`MAX_ENTRYPOINT_PATHS`] signed paths' metadata and one small
+    /// path, whatever the image; nothing when a hint label is malformed
+    /// (the pull fails on it). Whether the hints are in the closure is
+    /// checked, as before, before [`Self::prefetch`] uses them.
     fn start_hint_fetches(&self, labels: &BTreeMap<String, String>) {
         let Some(store) = self.store.get().cloned() else {
             return;
         };
-        let entrypoint: Vec<StorePath> = labels
-            .get(LABEL_ENTRYPOINT)
-            .and_then(|raw| serde_json::from_str::<Vec<String>>(raw).ok())
-            .filter(|l| l.len() <= MAX_ENTRYPOINT_PATHS)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|p| StorePath::parse(p).ok())
-            .collect();
-        match labels.get(LABEL_PROFILE).map(|p| StorePath::parse(p)) {
-            Some(Ok(profile)) if store.prefetches_profiles() => {
+        let entrypoint: Vec<StorePath> = match labels.get(LABEL_ENTRYPOINT) {
+            None => Vec::new(),
+            Some(raw) => {
+                let parsed = serde_json::from_str::<Vec<String>>(raw)
+                    .ok()
+                    .filter(|l| l.len() <= MAX_ENTRYPOINT_PATHS)
+                    .and_then(|l| l.iter().map(|p| StorePath::parse(p).ok()).collect());
+                match parsed {
+                    Some(p) => p,
+                    None => return,
+                }
+            }
+        };
+        let profile = match labels.get(LABEL_PROFILE).map(|p| StorePath::parse(p)) {
+            None => None,
+            Some(Ok(p)) => Some(p),
+            Some(Err(_)) => return,
+        };
+        match profile {
+            Some(profile) if store.prefetches_profiles() => {
                 for p in entrypoint {
                     let store = store.clone();
                     self.rt.spawn(async move { store.indexed(&p).await });
                 }
                 self.rt.spawn(async move {
-                    if let Err(e) = store.ensure(&profile).await {
+                    if let Err(e) = store.fetch_profile(&profile).await {
                         tracing::debug!(profile = %profile, error = %e, "early fetch of the access profile");
                     }
                 });
             }
             _ if store.prefetches_entrypoint() && !entrypoint.is_empty() => {
-                self.rt.spawn(async move {
-                    if let Err(e) = store.closure(&entrypoint).await {
-                        tracing::debug!(error = %e, "early narinfos of the entrypoint's closure");
-                    }
-                });
+                self.rt.spawn(async move { store.prefetch_narinfos(entrypoint).await });
             }
             _ => {}
         }
