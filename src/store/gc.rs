@@ -150,7 +150,7 @@ impl Store {
             }
         }
         if let Ok(mut n) = self.narinfos.lock() {
-            n.remove(path);
+            n.pop(path);
         }
         self.tell_evicted(base);
         Ok(())

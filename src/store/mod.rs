@@ -122,6 +122,12 @@ pub struct Counters {
     pub fetch_seconds: crate::metrics::Histogram,
 }
 
+/// narinfos kept in memory, 50,000: a closure that large is far beyond any
+/// image's, and a real narinfo is a few KiB (4 MiB is the read cap).
+const MAX_NARINFOS: std::num::NonZeroUsize = std::num::NonZeroUsize::MIN.saturating_add(49_999);
+/// `.ls` answers (is this path a directory) kept in memory, 200,000.
+const MAX_LISTED: std::num::NonZeroUsize = std::num::NonZeroUsize::MIN.saturating_add(199_999);
+
 /// A verified narinfo and the cache that has the NAR.
 #[derive(Debug, Clone)]
 pub struct Found {
@@ -148,10 +154,13 @@ pub struct Store {
     configured: Mutex<Option<Vec<Cache>>>,
     ordered: OnceCell<Result<Vec<Cache>, String>>,
     db: PathDb,
-    /// narinfos verified this run (also the closure walk's memo).
-    narinfos: Mutex<HashMap<StorePath, Arc<Found>>>,
-    /// Whether a store path is a directory, as its `.ls` listing says.
-    listed_dirs: Mutex<HashMap<StorePath, bool>>,
+    /// narinfos verified this run (also the closure walk's memo), the
+    /// least recently used forgotten past [`MAX_NARINFOS`]: images name
+    /// what is walked, and a forgotten one is only asked for again.
+    narinfos: Mutex<lru::LruCache<StorePath, Arc<Found>>>,
+    /// Whether a store path is a directory, as its `.ls` listing says;
+    /// bounded likewise.
+    listed_dirs: Mutex<lru::LruCache<StorePath, bool>>,
     /// Signed file indexes found this run.
     indexes: chunks::Indexes,
     inflight: Mutex<HashMap<StorePath, Flight>>,
@@ -231,8 +240,8 @@ impl Store {
             configured: Mutex::new(Some(caches)),
             ordered: OnceCell::new(),
             db,
-            narinfos: Mutex::new(HashMap::new()),
-            listed_dirs: Mutex::new(HashMap::new()),
+            narinfos: Mutex::new(lru::LruCache::new(MAX_NARINFOS)),
+            listed_dirs: Mutex::new(lru::LruCache::new(MAX_LISTED)),
             journal: journal::Journal::default(),
             indexes,
             inflight: Mutex::new(HashMap::new()),
@@ -531,7 +540,7 @@ impl Store {
         self.narinfos
             .lock()
             .map_err(|_| poisoned())?
-            .insert(path.clone(), found.clone());
+            .put(path.clone(), found.clone());
         Ok(())
     }
 
@@ -583,7 +592,7 @@ impl Store {
                 return None;
             }
         };
-        self.listed_dirs.lock().ok()?.insert(path.clone(), is_dir);
+        self.listed_dirs.lock().ok()?.put(path.clone(), is_dir);
         Some(is_dir)
     }
 
@@ -817,10 +826,10 @@ impl Store {
     /// Forgets the narinfo and listing verified for `path` this run.
     fn forget_narinfo(&self, path: &StorePath) {
         if let Ok(mut n) = self.narinfos.lock() {
-            n.remove(path);
+            n.pop(path);
         }
         if let Ok(mut l) = self.listed_dirs.lock() {
-            l.remove(path);
+            l.pop(path);
         }
     }
 
