@@ -245,30 +245,8 @@ impl Soci {
             "-extfile",
             "ext.cnf",
         ]);
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        std::fs::write(
-            dir.join("registry.yml"),
-            format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  redirect:\n    disable: true\nhttp:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {}\n    key: {}\n  debug:\n    addr: \"\"\nhealth:\n  storagedriver:\n    enabled: false\n",
-                dir.join("storage").display(),
-                tls.join("server.crt").display(),
-                tls.join("server.key").display()
-            ),
-        )
-        .unwrap();
-        let mut reg = Command::new("docker-registry");
-        reg.arg("serve").arg(dir.join("registry.yml"));
-        let registry = spawn_logged(reg, &dir.join("registry.log"));
-        let upstream: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        tc::wait_until(
-            Duration::from_secs(20),
-            || std::net::TcpStream::connect(upstream).is_ok(),
-            || "docker-registry did not start".into(),
-        );
+        let (registry, upstream) = start_registry(dir, Some(&tls));
+        let port = upstream.port();
         let link = link::shaped_proxy(rt, upstream, rtt, 100e6 / 8.0);
         let hosts = dir.join("hosts");
         std::fs::write(
@@ -372,6 +350,44 @@ impl Soci {
         drop(ns);
         crate::Sample { seconds, fetched }
     }
+}
+
+/// Debian's `docker-registry` on a free port of 127.0.0.1, storing under
+/// `dir/storage`, its log `dir/registry.log`; with TLS from `tls`'s
+/// `server.crt` and `server.key` when given. Ready.
+pub fn start_registry(dir: &Path, tls: Option<&Path>) -> (Child, std::net::SocketAddr) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let tls = tls
+        .map(|t| {
+            format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                t.join("server.crt").display(),
+                t.join("server.key").display()
+            )
+        })
+        .unwrap_or_default();
+    std::fs::write(
+        dir.join("registry.yml"),
+        format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  redirect:\n    disable: true\nhttp:\n  addr: 127.0.0.1:{port}\n{tls}  debug:\n    addr: \"\"\nhealth:\n  storagedriver:\n    enabled: false\n",
+            dir.join("storage").display(),
+        ),
+    )
+    .unwrap();
+    let mut reg = Command::new("docker-registry");
+    reg.arg("serve").arg(dir.join("registry.yml"));
+    let registry = spawn_logged(reg, &dir.join("registry.log"));
+    let upstream: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    tc::wait_until(
+        Duration::from_secs(20),
+        || std::net::TcpStream::connect(upstream).is_ok(),
+        || "docker-registry did not start".into(),
+    );
+    (registry, upstream)
 }
 
 /// `ctr run` of `image` inside `ns` through `snapshotter` (a FUSE one)

@@ -18,7 +18,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use crate::link;
-use crate::soci::{containerd_in, run_ready, spawn_logged, Ns};
+use crate::soci::{containerd_in, run_ready, start_registry, Ns};
 use crate::tc;
 
 /// The daemon's socket, in the namespace's view.
@@ -56,28 +56,8 @@ impl Stargz {
         std::fs::create_dir_all(dir).unwrap();
         let bin = build(dir)?;
 
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        std::fs::write(
-            dir.join("registry.yml"),
-            format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  redirect:\n    disable: true\nhttp:\n  addr: 127.0.0.1:{port}\n  debug:\n    addr: \"\"\nhealth:\n  storagedriver:\n    enabled: false\n",
-                dir.join("storage").display(),
-            ),
-        )
-        .unwrap();
-        let mut reg = Command::new("docker-registry");
-        reg.arg("serve").arg(dir.join("registry.yml"));
-        let registry = spawn_logged(reg, &dir.join("registry.log"));
-        let upstream: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        tc::wait_until(
-            Duration::from_secs(20),
-            || std::net::TcpStream::connect(upstream).is_ok(),
-            || "docker-registry did not start".into(),
-        );
+        let (registry, upstream) = start_registry(dir, None);
+        let port = upstream.port();
         let link = link::shaped_proxy(rt, upstream, rtt, 100e6 / 8.0);
         std::fs::copy("/etc/hosts", dir.join("hosts")).unwrap();
         let stargz = Stargz {
