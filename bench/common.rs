@@ -8,13 +8,16 @@ pub const NIXFLAGS: [&str; 2] = ["--extra-experimental-features", "nix-command"]
 
 /// Runs a command; panics with its stderr unless it succeeds.
 pub fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    try_run(cmd).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs a command: its stdout, or an error naming it, with its stderr.
+pub fn try_run(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{cmd:?} failed:\n{}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The value after `--name` on the command line.

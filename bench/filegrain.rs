@@ -702,12 +702,7 @@ fn metrics(addr: std::net::SocketAddr) -> String {
 fn wait_quiet(addr: std::net::SocketAddr) {
     let state = || {
         let text = metrics(addr);
-        let sum = |name: &str| -> f64 {
-            text.lines()
-                .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum()
-        };
+        let sum = |name| samples(&text, name).map(|(_, v)| v).sum::<f64>();
         (
             sum("nix_snapshotter_fetches_in_flight"),
             sum("nix_snapshotter_cache_bytes_total"),
@@ -727,17 +722,23 @@ fn wait_quiet(addr: std::net::SocketAddr) {
     eprintln!("warning: the warm daemon was still fetching after a minute");
 }
 
+/// The samples of `metric` in a metrics text, by their labels
+/// (`op=lookup`, `op=prepare,result=ok`; empty for an unlabelled one).
+fn samples<'a>(text: &'a str, metric: &'a str) -> impl Iterator<Item = (String, f64)> + 'a {
+    text.lines().filter_map(move |l| {
+        let rest = l.strip_prefix(metric)?;
+        let (labels, n) = match rest.strip_prefix('{') {
+            Some(labelled) => labelled.split_once("} ")?,
+            None => ("", rest.strip_prefix(' ')?),
+        };
+        Some((labels.replace('"', ""), n.trim().parse().ok()?))
+    })
+}
+
 /// The daemon's counters named `metric` (its metrics endpoint), by their
-/// labels (`op="lookup"`, `op="prepare",result="ok"`).
+/// labels.
 fn counters(addr: std::net::SocketAddr, metric: &str) -> Vec<(String, f64)> {
-    metrics(addr)
-        .lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix(metric)?.strip_prefix('{')?;
-            let (labels, n) = rest.split_once("} ")?;
-            Some((labels.replace('"', ""), n.trim().parse().ok()?))
-        })
-        .collect()
+    samples(&metrics(addr), metric).collect()
 }
 
 /// What changed in `metric`'s counters since `before`, divided by `per`,

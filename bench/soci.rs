@@ -111,19 +111,7 @@ impl Ns {
 
     /// [`Self::run`], its failure an error naming the command.
     pub fn try_run(&self, program: &str, args: &[&str]) -> Result<String, String> {
-        let out = self
-            .cmd(program)
-            .args(args)
-            .output()
-            .map_err(|e| format!("{program}: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "{program} {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        crate::common::try_run(self.cmd(program).args(args))
     }
 
     /// Processes in this namespace, the holder aside.

@@ -125,8 +125,8 @@ impl NixSupport {
                 return Ok(None);
             }
         };
-        let entrypoint = entrypoint_hint(labels, &closure)?;
-        let profile = profile_hint(labels, &closure)?;
+        let entrypoint = entrypoint_hint(labels, Some(&closure))?;
+        let profile = profile_hint(labels, Some(&closure))?;
         let resolver = self.resolver();
         let mut links = BTreeMap::new();
         for root in &roots {
@@ -197,23 +197,9 @@ impl NixSupport {
         let Some(store) = self.store.get().cloned() else {
             return;
         };
-        let entrypoint: Vec<StorePath> = match labels.get(LABEL_ENTRYPOINT) {
-            None => Vec::new(),
-            Some(raw) => {
-                let parsed = serde_json::from_str::<Vec<String>>(raw)
-                    .ok()
-                    .filter(|l| l.len() <= MAX_ENTRYPOINT_PATHS)
-                    .and_then(|l| l.iter().map(|p| StorePath::parse(p).ok()).collect());
-                match parsed {
-                    Some(p) => p,
-                    None => return,
-                }
-            }
-        };
-        let profile = match labels.get(LABEL_PROFILE).map(|p| StorePath::parse(p)) {
-            None => None,
-            Some(Ok(p)) => Some(p),
-            Some(Err(_)) => return,
+        // Parsed as they will be checked, the closure aside.
+        let (Ok(entrypoint), Ok(profile)) = (entrypoint_hint(labels, None), profile_hint(labels, None)) else {
+            return;
         };
         match profile {
             Some(profile) if store.prefetches_profiles() => {
@@ -270,15 +256,22 @@ impl NixSupport {
     }
 }
 
+/// Whether `p` is in `closure`; anything is while the closure is not yet
+/// known (None).
+fn in_closure(closure: Option<&[NixPath]>, p: &StorePath) -> bool {
+    closure.is_none_or(|c| c.iter().any(|n| n.name == p.base_name()))
+}
+
 /// The [`LABEL_PROFILE`] hint of a layer: one store path of its closure;
-/// anything else is an error naming the label.
-fn profile_hint(labels: &BTreeMap<String, String>, closure: &[NixPath]) -> Result<Option<StorePath>> {
+/// anything else is an error naming the label. With no closure (None),
+/// only parsed.
+fn profile_hint(labels: &BTreeMap<String, String>, closure: Option<&[NixPath]>) -> Result<Option<StorePath>> {
     let Some(raw) = labels.get(LABEL_PROFILE) else {
         return Ok(None);
     };
     let bad = |m: String| Error::InvalidArgument(format!("label {LABEL_PROFILE}={raw:?}: {m}"));
     let p = StorePath::parse(raw).map_err(|e| bad(e.to_string()))?;
-    if !closure.iter().any(|c| c.name == p.base_name()) {
+    if !in_closure(closure, &p) {
         return Err(bad(format!("{raw} is not in the closure")));
     }
     Ok(Some(p))
@@ -286,8 +279,9 @@ fn profile_hint(labels: &BTreeMap<String, String>, closure: &[NixPath]) -> Resul
 
 /// The [`LABEL_ENTRYPOINT`] hint of a layer: store paths of its closure, at
 /// most [`MAX_ENTRYPOINT_PATHS`]; anything else in it is an error naming
-/// the label (a hint may be absent, not wrong).
-fn entrypoint_hint(labels: &BTreeMap<String, String>, closure: &[NixPath]) -> Result<Vec<StorePath>> {
+/// the label (a hint may be absent, not wrong). With no closure (None),
+/// only parsed and bounded.
+fn entrypoint_hint(labels: &BTreeMap<String, String>, closure: Option<&[NixPath]>) -> Result<Vec<StorePath>> {
     let Some(raw) = labels.get(LABEL_ENTRYPOINT) else {
         return Ok(Vec::new());
     };
@@ -300,7 +294,7 @@ fn entrypoint_hint(labels: &BTreeMap<String, String>, closure: &[NixPath]) -> Re
     list.iter()
         .map(|s| {
             let p = StorePath::parse(s).map_err(|e| bad(e.to_string()))?;
-            if !closure.iter().any(|c| c.name == p.base_name()) {
+            if !in_closure(closure, &p) {
                 return Err(bad(format!("{s} is not in the closure")));
             }
             Ok(p)
@@ -319,12 +313,12 @@ mod tests {
             name: inside.into(),
             dir: Some(true),
         }];
-        let hint = |v: &str| entrypoint_hint(&[(LABEL_ENTRYPOINT.to_string(), v.to_string())].into(), &closure);
+        let hint = |v: &str| entrypoint_hint(&[(LABEL_ENTRYPOINT.to_string(), v.to_string())].into(), Some(&closure));
         assert_eq!(
             hint(&format!("[\"/nix/store/{inside}\"]")).unwrap(),
             [StorePath::from_base_name(inside).unwrap()]
         );
-        assert!(entrypoint_hint(&BTreeMap::new(), &closure).unwrap().is_empty());
+        assert!(entrypoint_hint(&BTreeMap::new(), Some(&closure)).unwrap().is_empty());
         for (bad, says) in [
             ("/nix/store/x", "expected a JSON list"),
             ("[\"/etc/passwd\"]", "/etc/passwd"),
